@@ -1,0 +1,108 @@
+"""Small building blocks shared by the SAM 2 modules.
+
+Naming rule used across the project: every Flax attribute path mirrors the PyTorch state_dict key
+(`blocks.3.attn.qkv` <-> `blocks[3].attn.qkv`), so one generic rule converts checkpoints
+(convert/weights.py): Linear weight -> kernel (transposed), Conv weight -> kernel (HWIO),
+LayerNorm weight -> scale, Embedding weight -> embedding; every other tensor keeps its torch layout.
+Feature maps are NHWC throughout.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Buffer(nnx.Variable):
+    """A tensor loaded from the checkpoint that is never trained (torch `register_buffer`)."""
+
+
+def gelu(x):
+    # SAM 2 uses torch's exact (erf) GELU everywhere; flax's default is the tanh approximation.
+    return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # eps differs per module in SAM 2 (1e-6 Hiera/LayerNorm2d, 1e-5 two-way transformer), so it is
+    # always passed explicitly. use_fast_variance=False computes E[(x-mean)^2] like torch.
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+def linear(din: int, dout: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, rngs=rngs)
+
+
+def conv(din: int, dout: int, k: int, rngs: nnx.Rngs, stride: int = 1, padding: int = 0,
+         groups: int = 1) -> nnx.Conv:
+    # Explicit symmetric padding, as torch: 'SAME' would pad asymmetrically for strided convs.
+    return nnx.Conv(din, dout, (k, k), strides=(stride, stride), padding=[(padding, padding)] * 2,
+                    feature_group_count=groups, rngs=rngs)
+
+
+def conv_transpose2x2(din: int, dout: int, rngs: nnx.Rngs) -> nnx.ConvTranspose:
+    # torch ConvTranspose2d(k=2, s=2). With transpose_kernel=True the flax kernel is
+    # W(I,O,kh,kw).transpose(2,3,1,0), the same rule as an ordinary conv (porting notes, sec. 2).
+    return nnx.ConvTranspose(din, dout, (2, 2), strides=(2, 2), padding="VALID",
+                             transpose_kernel=True, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """sam2_utils.MLP: `num_layers` linears with an activation between them (ReLU by default)."""
+
+    def __init__(self, din: int, hidden: int, dout: int, num_layers: int, rngs: nnx.Rngs,
+                 activation: Callable = jax.nn.relu, sigmoid_output: bool = False):
+        dims = [din] + [hidden] * (num_layers - 1) + [dout]
+        self.layers = nnx.List([linear(a, b, rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.activation = activation
+        self.sigmoid_output = sigmoid_output
+
+    def __call__(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.activation(x)
+        return jax.nn.sigmoid(x) if self.sigmoid_output else x
+
+
+def resize_bilinear(x, shape: Sequence[int], antialias: bool):
+    """torch F.interpolate(mode='bilinear', align_corners=False[, antialias]) on NHWC/NCHW spatial dims.
+
+    `shape` is the full output shape. jax.image.resize 'linear' matches torch in both modes
+    (porting notes: max diff < 5e-7)."""
+    return jax.image.resize(x, tuple(shape), method="linear", antialias=antialias)
+
+
+def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75):
+    """Row-stochastic (n_out, n_in) matrix of torch's bicubic upsampling (align_corners=False).
+
+    torch uses Keys' cubic with A=-0.75 and clamps indices at the border; jax.image.resize('cubic')
+    uses A=-0.5, which differs by up to 0.34 on SAM 2's pos-embed. Built in numpy at trace time."""
+    import numpy as np
+
+    def cubic(t):
+        t = abs(t)
+        if t <= 1:
+            return ((a + 2) * t - (a + 3)) * t * t + 1
+        if t < 2:
+            return (((t - 5) * t + 8) * t - 4) * a
+        return 0.0
+
+    m = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for o in range(n_out):
+        src = (o + 0.5) * scale - 0.5
+        i0 = int(np.floor(src))
+        frac = src - i0
+        for k in range(-1, 3):
+            idx = min(max(i0 + k, 0), n_in - 1)
+            m[o, idx] += cubic(k - frac)
+    return m.astype(np.float32)
+
+
+def resize_bicubic_nchw(x, hw: tuple[int, int]):
+    """torch F.interpolate(x, size=hw, mode='bicubic') for a (N, C, h, w) array."""
+    mh = jnp.asarray(bicubic_matrix(x.shape[2], hw[0]))
+    mw = jnp.asarray(bicubic_matrix(x.shape[3], hw[1]))
+    return jnp.einsum("oh,nchw,pw->ncop", mh, x, mw, precision=jax.lax.Precision.HIGHEST)
