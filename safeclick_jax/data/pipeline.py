@@ -262,19 +262,21 @@ def make_iterator(ds: grain.MapDataset, num_threads: int = 2,
 # Evaluation: the paper's ten prompt conditions per ROI, from a fixed seed
 
 
-def condition_prompts(mask: np.ndarray, roi_id: int, seed: int = 0) -> list[dict]:
-  """The ten conditions of prompts.CONDITIONS for one ROI, in raw pixel coordinates.
+def condition_prompt(mask: np.ndarray, roi_id: int, condition: int, seed: int = 0) -> dict:
+  """Prompt of one of prompts.CONDITIONS for one ROI, in raw pixel coordinates.
 
-  Each condition's rng is seeded by (seed, roi_id, condition index): independent of the order,
-  batching or sharding of evaluation, so every run and every model sees the same prompts.
+  The rng is seeded by (seed, roi_id, condition index): independent of the order, batching or
+  sharding of evaluation, so every run and every model sees the same prompts.
   """
-  out = []
-  for c, (kind, param) in enumerate(prompts.CONDITIONS):
-    rng = np.random.default_rng([seed, roi_id, c])
-    p = prompts.condition_prompt(mask, kind, param, rng)
-    p.update(condition=c, name=prompts.condition_name(kind, param), param=float(param))
-    out.append(p)
-  return out
+  kind, param = prompts.CONDITIONS[condition]
+  p = prompts.condition_prompt(mask, kind, param, np.random.default_rng([seed, roi_id, condition]))
+  p.update(condition=condition, name=prompts.condition_name(kind, param), param=float(param))
+  return p
+
+
+def condition_prompts(mask: np.ndarray, roi_id: int, seed: int = 0) -> list[dict]:
+  """The paper's ten conditions for one ROI (see condition_prompt)."""
+  return [condition_prompt(mask, roi_id, c, seed) for c in range(len(prompts.CONDITIONS))]
 
 
 def eval_conditions(cache_dir, split: str = "test", seed: int = 0):
@@ -297,7 +299,7 @@ class _EvalSource:
   def __getitem__(self, i):
     row, c = divmod(i, len(prompts.CONDITIONS))
     sample = self.cache.roi(self.rows[row])
-    p = condition_prompts(sample["mask"], sample["roi_id"], self.seed)[c]
+    p = condition_prompt(sample["mask"], sample["roi_id"], c, self.seed)
     out = _model_sample(sample, p, self.image_size)
     out["condition"] = np.int32(c)
     out["valid"] = np.bool_(True)
