@@ -1,0 +1,42 @@
+"""Export a safeclick-jax model directory back to a PyTorch state_dict (`{"model": state_dict}`).
+
+    python -m convert.flax_to_torch --model-dir ckpt/sam2.1_t --out sam2.1_t_roundtrip.pt
+
+The image path comes from the Flax weights (inverse of the generic map in convert/weights.py) and
+the memory/video tensors from the directory's `extra` item, so a converted official checkpoint
+round-trips bit-exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import OrderedDict
+
+from flax import traverse_util
+
+from convert.torch_io import save_torch_state_dict
+from convert.weights import state_dict
+from safeclick_jax.models.registry import load_model
+
+
+def export_state_dict(model_dir: str) -> "OrderedDict":
+    model, _, extra = load_model(model_dir)
+    sd = state_dict(model)
+    for k, v in traverse_util.flatten_dict(extra).items():
+        sd[".".join(k)] = v
+    return sd
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    sd = export_state_dict(a.model_dir)
+    save_torch_state_dict(sd, a.out)
+    print(f"wrote {len(sd)} tensors to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

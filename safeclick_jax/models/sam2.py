@@ -1,0 +1,63 @@
+"""SAM 2's image path as one Flax module: encoder, prompt encoder, mask decoder, no_mem_embed.
+
+Attribute names equal the top-level torch keys of SAM2Base (`image_encoder`, `sam_prompt_encoder`,
+`sam_mask_decoder`, `no_mem_embed`), so the official state_dict maps onto it by the generic rule in
+convert/weights.py. The memory/video modules are not part of the image path.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from safeclick_jax.models.config import SAM2Config
+from safeclick_jax.models.image_encoder import ImageEncoder
+from safeclick_jax.models.mask_decoder import MaskDecoder
+from safeclick_jax.models.prompt_encoder import PromptEncoder
+
+# torch keys of SAM2Base that belong to the image path (the Flax model holds exactly these).
+IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+
+PAD_LABEL = -2  # project-specific: a padding token that the decoder masks out (fixed prompt length)
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class SAM2Image(nnx.Module):
+    def __init__(self, cfg: SAM2Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg, rngs)
+        self.sam_prompt_encoder = PromptEncoder(cfg, rngs)
+        self.sam_mask_decoder = MaskDecoder(cfg, rngs)
+        self.no_mem_embed = nnx.Param(jnp.zeros((1, 1, cfg.d_model)))
+
+    def encode_image(self, images, keep_block: int | None = None) -> dict:
+        """images: [B,S,S,3], already normalised with IMAGE_MEAN/STD.
+
+        Returns {"image_embed" [B,E,E,256] (with no_mem_embed added, as SAM2ImagePredictor does),
+        "high_res_feats" ([B,4E,4E,32], [B,2E,2E,64]) after conv_s0/conv_s1, and, when keep_block
+        is given, "block" = that Hiera block's raw output (SafeClick's intermediate feature)}."""
+        out = self.image_encoder(images)
+        fpn = out["backbone_fpn"]
+        feat_s0, feat_s1 = self.sam_mask_decoder.project_high_res(fpn[0], fpn[1])
+        # sam2_image_predictor.py:119-121: no_mem_embed is added to the lowest-resolution level only.
+        image_embed = fpn[-1] + self.no_mem_embed[...].reshape(1, 1, 1, -1)
+        res = {"image_embed": image_embed, "high_res_feats": (feat_s0, feat_s1)}
+        if keep_block is not None:
+            res["block"] = out["blocks"][keep_block]
+        return res
+
+    def decode(self, image_embed, high_res_feats, coords, labels, mask_input, has_mask,
+               multimask_output: bool):
+        """Prompts -> (low-res mask logits [B,C,4E,4E], iou [B,C], sam tokens, object score [B,1]).
+
+        coords [B,N,2] in input pixels, labels [B,N] (-2 = padding, masked out), mask_input
+        [B,4E,4E,1], has_mask [B] bool. One image (batch 1) serves B prompts, as in torch."""
+        sparse, dense = self.sam_prompt_encoder(coords, labels, mask_input, has_mask)
+        b = coords.shape[0]
+        if image_embed.shape[0] != b:
+            image_embed = jnp.broadcast_to(image_embed, (b,) + image_embed.shape[1:])
+            high_res_feats = tuple(jnp.broadcast_to(f, (b,) + f.shape[1:]) for f in high_res_feats)
+        return self.sam_mask_decoder(
+            image_embed, self.sam_prompt_encoder.get_dense_pe(), sparse, dense,
+            multimask_output=multimask_output, repeat_image=False,
+            high_res_features=high_res_feats, token_mask=labels != PAD_LABEL)
