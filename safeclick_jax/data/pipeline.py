@@ -160,7 +160,11 @@ def sam2_image(image: np.ndarray, image_size: int) -> np.ndarray:
   # Resizing one channel then replicating equals resizing the 3-channel image: the resize is
   # linear and per channel.
   x = resize_bilinear(x, image_size, image_size)
-  return (x[..., None] - MEAN) / STD
+  # One channel at a time: numpy broadcasting over a trailing axis of 3 is ~2x slower here.
+  out = np.empty(x.shape + (3,), np.float32)
+  for c in range(3):
+    out[..., c] = (x - MEAN[c]) / STD[c]
+  return out
 
 
 def to_input_coords(xy: np.ndarray, orig_hw, image_size: int) -> np.ndarray:
