@@ -59,4 +59,4 @@ def save_torch_state_dict(sd, path: str) -> None:
     """Writes `{"model": state_dict}`, the official SAM 2 layout."""
     import torch
 
-    torch.save({"model": OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items())}, path)
+    torch.save({"model": OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())}, path)

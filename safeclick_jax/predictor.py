@@ -72,8 +72,7 @@ class ImagePredictor:
     @partial(jax.jit, static_argnums=(0, 7))
     def _decode(self, state, features, coords, labels, mask_input, has_mask, multimask_output):
         model = nnx.merge(self.graphdef, state)
-        masks, iou, _, _ = model.decode(features["image_embed"], features["high_res_feats"], coords,
-                                        labels, mask_input, has_mask, multimask_output)
+        masks, iou, _, _ = model.decode(features, coords, labels, mask_input, has_mask, multimask_output)
         return masks, iou
 
     def set_image(self, image) -> None:

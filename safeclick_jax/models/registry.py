@@ -37,3 +37,16 @@ def load_model(directory: str) -> tuple[nnx.Module, dict[str, Any], dict]:
 
 def count_params(module: nnx.Module) -> int:
     return int(sum(v[...].size for _, v in nnx.state(module, nnx.Param).flat_state()))
+
+
+def describe(model: nnx.Module) -> dict[str, Any]:
+    """The model.json description of a SAM2Image or SafeClickModel."""
+    desc = {"kind": "safeclick" if hasattr(model, "safeclick") else "sam2", "sam2": model.cfg.to_dict()}
+    if desc["kind"] == "safeclick":
+        desc["safeclick"] = model.sc.to_dict()
+    return desc
+
+
+def save_model(directory: str, model: nnx.Module, extra: dict | None = None, **meta) -> None:
+    """Writes a model directory that `load_model` / `ImagePredictor.from_checkpoint` read."""
+    checkpoint.save(directory, {**describe(model), **meta}, checkpoint.model_params(model), extra)

@@ -6,6 +6,7 @@ convert/weights.py. The memory/video modules are not part of the image path.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -30,34 +31,49 @@ class SAM2Image(nnx.Module):
         self.sam_mask_decoder = MaskDecoder(cfg, rngs)
         self.no_mem_embed = nnx.Param(jnp.zeros((1, 1, cfg.d_model)))
 
-    def encode_image(self, images, keep_block: int | None = None) -> dict:
-        """images: [B,S,S,3], already normalised with IMAGE_MEAN/STD.
+    def encode_image(self, images) -> dict:
+        return encode_image(self, images)
 
-        Returns {"image_embed" [B,E,E,256] (with no_mem_embed added, as SAM2ImagePredictor does),
-        "high_res_feats" ([B,4E,4E,32], [B,2E,2E,64]) after conv_s0/conv_s1, and, when keep_block
-        is given, "block" = that Hiera block's raw output (SafeClick's intermediate feature)}."""
-        out = self.image_encoder(images)
-        fpn = out["backbone_fpn"]
-        feat_s0, feat_s1 = self.sam_mask_decoder.project_high_res(fpn[0], fpn[1])
-        # sam2_image_predictor.py:119-121: no_mem_embed is added to the lowest-resolution level only.
-        image_embed = fpn[-1] + self.no_mem_embed[...].reshape(1, 1, 1, -1)
-        res = {"image_embed": image_embed, "high_res_feats": (feat_s0, feat_s1)}
-        if keep_block is not None:
-            res["block"] = out["blocks"][keep_block]
-        return res
+    def decode(self, features: dict, coords, labels, mask_input, has_mask, multimask_output: bool,
+               dynamic_multimask: bool | None = None):
+        return decode_prompts(self, features, coords, labels, mask_input, has_mask, multimask_output,
+                              dynamic_multimask)
 
-    def decode(self, image_embed, high_res_feats, coords, labels, mask_input, has_mask,
-               multimask_output: bool):
-        """Prompts -> (low-res mask logits [B,C,4E,4E], iou [B,C], sam tokens, object score [B,1]).
 
-        coords [B,N,2] in input pixels, labels [B,N] (-2 = padding, masked out), mask_input
-        [B,4E,4E,1], has_mask [B] bool. One image (batch 1) serves B prompts, as in torch."""
-        sparse, dense = self.sam_prompt_encoder(coords, labels, mask_input, has_mask)
-        b = coords.shape[0]
-        if image_embed.shape[0] != b:
-            image_embed = jnp.broadcast_to(image_embed, (b,) + image_embed.shape[1:])
-            high_res_feats = tuple(jnp.broadcast_to(f, (b,) + f.shape[1:]) for f in high_res_feats)
-        return self.sam_mask_decoder(
-            image_embed, self.sam_prompt_encoder.get_dense_pe(), sparse, dense,
-            multimask_output=multimask_output, repeat_image=False,
-            high_res_features=high_res_feats, token_mask=labels != PAD_LABEL)
+def encode_image(model, images, keep_block: int | None = None) -> dict:
+    """images: [B,S,S,3], already normalised with IMAGE_MEAN/STD.
+
+    Returns {"image_embed" [B,E,E,256] (with no_mem_embed added, as SAM2ImagePredictor does),
+    "high_res_feats" ([B,4E,4E,32], [B,2E,2E,64]) after conv_s0/conv_s1, and, when keep_block
+    is given, "block" = that Hiera block's raw output (SafeClick's intermediate feature)}."""
+    out = model.image_encoder(images)
+    fpn = out["backbone_fpn"]
+    feat_s0, feat_s1 = model.sam_mask_decoder.project_high_res(fpn[0], fpn[1])
+    # sam2_image_predictor.py:119-121: no_mem_embed is added to the lowest-resolution level only.
+    image_embed = fpn[-1] + model.no_mem_embed[...].reshape(1, 1, 1, -1)
+    res = {"image_embed": image_embed, "high_res_feats": (feat_s0, feat_s1)}
+    if keep_block is not None:
+        res["block"] = out["blocks"][keep_block]
+    return res
+
+
+def decode_prompts(model, features: dict, coords, labels, mask_input, has_mask, multimask_output: bool,
+                   dynamic_multimask: bool | None = None, fuse=None):
+    """Prompts -> (mask logits [B,C,4E,4E], iou [B,C], sam tokens [B,C,256], object score [B,1]).
+
+    coords [B,N,2] in input pixels, labels [B,N] (-2 = padding, masked out), mask_input
+    [B,4E,4E,1], has_mask [B] bool. Per-image features with batch 1 serve all B prompts (as
+    SAM 2's repeat_image). `fuse(features, x3)`, when given, replaces the two-way transformer's
+    image output before the heads (SafeClick's consensus layer, eq. 9)."""
+    dec, pe = model.sam_mask_decoder, model.sam_prompt_encoder
+    sparse, dense = pe(coords, labels, mask_input, has_mask)
+    b = coords.shape[0]
+    features = {k: jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), v)
+                for k, v in features.items()}
+    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe(), sparse, dense,
+                                     labels != PAD_LABEL)
+    if fuse is not None:
+        src = fuse(features, src)
+    masks, iou, mask_tokens_out, obj = dec.heads(hs, src, features["high_res_feats"])
+    masks, iou, tokens = dec.select_outputs(masks, iou, mask_tokens_out, multimask_output, dynamic_multimask)
+    return masks, iou, tokens, obj
