@@ -72,7 +72,16 @@ def save(directory: str, description: dict[str, Any], params: dict, extra: dict 
         json.dump(desc, f, indent=2)
 
 
+def resolve(directory: str) -> str:
+    """A model directory, or a training workdir whose `export/` holds the latest exported model."""
+    if not os.path.isfile(os.path.join(directory, "model.json")) and \
+            os.path.isfile(os.path.join(directory, "export", "model.json")):
+        return os.path.join(directory, "export")
+    return directory
+
+
 def read_description(directory: str) -> dict[str, Any]:
+    directory = resolve(directory)
     path = os.path.join(directory, "model.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: not a safeclick-jax model directory (no model.json); "
@@ -88,7 +97,7 @@ def load(directory: str) -> tuple[dict[str, Any], dict, dict]:
     """Returns (description, params, extra) with numpy arrays."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = os.path.abspath(resolve(directory))
     desc = read_description(directory)
     state = ocp.StandardCheckpointer().restore(os.path.join(directory, "state"))
     to_np = lambda t: jax.tree.map(np.asarray, t)
