@@ -99,10 +99,20 @@ def test_forward_parity(pair, multimask):
     assert r <= 1e-4 and a <= 1e-3 and ri <= 1e-4 and rel_err(fo, to.numpy()) <= 1e-4
 
 
-def test_gradient_parity(pair, request):
-    variant, (tmodel, fmodel, cfg) = pair
-    if variant != "full" and "slow" not in request.config.getoption("-m", default=""):
-        pytest.skip("ablation gradients run with -m slow (the full model's run in the fast suite)")
+def test_gradient_parity(pair):
+    if pair[0] != "full":
+        pytest.skip("ablation gradients: test_gradient_parity_ablations (slow)")
+    check_gradients(*pair)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["no_e1", "no_e2", "no_crl"])
+def test_gradient_parity_ablations(variant):
+    check_gradients(variant, _pair(variant))
+
+
+def check_gradients(variant, pair):
+    tmodel, fmodel, cfg = pair
     x = _inputs(cfg, seed=1)
     rng = np.random.default_rng(3)
     e4 = 4 * cfg.embedding_size
