@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safeclick_jax import prompting
 from safeclick_jax.models.registry import load_model
 from safeclick_jax.models.sam2 import IMAGE_MEAN, IMAGE_STD, PAD_LABEL
-
-PROMPT_BUCKET = 8  # prompts are padded to a multiple of this many tokens
+from safeclick_jax.prompting import PROMPT_BUCKET  # noqa: F401  (re-exported)
 
 
 def preprocess(image_uint8: jax.Array, size: int) -> jax.Array:
@@ -124,15 +124,10 @@ class ImagePredictor:
                 parts_l[0] = np.repeat(parts_l[0], batch, 0)
         if batch is None:
             return None, None
-        # prompt_encoder.py:87-91: with boxes=None, SAM 2 always appends one (0,0) "not a point".
-        parts_c.append(np.zeros((batch, 1, 2), np.float32))
-        parts_l.append(np.full((batch, 1), -1, np.int32))
-        coords, labels = np.concatenate(parts_c, 1), np.concatenate(parts_l, 1)
-        n = coords.shape[1]
-        p = -(-n // PROMPT_BUCKET) * PROMPT_BUCKET
-        coords = np.pad(coords, ((0, 0), (0, p - n), (0, 0)))
-        labels = np.pad(labels, ((0, 0), (0, p - n)), constant_values=PAD_LABEL)
-        return coords, labels
+        boxes = parts_c[0].reshape(-1, 4) if box is not None else None
+        points, labels = (parts_c[-1], parts_l[-1]) if point_coords is not None else (None, None)
+        # box corners (2, 3), clicks, SAM 2's (0,0) "not a point" (-1), padding (-2) to the bucket
+        return prompting.sam2_tokens(boxes, points, labels)
 
     @staticmethod
     def _check_inside(xy, limit, what):

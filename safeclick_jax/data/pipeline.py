@@ -178,10 +178,9 @@ def to_input_box(box: np.ndarray, orig_hw, image_size: int) -> np.ndarray:
   return to_input_coords(np.asarray(box).reshape(-1, 2), orig_hw, image_size).reshape(-1)
 
 
-def _model_sample(sample: dict, prompt: dict, image_size: int) -> dict:
+def _model_sample(sample: dict, prompt: dict, image_size: int, include_image: bool = True) -> dict:
   hw = sample["image"].shape
-  return {
-      "image": sam2_image(sample["image"], image_size),
+  out = {
       "mask": resize_nearest(sample["mask"], image_size, image_size).astype(np.uint8),
       "point_coords": to_input_coords(prompt["point"], hw, image_size).reshape(1, 2),
       "point_labels": np.ones((1,), np.int32),
@@ -190,20 +189,23 @@ def _model_sample(sample: dict, prompt: dict, image_size: int) -> dict:
       "prompt_param": np.float32(prompt["param"]),
       "roi_id": np.int32(sample["roi_id"]),
   }
+  if include_image:  # training from cached image embeddings skips the costly resize/normalise
+    out["image"] = sam2_image(sample["image"], image_size)
+  return out
 
 
 class TrainSample(grain.transforms.RandomMap):
   """Per-sample prompt simulation with grain's per-element seeded rng, then the SAM 2 transform."""
 
   def __init__(self, image_size: int, p_box: float = 0.5, point_fraction_range=(0.0, 1.0),
-               box_scale_range=(0.5, 1.5), grid: bool = False):
-    self.image_size = image_size
+               box_scale_range=(0.5, 1.5), grid: bool = False, include_image: bool = True):
+    self.image_size, self.include_image = image_size, include_image
     self.kw = dict(p_box=p_box, point_fraction_range=tuple(point_fraction_range),
                    box_scale_range=tuple(box_scale_range), grid=grid)
 
   def random_map(self, sample, rng: np.random.Generator):
     prompt = prompts.sample_training_prompt(sample["mask"], rng, **self.kw)
-    return _model_sample(sample, prompt, self.image_size)
+    return _model_sample(sample, prompt, self.image_size, self.include_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def make_dataset(cache_dir, split: str = "train", *, image_size: int = 1024, bat
                  drop_remainder: bool = True, shard_index: int | None = None,
                  shard_count: int | None = None, p_box: float = 0.5,
                  point_fraction_range=(0.0, 1.0), box_scale_range=(0.5, 1.5),
-                 prompt_grid: bool = False) -> grain.MapDataset:
+                 prompt_grid: bool = False, include_image: bool = True) -> grain.MapDataset:
   """Training MapDataset of batches (see module docstring). num_epochs None repeats forever;
   each epoch is reshuffled and gets new prompts. `seed` seeds both shuffle and prompts."""
   cache = Cache(cache_dir)
@@ -242,7 +244,7 @@ def make_dataset(cache_dir, split: str = "train", *, image_size: int = 1024, bat
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.random_map(TrainSample(image_size, p_box, point_fraction_range, box_scale_range,
-                                 prompt_grid), seed=seed + 1)
+                                 prompt_grid, include_image), seed=seed + 1)
   return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
@@ -293,9 +295,9 @@ def eval_conditions(cache_dir, split: str = "test", seed: int = 0):
 class _EvalSource:
   """Element i = (ROI i // 10, condition i % 10) of a split, at model input size."""
 
-  def __init__(self, cache: Cache, split: str, image_size: int, seed: int):
+  def __init__(self, cache: Cache, split: str, image_size: int, seed: int, include_image: bool = True):
     self.cache, self.rows = cache, cache.split_rois(split)
-    self.image_size, self.seed = image_size, seed
+    self.image_size, self.seed, self.include_image = image_size, seed, include_image
 
   def __len__(self):
     return len(self.rows) * len(prompts.CONDITIONS)
@@ -304,7 +306,7 @@ class _EvalSource:
     row, c = divmod(i, len(prompts.CONDITIONS))
     sample = self.cache.roi(self.rows[row])
     p = condition_prompt(sample["mask"], sample["roi_id"], c, self.seed)
-    out = _model_sample(sample, p, self.image_size)
+    out = _model_sample(sample, p, self.image_size, self.include_image)
     out["condition"] = np.int32(c)
     out["valid"] = np.bool_(True)
     return out
@@ -320,11 +322,11 @@ def _pad_batch(batch_size: int):
 
 def make_eval_dataset(cache_dir, split: str = "test", *, image_size: int = 1024,
                       batch_size: int = 8, seed: int = 0, shard_index: int | None = None,
-                      shard_count: int | None = None) -> grain.MapDataset:
+                      shard_count: int | None = None, include_image: bool = True) -> grain.MapDataset:
   """Deterministic batches of (ROI, condition) pairs, every batch padded to batch_size (padding
   rows have valid=False), sharded across processes without dropping anything."""
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  ds = grain.MapDataset.source(_EvalSource(Cache(cache_dir), split, image_size, seed))
+  ds = grain.MapDataset.source(_EvalSource(Cache(cache_dir), split, image_size, seed, include_image))
   ds = ds[shard_index::shard_count]
   return ds.batch(batch_size, drop_remainder=False, batch_fn=_pad_batch(batch_size))

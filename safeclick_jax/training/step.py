@@ -1,0 +1,149 @@
+"""The jit-compiled, data-parallel train and eval steps.
+
+Inputs per row (host side, `host_batch`): frozen-encoder features (from the embedding cache, or
+the normalised image when the cache is off), the prompt as decoder tokens (a click or a box in
+one 3-token layout, prompting.click_or_box_tokens), `is_box`, and the ground-truth mask at input
+resolution. Params/optimizer state are replicated, rows sharded on the `data` axis; the batch
+mean in the loss makes XLA all-reduce the gradients. The state argument is donated.
+
+A step whose loss or gradient norm is not finite leaves the state unchanged and reports
+`finite = False`; the loop stops on it (so the last checkpoint is the last good state).
+"""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from safeclick_jax import prompting
+from safeclick_jax.models.sam2 import PAD_LABEL, encode_image
+from safeclick_jax.training import losses
+from safeclick_jax.training.train_state import batch_sharding, replicated
+
+
+def host_batch(batch: dict, cache=None, strict: bool = True) -> dict:
+    """A grain batch (numpy) -> the step's inputs (numpy)."""
+    is_box = batch["prompt_type"] == 1
+    coords, labels = prompting.click_or_box_tokens(batch["point_coords"], batch["box"], is_box)
+    out = {"coords": coords, "labels": labels, "is_box": is_box, "mask": batch["mask"]}
+    if "valid" in batch:
+        out["valid"] = batch["valid"]
+    if cache is not None:
+        out.update({f"feat_{k}": v for k, v in cache.features(batch["roi_id"], strict).items()})
+    else:
+        out["image"] = batch["image"]
+    return out
+
+
+def image_features(model, batch, keep_block):
+    """Decoder features of the batch: from cached encoder outputs, or by running the encoder."""
+    if "image" in batch:
+        f = encode_image(model, batch["image"], keep_block=keep_block)
+        f = {"image_embed": f["image_embed"], "high_res_feats": f["high_res_feats"], "block": f.get("block")}
+    else:
+        g = lambda k: batch[f"feat_{k}"].astype(jnp.float32)
+        f = {"image_embed": g("image_embed"), "high_res_feats": (g("high_res_0"), g("high_res_1")),
+             "block": g("block") if "feat_block" in batch else None}
+    block = f.pop("block")
+    if hasattr(model, "safeclick"):  # E1, E2 and the CRL's channel attention: trainable
+        f["refined"] = model.safeclick.image_features(block, f["image_embed"])
+    return f
+
+
+def decode_all(model, features, coords, labels):
+    """All four decoder outputs (single-mask token 0, multimask tokens 1..3), no mask input:
+    SAM 2's decode (models.sam2.decode_prompts) before its output selection.
+    Returns (mask logits [B,4,4E,4E], iou [B,4], object score logits [B,1])."""
+    pe, dec = model.sam_prompt_encoder, model.sam_mask_decoder
+    b = coords.shape[0]
+    m = 4 * features["image_embed"].shape[1]
+    sparse, dense = pe(coords, labels, jnp.zeros((b, m, m, 1), jnp.float32), jnp.zeros((b,), bool))
+    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe(), sparse, dense,
+                                     labels != PAD_LABEL)
+    if "refined" in features:
+        src = model.safeclick.fuse(features["refined"], src)
+    masks, iou, _, obj = dec.heads(hs, src, features["high_res_feats"])
+    return masks, iou, obj
+
+
+def to_input_resolution(logits, size: int):
+    """Bilinear upsampling of [B,C,h,w] logits to [B,C,S,S] (SAM 2's F.interpolate, no antialias)."""
+    return jax.image.resize(logits, logits.shape[:2] + (size, size), method="linear", antialias=False)
+
+
+def loss_target(mask_logits, target, resolution: str):
+    s = target.shape[-1]
+    if resolution == "input":
+        return to_input_resolution(mask_logits, s), target
+    if resolution == "low_res":  # nearest (pixel-centre) downsampling of the ground truth
+        r = s // mask_logits.shape[-1]
+        return mask_logits, target[:, r // 2::r, r // 2::r]
+    raise ValueError(f"loss.resolution {resolution!r}: expected 'input' or 'low_res'")
+
+
+def _loss_cfg(cfg) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
+
+
+def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block):
+    loss_cfg = _loss_cfg(config.loss)
+    multimask = bool(config.train.multimask)
+    nan_at = int(config.train.nan_at_step)
+
+    def step(state, frozen, batch):
+        key, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # carried for stochastic layers
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, frozen)
+            feats = image_features(model, batch, keep_block)
+            masks, iou, obj = decode_all(model, feats, batch["coords"], batch["labels"])
+            logits, target = loss_target(masks, batch["mask"].astype(jnp.float32), loss_cfg.resolution)
+            cand = losses.candidate_outputs(batch["is_box"], multimask)
+            return losses.sam2_loss(logits, iou, obj, target, cand, loss_cfg)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        if nan_at >= 0:  # testing knob: a diverged step
+            loss = jnp.where(state["step"] == nan_at, jnp.nan, loss)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+               "rng": jax.random.key_data(key)}
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        metrics = {"loss": loss, "focal": aux["focal"], "dice": aux["dice"], "iou": aux["iou"],
+                   "class": aux["class"], "grad_norm": gnorm, "lr": schedule(state["step"]),
+                   "finite": ok}
+        return new, metrics
+
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, config, mesh, keep_block):
+    """-> sums of hard Dice over valid rows: {"dice_sum", "count", "point_sum", "point_count",
+    "box_sum", "box_count"}. A click uses the multimask output with the highest predicted IoU
+    (what a user of SAM 2's predictor takes), a box the single mask; Dice at input resolution."""
+    multimask = bool(config.train.multimask)
+
+    def step(params, frozen, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        feats = image_features(model, batch, keep_block)
+        masks, iou, _ = decode_all(model, feats, batch["coords"], batch["labels"])
+        cand = losses.candidate_outputs(batch["is_box"], multimask)
+        best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
+        chosen = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)
+        chosen = to_input_resolution(chosen, batch["mask"].shape[-1])[:, 0]
+        valid = batch["valid"]
+        d = losses.hard_dice(chosen, batch["mask"], valid)
+        isb = batch["is_box"]
+        f = lambda x: x.astype(jnp.float32).sum()
+        return {"dice_sum": d.sum(), "count": f(valid), "box_sum": (d * isb).sum(),
+                "box_count": f(valid & isb), "point_sum": (d * ~isb).sum(), "point_count": f(valid & ~isb)}
+
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=rep)

@@ -1,0 +1,34 @@
+"""Train SafeClick (or fine-tune SAM 2's decoder) on prepared medical slices.
+
+    python train.py --config configs/sam2_t.py --workdir workdir/sam2_t
+    python train.py --config configs/sam2_t.py:no_crl --config.init.checkpoint=ckpt/sam2.1_t \
+        --config.data.image_size=1024 --config.optim.lr=3e-4 --workdir workdir/no_crl
+
+A restart with the same --workdir resumes from its latest checkpoint. Exit codes: 0 done,
+3 the loss diverged (NaN/Inf; the last good checkpoint is kept). See safeclick_jax/training.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sam2_t.py", "training config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, logs and the exported model",
+                               required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from safeclick_jax.training import loop
+
+    try:
+        loop.train(_CONFIG.value, _WORKDIR.value)
+    except loop.DivergenceError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    app.run(main)
