@@ -115,6 +115,14 @@ class SafeClickTorch(nn.Module):
         self.no_mem_embed = sam2_base.no_mem_embed
         self.safeclick = SafeClickHead(sam2_cfg, sc)
         self.keep_block = sc.block_index(sam2_cfg)
+        self.image_size = sam2_base.image_size
+        object.__setattr__(self, "base", sam2_base)  # not a submodule: its keys stay un-prefixed
+
+    def forward_image(self, images):
+        return self.base.forward_image(images)
+
+    def _prepare_backbone_features(self, backbone_out):
+        return self.base._prepare_backbone_features(backbone_out)
 
     def decode(self, image_embed, high_res_feats, refined, coords, labels, mask_input, multimask_output):
         """NCHW inputs, one image per prompt (batch B). Returns (masks, iou, sam_tokens, obj)."""
