@@ -1,0 +1,173 @@
+"""SafeClick vs the plain SAM 2 decoder in JAX, and JAX vs the PyTorch reference, same machine, one run.
+
+    python benchmarks/bench_safeclick.py [--image-size 1024] [--train-image-size 512 --train-batch 8]
+
+1. Overhead of SafeClick over SAM 2 in JAX (tiny, batch 1): per prompt (decode from cached image
+   features) and end to end (encode + decode one click). The paper reports +18 % inference time.
+2. Decoder forward and one AdamW training step, JAX vs the torch reference (convert/safeclick_torch.py)
+   on the same batch of frozen-encoder features (trainable: SafeClick head + mask decoder).
+Writes benchmarks/results/safeclick.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.common import time_fn, write  # noqa: E402
+from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
+from convert.weights import load_state_dict  # noqa: E402
+from safeclick_jax.models.config import get_config  # noqa: E402
+from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel, trainable_filter  # noqa: E402
+from safeclick_jax.models.sam2 import SAM2Image, encode_image  # noqa: E402
+
+PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed", "safeclick.")
+
+
+def prompt(b):
+    coords = np.zeros((b, 8, 2), np.float32)
+    coords[:, 0] = [300.0, 400.0]
+    labels = np.full((b, 8), -2, np.int32)
+    labels[:, 0], labels[:, 1] = 1, -1
+    return jnp.asarray(coords), jnp.asarray(labels)
+
+
+def overhead_rows(size, repeats):
+    cfg = get_config("sam2.1_hiera_t").replace(image_size=size)
+    base = SAM2Image(cfg, nnx.Rngs(0))
+    sc = SafeClickModel(cfg, SafeClickConfig(), nnx.Rngs(0))
+    img = jnp.asarray(np.random.default_rng(0).normal(size=(1, size, size, 3)).astype(np.float32))
+    coords, labels = prompt(1)
+    m = 4 * cfg.embedding_size
+    mask, has = jnp.zeros((1, m, m, 1)), jnp.zeros((1,), bool)
+    rows = []
+    res = {}
+    for name, model in [("sam2", base), ("safeclick", sc)]:
+        g, st = nnx.split(model)
+        enc = jax.jit(lambda st, x, g=g: nnx.merge(g, st).encode_image(x))
+        dec = jax.jit(lambda st, f, g=g: nnx.merge(g, st).decode(f, coords, labels, mask, has, True)[0])
+        feats = jax.block_until_ready(enc(st, img))
+        res[name] = {
+            "decode": time_fn(lambda: jax.block_until_ready(dec(st, feats)), repeats * 6, warmup=3),
+            "e2e": time_fn(lambda: jax.block_until_ready(dec(st, enc(st, img))), repeats),
+        }
+    for stage in ("decode", "e2e"):
+        a, b = res["sam2"][stage]["median_s"], res["safeclick"][stage]["median_s"]
+        rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {size} px",
+                     "sam2_ms": a * 1e3, "safeclick_ms": b * 1e3, "safeclick/sam2": b / a})
+    return rows
+
+
+def torch_vs_jax_rows(size, batch, repeats):
+    sc_cfg = SafeClickConfig()
+    tmodel, cfg = build_safeclick_torch("sam2.1_hiera_t", sc_cfg, image_size=size)
+    fmodel = nnx.eval_shape(lambda: SafeClickModel(cfg, sc_cfg, nnx.Rngs(0)))
+    load_state_dict(fmodel, {k: v.detach().numpy() for k, v in tmodel.state_dict().items() if k.startswith(PREFIXES)})
+    e = cfg.embedding_size
+    rng = np.random.default_rng(0)
+    x = {"image_embed": rng.normal(size=(batch, e, e, 256)), "s0": rng.normal(size=(batch, 4 * e, 4 * e, 32)),
+         "s1": rng.normal(size=(batch, 2 * e, 2 * e, 64)), "block": rng.normal(size=(batch, e, e, 384)),
+         "target": (rng.random((batch, 4 * e, 4 * e)) > 0.5)}
+    x = {k: v.astype(np.float32) for k, v in x.items()}
+    coords, labels = prompt(batch)
+    m = 4 * e
+    mask, has = jnp.zeros((batch, m, m, 1)), jnp.zeros((batch,), bool)
+
+    # --- JAX
+    is_trainable = trainable_filter()
+    graphdef, params, rest = nnx.split(fmodel, is_trainable, ...)
+    tx = optax.adamw(1e-4)
+    opt_state = tx.init(params)
+    feats = {"image_embed": jnp.asarray(x["image_embed"]), "high_res_feats": (jnp.asarray(x["s0"]), jnp.asarray(x["s1"]))}
+    block, target = jnp.asarray(x["block"]), jnp.asarray(x["target"], jnp.float32)
+
+    def forward(params):
+        model = nnx.merge(graphdef, params, rest)
+        f = dict(feats, refined=model.safeclick.image_features(block, feats["image_embed"]))
+        return model.decode(f, coords, labels, mask, has, False, dynamic_multimask=False)
+
+    def loss_fn(params):
+        logits, iou, _, _ = forward(params)
+        return optax.sigmoid_binary_cross_entropy(logits[:, 0], target).mean() + jnp.mean(iou ** 2)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    fwd = jax.jit(lambda p: forward(p)[0])
+    jf = time_fn(lambda: jax.block_until_ready(fwd(params)), repeats, warmup=2)
+    state = {"p": params, "o": opt_state}
+
+    def jax_step():
+        state["p"], state["o"], loss = step(state["p"], state["o"])
+        jax.block_until_ready(loss)
+
+    js = time_fn(jax_step, repeats, warmup=2)
+
+    # --- torch (same batch; one decode call for the whole batch)
+    tt = {k: torch.from_numpy(v.transpose(0, 3, 1, 2).copy()) for k, v in x.items() if k != "target"}
+    ttarget = torch.from_numpy(x["target"].astype(np.float32))
+    tc = torch.from_numpy(np.asarray(coords)[:, :1].copy())
+    tl = torch.from_numpy(np.asarray(labels)[:, :1].copy())
+    trainable = [p for k, p in tmodel.named_parameters()
+                 if k.startswith(("safeclick.", "sam_mask_decoder.")) and ".conv_s" not in k]
+    for k, p in tmodel.named_parameters():
+        p.requires_grad_(k.startswith(("safeclick.", "sam_mask_decoder.")) and ".conv_s" not in k)
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def t_forward():
+        refined = tmodel.safeclick.image_features(tt["block"], tt["image_embed"])
+        return tmodel.decode(tt["image_embed"], (tt["s0"], tt["s1"]), refined, tc, tl, None, False)
+
+    def t_fwd():
+        with torch.no_grad():
+            t_forward()
+
+    def t_step():
+        tmodel.train()
+        opt.zero_grad()
+        logits, iou, _, _ = t_forward()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], ttarget) + (iou ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    tf = time_fn(t_fwd, repeats, warmup=2)
+    ts = time_fn(t_step, repeats, warmup=2)
+    return [
+        {"measure": f"decoder forward, batch {batch}, {size} px", "jax_ms": jf["median_s"] * 1e3,
+         "torch_ms": tf["median_s"] * 1e3, "torch/jax speed-up": tf["median_s"] / jf["median_s"],
+         "jax_compile_s": jf["first_s"] - jf["median_s"]},
+        {"measure": f"training step (fwd+bwd+AdamW), batch {batch}, {size} px", "jax_ms": js["median_s"] * 1e3,
+         "torch_ms": ts["median_s"] * 1e3, "torch/jax speed-up": ts["median_s"] / js["median_s"],
+         "jax_compile_s": js["first_s"] - js["median_s"], "jax_images_per_s": batch / js["median_s"],
+         "torch_images_per_s": batch / ts["median_s"]},
+    ]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--train-image-size", type=int, default=512)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    rows = overhead_rows(a.image_size, a.repeats)
+    rows2 = torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats)
+    cols = ["measure", "sam2_ms", "safeclick_ms", "safeclick/sam2", "jax_ms", "torch_ms", "torch/jax speed-up",
+            "jax_images_per_s", "torch_images_per_s", "jax_compile_s"]
+    write("safeclick", rows + rows2, cols, vars(a))
+
+
+if __name__ == "__main__":
+    main()
