@@ -69,6 +69,15 @@ def main(argv):
   data_cfg = cfg.data if cfg is not None and "data" in cfg else default_data_config()
   cache_dir = _CACHE_DIR.value or data_cfg.cache_dir
   image_size = _IMAGE_SIZE.value or int(data_cfg.image_size)
+  if image_size <= 0:  # the configs' "auto": the model's own size, a small one on a CPU
+    import ml_collections
+    from safeclick_jax import checkpoint
+    from safeclick_jax.models.config import SAM2Config
+    from safeclick_jax.training import train_state
+    first = checkpoint.read_description(_CHECKPOINT.value[0])
+    image_size, why = train_state.resolve_image_size(
+        ml_collections.ConfigDict({"data": data_cfg}), SAM2Config.from_dict(first["sam2"]))
+    print(f"[evaluate] image size {image_size} px ({why})", file=sys.stderr)
   seed = _SEED.value if _SEED.value is not None else int(data_cfg.get("eval_seed", 0))
   mesh = protocol.make_mesh(_NUM_DEVICES.value or None)
   ndev = mesh.devices.size

@@ -257,3 +257,35 @@ def test_batch_layout_groups_rois_by_slice(synthetic_cache):
   gt = b["labelmap"][0, :h, :w] == b["roi_label"][0, 0]
   np.testing.assert_array_equal(gt, s.cache.roi(s.rows[idx[0]])["mask"].astype(bool))
   assert not b["labelmap"][0, h:].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-side helpers (abstract models: nothing is initialised or compiled)
+
+
+def test_prompt_tokens_layout():
+  pts = np.array([[[3.0, 4.0]]], np.float32)                 # [1, 1, 2]
+  box = np.array([[[1.0, 2.0, 5.0, 6.0]]], np.float32)       # [1, 1, 4]
+  pc, pl, bc, bl = protocol.prompt_tokens(pts, box)
+  np.testing.assert_array_equal(pl[0, 0], [1, -1, -2])
+  np.testing.assert_array_equal(pc[0, 0], [[3, 4], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(bl[0, 0], [2, 3, -1])
+  np.testing.assert_array_equal(bc[0, 0], [[1, 2], [5, 6], [0, 0]])
+
+
+def test_base_architecture_is_safeclick_without_its_head():
+  from flax import nnx
+  from safeclick_jax.models import registry
+  from safeclick_jax.models.config import HieraConfig, get_config
+  from safeclick_jax.models.safeclick import SafeClickConfig
+  cfg = get_config("sam2.1_hiera_t").replace(
+      image_size=64, hiera=HieraConfig(embed_dim=8, num_heads=1, stages=(1, 1, 1, 1),
+                                       global_att_blocks=(2,)))
+  desc = {"kind": "safeclick", "sam2": cfg.to_dict(), "safeclick": SafeClickConfig().to_dict()}
+  model = registry.build(desc, abstract=True)
+  base = protocol.base_architecture(model)
+  assert type(base).__name__ == "SAM2Image" and not hasattr(base, "safeclick")
+  sc_paths = {p for p, _ in nnx.state(model).flat_state() if p[0] != "safeclick"}
+  assert {p for p, _ in nnx.state(base).flat_state()} == sc_paths
+  assert protocol.base_architecture(registry.build({"kind": "sam2", "sam2": cfg.to_dict()},
+                                                   abstract=True)) is None

@@ -160,3 +160,25 @@ def test_evaluate_matches_image_predictor_and_is_device_count_invariant(ct_cache
       assert ours == pytest.approx(ref, abs=0.02), (roi_id, cond)
       checked += 1
   assert checked == 6
+
+
+@pytest.mark.slow
+def test_evaluate_a_smoke_training_run(tmp_path):
+  """train.py's smoke run (a SafeClick model on its synthetic data), evaluated from its workdir
+  with the same config: the test split of the config's cache, the workdir resolved to export/,
+  and the overhead ratio measured against the base network (no plain SAM 2 in the run)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  config = f"{ROOT / 'configs' / 'sam2_t.py'}:smoke"
+  proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", config,
+                         "--workdir", "w"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--config", config,
+                         "--checkpoint", "w", "--name", "smoke", "--workdir", "eval"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert summary["split"] == "test" and summary["models"][0]["kind"] == "safeclick"
+  assert summary["models"][0]["directory"].endswith("export")
+  assert summary["timing"][0]["overhead_ratio"] > 0
+  assert all(r["n_rois"] > 0 for r in summary["results"])

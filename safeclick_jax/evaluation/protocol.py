@@ -16,9 +16,9 @@ Mask choice (the same for every model, SAM 2's own predictor conventions):
   asking for the best of three.
 * box conditions: multimask_output=False (a box is not ambiguous; SAM 2's predictor
   recommends a single mask for it), with SAM 2's stability fallback as in its eval mode.
-Prompt tokens follow SAM2ImagePredictor (see predictor.py `_prompts`): box = corners with labels
-2, 3, then SAM 2's (0, 0) point with label -1; a click = label 1 then the (0, 0) / -1 point,
-padded to three tokens with -2 (masked out by the decoder, results identical to unpadded).
+Prompt tokens come from the shared `safeclick_jax.prompting` (SAM2ImagePredictor's layout): box =
+corners with labels 2, 3, then SAM 2's (0, 0) point with label -1; a click = label 1 then the
+(0, 0) / -1 point, padded to three tokens with -2 (masked out, results identical to unpadded).
 
 Work layout. Slices, not ROIs, are the unit of encoding: a batch holds `batch_size` slices
 (sharded over the `data` axis of a device mesh), each slice is encoded once, and all its ROIs'
@@ -44,10 +44,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from safeclick_jax import checkpoint
+from safeclick_jax import prompting
 from safeclick_jax.data import pipeline
 from safeclick_jax.data import prompts as prompt_lib
 from safeclick_jax.evaluation import metrics
 from safeclick_jax.models import registry
+from safeclick_jax.training import train_state
 
 CONDITIONS = prompt_lib.CONDITIONS
 CONDITION_NAMES = tuple(prompt_lib.condition_name(k, p) for k, p in CONDITIONS)
@@ -229,6 +231,7 @@ class RoiSet:
       b["boxes"][j, :len(idx)] = pipeline.to_input_coords(
           self.boxes[idx].reshape(len(idx), -1, 2, 2), (h, w), s).reshape(len(idx), -1, 4)
       b["valid_slice"][j] = True
+    b["pc"], b["pl"], b["bc"], b["bl"] = prompt_tokens(b["points"], b["boxes"])
     return b
 
 
@@ -237,21 +240,25 @@ class RoiSet:
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1D mesh with the batch axis `data` over all (or the first num_devices) devices."""
-  n = num_devices or jax.device_count()
-  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  """Training's 1D `data` mesh over all devices, or over the first num_devices of them."""
+  if not num_devices or num_devices == jax.device_count():
+    return train_state.make_mesh()
+  return jax.make_mesh((num_devices,), (train_state.DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:num_devices])
 
 
-def prompt_tokens(points, boxes):
-  """Decoder inputs for n clicks [n, 2] and n boxes [n, 4] (input pixels), SAM 2's layout:
-  click -> [(x, y) 1, (0, 0) -1, pad -2]; box -> [(x0, y0) 2, (x1, y1) 3, (0, 0) -1]."""
-  n = points.shape[0]
-  zeros = jnp.zeros((n, 2, 2), jnp.float32)
-  pc = jnp.concatenate([points[:, None], zeros], axis=1)
-  pl = jnp.broadcast_to(jnp.array([1, -1, -2], jnp.int32), (n, 3))
-  bc = jnp.concatenate([boxes.reshape(n, 2, 2), zeros[:, :1]], axis=1)
-  bl = jnp.broadcast_to(jnp.array([2, 3, -1], jnp.int32), (n, 3))
-  return (pc, pl), (bc, bl)
+def prompt_tokens(points: np.ndarray, boxes: np.ndarray):
+  """Decoder inputs (coords, labels) for clicks [..., 2] and boxes [..., 4] (input pixels),
+  SAM 2's layout from the shared prompting module, 3 tokens each: click -> [(x, y) 1,
+  (0, 0) -1, pad -2]; box -> [(x0, y0) 2, (x1, y1) 3, (0, 0) -1]."""
+  lead = points.shape[:-1]
+  pts = points.reshape(-1, 1, 2)
+  pc, pl = prompting.sam2_tokens(points=pts, point_labels=np.ones(pts.shape[:2], np.int32),
+                                 length=3)
+  bc, bl = prompting.sam2_tokens(box=boxes.reshape(-1, 4), length=3)
+  return (pc.reshape(lead + (3, 2)), pl.reshape(lead + (3,)),
+          bc.reshape(boxes.shape[:-1] + (3, 2)), bl.reshape(boxes.shape[:-1] + (3,)))
 
 
 class ModelFunctions:
@@ -259,38 +266,40 @@ class ModelFunctions:
 
   def __init__(self, model: nnx.Module, mesh):
     self.graphdef, state = nnx.split(model)
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(train_state.DATA_AXIS))
     self.state = jax.device_put(state, rep)
     graphdef = self.graphdef
 
     def encode(state, images):
       return nnx.merge(graphdef, state).encode_image(images)
 
-    def decode(state, features, points, boxes):
-      """features of B slices; points [B, R, 5, 2], boxes [B, R, 5, 4] -> mask logits
-      [B, R, 10, L, L] (conditions in CONDITIONS order) and predicted IoU [B, R, 10]."""
+    def decode(state, features, pc, pl, bc, bl):
+      """features of B slices; click tokens pc [B, R, 5, 3, 2] / pl [B, R, 5, 3] and box
+      tokens bc / bl (prompt_tokens) -> mask logits [B, R, 10, L, L] (conditions in CONDITIONS
+      order) and the kept mask's predicted IoU [B, R, 10]."""
       model = nnx.merge(graphdef, state)
-      b, r, npnt = points.shape[:3]
-      nbox = boxes.shape[2]
-      n = b * r * npnt
+      b, r, npnt = pl.shape[:3]
+      nbox = bl.shape[2]
       assert npnt == nbox, "as many point as box conditions"
+      n = b * r * npnt
       feats = jax.tree.map(lambda x: jnp.repeat(x, r * npnt, axis=0), features)
-      (pc, pl), (bc, bl) = prompt_tokens(points.reshape(n, 2), boxes.reshape(n, 4))
       emb = features["image_embed"].shape[1] * 4
       no_mask = jnp.zeros((n, emb, emb, 1), jnp.float32)
       has_mask = jnp.zeros((n,), bool)
-      m3, iou3, _, _ = model.decode(feats, pc, pl, no_mask, has_mask, True)
+      m3, iou3, _, _ = model.decode(feats, pc.reshape(n, -1, 2), pl.reshape(n, -1), no_mask,
+                                    has_mask, True)
       best = jnp.argmax(iou3, axis=-1)  # highest predicted IoU of the three
       mp = jnp.take_along_axis(m3, best[:, None, None, None], axis=1)[:, 0]
       ip = jnp.take_along_axis(iou3, best[:, None], axis=1)[:, 0]
-      m1, iou1, _, _ = model.decode(feats, bc, bl, no_mask, has_mask, False)
+      m1, iou1, _, _ = model.decode(feats, bc.reshape(n, -1, 2), bl.reshape(n, -1), no_mask,
+                                    has_mask, False)
       logits = jnp.concatenate([mp.reshape(b, r, npnt, emb, emb),
                                 m1[:, 0].reshape(b, r, nbox, emb, emb)], axis=2)
       iou = jnp.concatenate([ip.reshape(b, r, npnt), iou1[:, 0].reshape(b, r, nbox)], axis=2)
       return logits, iou
 
     self.encode = jax.jit(encode, in_shardings=(rep, data), out_shardings=data)
-    self.decode = jax.jit(decode, in_shardings=(rep, data, data, data),
+    self.decode = jax.jit(decode, in_shardings=(rep, data, data, data, data, data),
                           out_shardings=(data, data))
 
 
@@ -361,7 +370,7 @@ def evaluate(models: list[EvalModel], rois: RoiSet, image_size: int, batch_size:
     raise ValueError(f"batch_size {batch_size} is not a multiple of the {ndev} devices")
   if len(rois) == 0:
     raise ValueError(f"{rois.cache_dir}: split {rois.split!r} has no ROI to evaluate")
-  data = NamedSharding(mesh, P("data"))
+  data = NamedSharding(mesh, P(train_state.DATA_AXIS))
   counts_fn = jax.jit(_counts, in_shardings=(data,) * 5, out_shardings=(data, data))
   fns = [ModelFunctions(m.model, mesh) for m in models]
   n = len(rois)
@@ -381,6 +390,10 @@ def evaluate(models: list[EvalModel], rois: RoiSet, image_size: int, batch_size:
   def to_device(host, keys):
     return [jax.device_put(host[k], data) for k in keys]
 
+  def tokens(host, c0):  # prompt tokens of ROI slots c0 .. c0 + rois_per_call
+    return [jax.device_put(host[k][:, c0:c0 + rois_per_call], data)
+            for k in ("pc", "pl", "bc", "bl")]
+
   t_start = time.perf_counter()
   done_rois = 0
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -396,9 +409,7 @@ def evaluate(models: list[EvalModel], rois: RoiSet, image_size: int, batch_size:
         if bi == 0:  # compile outside the timed region (and with the real shapes)
           t0 = time.perf_counter()
           feats = jax.block_until_ready(f.encode(f.state, images))
-          sl = slice(0, rois_per_call)
-          jax.block_until_ready(f.decode(f.state, feats, jax.device_put(host["points"][:, sl], data),
-                                         jax.device_put(host["boxes"][:, sl], data)))
+          jax.block_until_ready(f.decode(f.state, feats, *tokens(host, 0)))
           t["compile_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         feats = jax.block_until_ready(f.encode(f.state, images))
@@ -410,10 +421,10 @@ def evaluate(models: list[EvalModel], rois: RoiSet, image_size: int, batch_size:
           idx = host["roi_index"][:, sl]
           if (idx < 0).all():
             continue
-          pts, bxs, lab = to_device({"p": host["points"][:, sl], "b": host["boxes"][:, sl],
-                                     "l": host["roi_label"][:, sl]}, ("p", "b", "l"))
+          tok = tokens(host, c0)
+          lab = jax.device_put(host["roi_label"][:, sl], data)
           t0 = time.perf_counter()
-          logits, iou = jax.block_until_ready(f.decode(f.state, feats, pts, bxs))
+          logits, iou = jax.block_until_ready(f.decode(f.state, feats, *tok))
           t["decode_s"] += time.perf_counter() - t0
           t["decode_calls"] += 1
           t["prompts"] += int((idx >= 0).sum()) * NUM_CONDITIONS
@@ -446,34 +457,36 @@ def evaluate(models: list[EvalModel], rois: RoiSet, image_size: int, batch_size:
         "native_image_size": m.description.get("sam2", {}).get("image_size"),
         "timing": {**t, "encode_s_per_slice": enc, "decode_s_per_prompt": dec,
                    # one interactive prediction: encode its slice once, decode one prompt
-                   "inference_s_per_roi": enc + dec}})
+                   "inference_s_per_roi": enc + dec,
+                   # throughput of the protocol itself (ROIs x 10 conditions, slices shared)
+                   "rois_per_s": n / max(t["encode_s"] + t["decode_s"], 1e-12)}})
   return Result(model_info, rois, inter, psum, ioup, overlays, image_size, elapsed)
 
 
 def time_base_overhead(model: EvalModel, image_size: int, mesh, batch_size: int,
-                       repeats: int = 3) -> dict | None:
+                       repeats: int = 10) -> dict | None:
   """Inference time per ROI (encode + one box prompt) of a SafeClick model and of its base
   network (the same SAM 2 without the SafeClick head) on the same random input, median of
   `repeats`; None for a plain SAM 2 model. Used when the run has no plain SAM 2 of the same size."""
   base = base_architecture(model.model)
   if base is None:
     return None
-  data = NamedSharding(mesh, P("data"))
+  data = NamedSharding(mesh, P(train_state.DATA_AXIS))
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.normal(size=(batch_size, image_size, image_size, 3))
                           .astype(np.float32), data)
-  pts = jax.device_put(np.full((batch_size, 1, NUM_POINT, 2), image_size / 2, np.float32), data)
+  pts = np.full((batch_size, 1, NUM_POINT, 2), image_size / 2, np.float32)
   box = np.tile(np.array([image_size / 4, image_size / 4, 3 * image_size / 4,
                           3 * image_size / 4], np.float32), (batch_size, 1, NUM_POINT, 1))
-  box = jax.device_put(box, data)
+  tok = [jax.device_put(x, data) for x in prompt_tokens(pts, box)]
   out = {}
   for key, net in (("safeclick", model.model), ("base", base)):
     f = ModelFunctions(net, mesh)
-    jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), pts, box))
+    jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), *tok))
     runs = []
     for _ in range(repeats):
       t0 = time.perf_counter()
-      jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), pts, box))
+      jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), *tok))
       runs.append(time.perf_counter() - t0)
     # one call = batch_size slices x 10 prompts: per ROI = encode/slice + decode/prompt is not
     # separable here, so report the call time per slice (same work for both networks).
