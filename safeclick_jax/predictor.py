@@ -181,3 +181,13 @@ class ImagePredictor:
     def _postprocess(self, low_res, hw):
         # transforms.py postprocess_masks: bilinear, align_corners=False, no antialias.
         return jax.image.resize(low_res, low_res.shape[:2] + hw, method="linear", antialias=False)
+
+
+def __getattr__(name):
+    # VolumePredictor (slices as video frames, SAM 2 memory) lives in volume_predictor.py, which
+    # imports this module; resolved lazily so `from safeclick_jax.predictor import VolumePredictor` works.
+    if name == "VolumePredictor":
+        from safeclick_jax.volume_predictor import VolumePredictor
+
+        return VolumePredictor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,167 @@
+"""SAM 2's tracking step for volumes (slices = video frames), as pure functions of
+(image model, SAM2Memory, memory bank) that jit once per volume shape.
+
+The memory bank is a fixed-size pytree with one entry per slice, so the slice a step reads or
+writes is a traced index and propagation never recompiles:
+
+    feats  [N, E, E, mem_dim] bfloat16   spatial memory (SAM 2 stores it as bf16)
+    ptr    [N, d]             float32    object pointer
+    kind   [N]                int32      0 = nothing, 1 = tracked (non-conditioning), 2 = prompted
+    masks  [N, 4E, 4E]        float32    low-resolution mask logits (SAM 2's `pred_masks`)
+    score  [N]                float32    object score logit
+
+It plays the role of SAM2VideoPredictor's output_dict: the memories a slice attends to are
+gathered from it with validity masks exactly as sam2_base._prepare_memory_conditioned_features
+picks them from the dicts (all prompted slices at t_pos 0; the slices t -+ 1..num_maskmem-1 that
+were tracked, in the direction of travel; pointers of prompted slices not in the future and of
+up to 15 tracked slices before t). Prompted slices use `cond_slots` padded slots (a power of
+two, so adding prompts recompiles only when their count crosses one); invalid slots are masked
+out of the attention, which leaves the result unchanged.
+
+Every image model works: SAM2Image and SafeClickModel (whose consensus layer then reads the
+memory-conditioned features, the input SAM 2's decoder reads when tracking).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from safeclick_jax.models.image_encoder import sine_position_encoding
+from safeclick_jax.models.sam2 import PAD_LABEL
+
+NO_OBJ_SCORE = -1024.0  # sam2_base.py: mask logits of a slice without the object
+PROMPT_BUCKET = 8
+
+
+def empty_bank(num_slices: int, embed: int, mem_dim: int, d_model: int) -> dict:
+    return {
+        "feats": jnp.zeros((num_slices, embed, embed, mem_dim), jnp.bfloat16),
+        "ptr": jnp.zeros((num_slices, d_model), jnp.float32),
+        "kind": jnp.zeros((num_slices,), jnp.int32),
+        "masks": jnp.zeros((num_slices, 4 * embed, 4 * embed), jnp.float32),
+        "score": jnp.zeros((num_slices,), jnp.float32),
+    }
+
+
+def encode_frame(model, image) -> dict:
+    """image [1,S,S,3] normalised -> raw stride-16 features and pos (no no_mem_embed), the
+    decoder's high-res features, and SafeClick's intermediate block when the model has one."""
+    out = model.image_encoder(image)
+    fpn = out["backbone_fpn"]
+    feats = {"pix": fpn[-1], "pos": out["vision_pos_enc"][-1],
+             "high_res": model.sam_mask_decoder.project_high_res(fpn[0], fpn[1])}
+    if hasattr(model, "safeclick"):
+        feats["block"] = out["blocks"][model.keep_block]
+    return feats
+
+
+def gather_memory(mem, bank: dict, t, reverse, cond_idx, cond_valid):
+    """Memories of slice t: (memory [1,M,mem_dim], pos [1,M,mem_dim], key_mask [1,M], number of
+    pointer tokens). t, reverse: traced scalars; cond_idx / cond_valid [K] the prompted slices."""
+    mc = mem.mc
+    n, e = bank["kind"].shape[0], bank["feats"].shape[1]
+    sign = jnp.where(reverse, -1, 1)
+    in_range = lambda i: (i >= 0) & (i < n)
+    tracked = lambda i: in_range(i) & (bank["kind"][jnp.clip(i, 0, n - 1)] == 1)
+
+    # spatial memories: prompted slices (t_pos 0), then t_pos 1..num_maskmem-1
+    t_pos = jnp.arange(1, mc.num_maskmem)
+    prev = t - (mc.num_maskmem - t_pos) * sign
+    idx = jnp.concatenate([cond_idx, jnp.clip(prev, 0, n - 1)])
+    valid = jnp.concatenate([cond_valid, tracked(prev)])
+    tpos = mem.tpos_enc(jnp.concatenate([jnp.zeros_like(cond_idx), t_pos]))  # [K, mem_dim]
+    sine = jnp.asarray(sine_position_encoding(e, e, mc.mem_dim)).reshape(1, e * e, mc.mem_dim)
+    spatial = bank["feats"][idx].astype(jnp.float32).reshape(-1, e * e, mc.mem_dim)
+    spatial_pos = sine + tpos[:, None, :]
+
+    # object pointers: prompted slices not in the future, then tracked slices t -+ 1..15
+    max_ptrs = min(n, mc.max_obj_ptrs_in_encoder)
+    c_valid = cond_valid
+    if mc.only_obj_ptrs_in_the_past_for_eval:
+        c_valid = c_valid & (cond_idx * sign <= t * sign)
+    c_rel = (t - cond_idx) * sign if mc.use_signed_tpos_enc_to_obj_ptrs else jnp.abs(t - cond_idx)
+    t_diff = jnp.arange(1, mc.max_obj_ptrs_in_encoder)
+    tt = t - t_diff * sign
+    p_idx = jnp.concatenate([cond_idx, jnp.clip(tt, 0, n - 1)])
+    p_valid = jnp.concatenate([c_valid, tracked(tt) & (t_diff < max_ptrs)])
+    p_pos = mem.obj_ptr_pos(jnp.concatenate([c_rel, t_diff]), max_ptrs)  # [P, mem_dim]
+    split = mc.d_model // mc.mem_dim  # a pointer becomes `split` tokens of mem_dim
+    ptrs = bank["ptr"][p_idx].reshape(-1, mc.mem_dim)
+    ptr_pos = jnp.repeat(p_pos, split, axis=0)
+    ptr_valid = jnp.repeat(p_valid, split)
+
+    memory = jnp.concatenate([spatial.reshape(-1, mc.mem_dim), ptrs])[None]
+    pos = jnp.concatenate([spatial_pos.reshape(-1, mc.mem_dim), ptr_pos])[None]
+    mask = jnp.concatenate([jnp.repeat(valid, e * e), ptr_valid])[None]
+    return memory, pos, mask, ptrs.shape[0]
+
+
+def condition_features(model, mem, feats: dict, bank: dict, t, reverse, cond_idx, cond_valid):
+    """Memory attention on slice t's features -> [1,E,E,d] (the decoder's image embedding)."""
+    b, e, _, d = feats["pix"].shape
+    memory, pos, mask, n_ptr = gather_memory(mem, bank, t, reverse, cond_idx, cond_valid)
+    x = mem.memory_attention(feats["pix"].reshape(b, e * e, d), feats["pos"].reshape(b, e * e, d),
+                             memory, pos, n_ptr, mask)
+    return x.reshape(b, e, e, d)
+
+
+def no_memory_features(model, feats: dict):
+    """A slice prompted before any tracking: features + no_mem_embed (directly_add_no_mem_embed)."""
+    return feats["pix"] + model.no_mem_embed[...].reshape(1, 1, 1, -1)
+
+
+def sam_heads(model, mem, feats: dict, pix, coords, labels, mask_input, has_mask, multimask: bool):
+    """sam2_base._forward_sam_heads for one slice. coords [1,P,2] in input pixels with SAM's pad
+    point and PAD_LABEL padding; mask_input [1,4E,4E,1]. Returns (best low-res logits [1,4E,4E],
+    object pointer [1,d], object score [1,1])."""
+    features = {"image_embed": pix, "high_res_feats": feats["high_res"]}
+    if hasattr(model, "safeclick"):
+        features["refined"] = model.safeclick.image_features(feats["block"], pix)
+    masks, iou, tokens, obj = model.decode(features, coords, labels, mask_input, has_mask, multimask)
+    masks = jnp.where((obj > 0)[:, :, None, None], masks, NO_OBJ_SCORE)
+    if multimask:
+        best = jnp.argmax(iou, axis=-1)  # [1]
+        low = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)[:, 0]
+        token = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0] if tokens.shape[1] > 1 \
+            else tokens[:, 0]
+    else:
+        low, token = masks[:, 0], tokens[:, 0]
+    return low, mem.object_pointer(token, obj), obj
+
+
+def upsample(low, size: int):
+    """[B, h, w] low-res logits -> [B, size, size, 1] (bilinear, align_corners=False)."""
+    return jax.image.resize(low, (low.shape[0], size, size), "linear", antialias=False)[..., None]
+
+
+def encode_memory(mem, feats: dict, low, obj, binarize, size: int):
+    """sam2_base._encode_new_memory on the upsampled logits; features rounded to bf16 as SAM 2
+    stores them."""
+    f, _ = mem.encode_memory(feats["pix"], upsample(low, size), obj, binarize)
+    return f.astype(jnp.bfloat16)
+
+
+def write(bank: dict, t, feats_bf16, ptr, kind: int, low, obj) -> dict:
+    return {"feats": bank["feats"].at[t].set(feats_bf16[0]), "ptr": bank["ptr"].at[t].set(ptr[0]),
+            "kind": bank["kind"].at[t].set(kind), "masks": bank["masks"].at[t].set(low[0]),
+            "score": bank["score"].at[t].set(obj[0, 0])}
+
+
+def no_prompt(batch: int = 1):
+    """The tracking prompt: SAM 2 pads one (0,0) 'not a point' and its prompt encoder a second."""
+    coords = jnp.zeros((batch, PROMPT_BUCKET, 2), jnp.float32)
+    labels = jnp.full((batch, PROMPT_BUCKET), PAD_LABEL, jnp.int32).at[:, :2].set(-1)
+    return coords, labels
+
+
+def track_step(model, mem, feats: dict, bank: dict, t, reverse, cond_idx, cond_valid, size: int):
+    """One propagation step on slice t (not prompted) from its encode_frame features: memory
+    attention, SAM heads with multimask (tracking), memory encoder on the mask upsampled to the
+    input `size`; the slice's entry of the bank is written. -> new bank."""
+    pix = condition_features(model, mem, feats, bank, t, reverse, cond_idx, cond_valid)
+    coords, labels = no_prompt()
+    e = feats["pix"].shape[1]
+    mask_in = jnp.zeros((1, 4 * e, 4 * e, 1), jnp.float32)
+    low, ptr, obj = sam_heads(model, mem, feats, pix, coords, labels, mask_in, jnp.zeros((1,), bool), True)
+    f = encode_memory(mem, feats, low, obj, False, size)
+    return write(bank, t, f, ptr, 1, low, obj)
