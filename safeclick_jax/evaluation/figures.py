@@ -25,9 +25,10 @@ def robustness_figure(rows: list[dict], dataset: str, path, key: str = "dice_mea
   rows = [r for r in rows if r["dataset"] == dataset]
   models = list(dict.fromkeys(r["model"] for r in rows))
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  panels = (("box", "box scale (% of the tight box)", axes[0]),
-            ("point", "click displacement (% of the equivalent radius)", axes[1]))
-  for kind, xlabel, ax in panels:
+  panels = (("box", "box scale (% of the tight box)", axes[0], 100),
+            ("point", "click displacement (% of the equivalent radius)", axes[1], 0))
+  for kind, xlabel, ax, perfect in panels:
+    ax.axvline(perfect, color="gray", linestyle="--", linewidth=1, label="perfect prompt")
     for m in models:
       pts = sorted((float(r["param"]) * 100, float(r[key]) * 100) for r in rows
                    if r["model"] == m and r["prompt"] == kind)

@@ -140,31 +140,31 @@ class RoiSet:
       keep = {slice_keys[i] for i in pick}
       rows = rows[[(int(r["volume_id"]), int(r["slice"])) in keep for r in rows]]
 
-    kept, masks = [], []
+    kept, areas, points, boxes = [], [], [], []
     for r in rows:
-      sample = self.cache.roi(r)
-      area = int(sample["mask"].sum())  # recounted: never trust a table for an empty mask
+      mask = self.cache.roi(r)["mask"]
+      area = int(mask.sum())  # recounted: never trust a table for an empty mask
       ds = self.dataset_of_volume[int(r["volume_id"])]
       if area == 0:
         self.skipped[ds]["empty"] += 1
-      elif area < min_area:
+        continue
+      if area < min_area:
         self.skipped[ds]["small"] += 1
-      else:
-        kept.append(r)
+        continue
+      kept.append(r)
+      areas.append(area)
+      # Prompts, identical for every model: the clicks of the point conditions, the boxes of
+      # the box ones.
+      conds = pipeline.condition_prompts(mask, int(r["roi_id"]), seed)
+      points.append([p["point"] for p in conds[:NUM_POINT]])
+      boxes.append([p["box"] for p in conds[NUM_POINT:]])
     self.rows = np.array(kept, dtype=rows.dtype) if kept else rows[:0]
     n = len(self.rows)
+    self.area = np.array(areas, np.int64)  # |G| of each ROI at the slice's resolution
     self.dataset = np.array([self.dataset_of_volume[int(v)] for v in self.rows["volume_id"]],
                             dtype=object)
-    # Prompts, identical for every model: points of the point conditions, boxes of the box ones.
-    self.points = np.zeros((n, NUM_POINT, 2), np.float32)
-    self.boxes = np.zeros((n, NUM_CONDITIONS - NUM_POINT, 4), np.float32)
-    for i, r in enumerate(self.rows):
-      mask = self.cache.roi(r)["mask"]
-      for c, p in enumerate(pipeline.condition_prompts(mask, int(r["roi_id"]), seed)):
-        if c < NUM_POINT:
-          self.points[i, c] = p["point"]
-        else:
-          self.boxes[i, c - NUM_POINT] = p["box"]
+    self.points = np.array(points, np.float32).reshape(n, NUM_POINT, 2)
+    self.boxes = np.array(boxes, np.float32).reshape(n, NUM_CONDITIONS - NUM_POINT, 4)
     # Slices: (volume, slice) -> ROI indices; the largest groups first so that batches hold
     # slices with similar ROI counts (fewer padded decoder slots).
     groups: dict[tuple[int, int], list[int]] = {}
@@ -326,7 +326,7 @@ class Result:
 
   @property
   def gt_sum(self) -> np.ndarray:
-    return self.rois.rows["area"].astype(np.int64)
+    return self.rois.area
 
   def dice(self, model: str) -> np.ndarray:
     """[N, 10] per-ROI 2D Dice (metrics.dice_from_counts)."""
