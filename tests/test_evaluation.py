@@ -289,3 +289,66 @@ def test_base_architecture_is_safeclick_without_its_head():
   assert {p for p, _ in nnx.state(base).flat_state()} == sc_paths
   assert protocol.base_architecture(registry.build({"kind": "sam2", "sam2": cfg.to_dict()},
                                                    abstract=True)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Report files from a protocol result (counts made up, no model): two datasets in one cache
+
+
+@pytest.fixture(scope="module")
+def two_dataset_cache(tmp_path_factory):
+  root = tmp_path_factory.mktemp("two")
+  for name, seed in (("liverA", 0), ("liverB", 1)):
+    synthetic.write_dataset(root / name, num_volumes=5, seed=seed, shape=(32, 32, 6))
+  cfg = default_data_config()
+  cfg.min_roi_area = 1                      # every labelled pixel belongs to some ROI
+  prepare.prepare_dataset([root / "liverA", root / "liverB"], root / "cache", cfg, progress=False)
+  return root / "cache"
+
+
+def _fake_result(rois, models):
+  rng = np.random.default_rng(0)
+  n = len(rois)
+  inter, psum, iou = {}, {}, {}
+  for k, m in enumerate(models):
+    if k == 0:                              # a perfect model: P == G on every ROI
+      psum[m["name"]] = np.repeat(rois.area[:, None], 10, 1)
+      inter[m["name"]] = psum[m["name"]].copy()
+    else:
+      psum[m["name"]] = rng.integers(0, 50, (n, 10))
+      inter[m["name"]] = np.minimum(psum[m["name"]], rois.area[:, None]) // 2
+    iou[m["name"]] = np.full((n, 10), 0.5, np.float32)
+  return protocol.Result(models, rois, inter, psum, iou, {}, 64, 1.0)
+
+
+def test_report_files_for_two_datasets(two_dataset_cache, tmp_path):
+  import csv
+  import json
+  from safeclick_jax.evaluation import figures
+  rois = protocol.RoiSet(two_dataset_cache, "test")
+  assert rois.datasets == ["liverA", "liverB"]
+  timing = lambda ms: {"encode_s_per_slice": ms / 1e3, "decode_s_per_prompt": 1e-3,
+                       "inference_s_per_roi": ms / 1e3 + 1e-3, "rois_per_s": 1.0,
+                       "compile_s": 0.0}
+  models = [{"name": "oracle", "kind": "sam2", "base": "sam2.1_hiera_t", "timing": timing(10)},
+            {"name": "sc", "kind": "safeclick", "base": "sam2.1_hiera_t", "timing": timing(11.8)}]
+  result = _fake_result(rois, models)
+  summary = report.write(result, tmp_path, baseline="oracle")
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  assert len(rows) == 2 * 2 * 10
+  for r in rows:
+    if r["model"] == "oracle":              # perfect on every ROI slice, and every labelled
+      assert float(r["dice_mean"]) == 1.0   # voxel is on an ROI slice: 3D Dice 1 as well
+      assert float(r["dice3d_mean"]) == pytest.approx(1.0)
+    assert int(r["n_rois"]) == int((rois.dataset == r["dataset"]).sum())
+  md = (tmp_path / "table.md").read_text()
+  assert "## All datasets (2D Dice per ROI" in md and "## liverB: 3D Dice" in md
+  assert md.count("| Improve (sc vs oracle) |") == 6  # (average + 2 datasets) x (2D + 3D)
+  t = {x["model"]: x for x in summary["timing"]}
+  assert t["sc"]["overhead_ratio"] == pytest.approx((11.8 + 1) / (10 + 1))
+  avg = summary["table"]["dice"][report.AVERAGE]["sc"]
+  per = [summary["table"]["dice"][ds]["sc"] for ds in rois.datasets]
+  np.testing.assert_allclose(avg, np.mean(per, axis=0))
+  assert json.loads((tmp_path / "results.json").read_text())["improve"]["liverA"]
+  for ds in rois.datasets:
+    assert figures.robustness_figure(summary["results"], ds, tmp_path / f"{ds}.png").exists()
