@@ -9,17 +9,19 @@ frozen. Everything is overridable from the command line, e.g.
   no_e1, no_e2, no_crl   the paper's ablations (sec. 4)
   smoke     a miniature model (64 px, tiny widths) on a small synthetic dataset, a few steps:
             for tests, well under a minute on a CPU once compiled
-  paper     force the paper's resolution (1024 px, 512 for MedSAM 2) even on a CPU
+  paper     the paper's resolution (1024 px, 512 for MedSAM 2) and 20 epochs, even on a CPU
 
 Image size: `data.image_size = -1` means "auto": the model's own input size (1024 / 512) on a
 GPU/TPU, `data.cpu_image_size` (128) on a CPU, so `make train` finishes on a laptop. The choice is
-printed at start; set `--config.data.image_size=1024` to force one.
+printed at start; set `--config.data.image_size=1024` to force one. Likewise `train.epochs = -1`
+means 20 (paper) on accelerators and `train.cpu_epochs` (4) on a CPU.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from safeclick_jax.data import default_data_config
+from safeclick_jax.models.config import get_config as get_sam2_config
 
 VARIANTS = ("baseline", "no_e1", "no_e2", "no_crl", "smoke", "paper")
 
@@ -52,14 +54,15 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     data = default_data_config().to_dict()
     data["roots"] = tuple(data["roots"])  # a tuple: overridable as --config.data.roots='("a", "b")'
     c.data = ml_collections.ConfigDict(data, type_safe=False)
-    c.data.image_size = 1024 if "paper" in variants else -1  # -1: auto (see module docstring)
+    c.data.image_size = -1              # -1: auto (see module docstring)
     c.data.cpu_image_size = cpu_image_size
     c.data.synthetic_root = "data/synthetic"  # generated (+ prepared) when a root equals it and is missing
     c.data.synthetic_volumes = 10
     c.data.num_threads = 2
 
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = 20
+    c.train.epochs = -1                 # -1: auto, 20 (paper) on a GPU/TPU, cpu_epochs on a CPU
+    c.train.cpu_epochs = 4
     c.train.steps_per_epoch = -1        # -1: train ROIs // global batch
     c.train.total_steps = -1            # -1: epochs * steps_per_epoch
     c.train.log_every = 10
@@ -67,6 +70,7 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     c.train.multimask = True            # SAM 2: three masks for a single click, loss on the best
     c.train.train_prompt_encoder = False
     c.train.nan_at_step = -1            # testing: make the loss NaN at this step (-1: never)
+    c.train.step_delay_s = 0.0          # testing: sleep after each step (to kill a run mid-way)
     c.train.progress = True
 
     c.optim = ml_collections.ConfigDict()
@@ -109,6 +113,9 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     c.compilation_cache_dir = "~/.cache/safeclick_jax/xla"  # persistent XLA cache; '' disables
     c.plot = True
 
+    if "paper" in variants:  # the paper's resolution and schedule on any backend
+        c.data.image_size = get_sam2_config(model_name).image_size
+        c.train.epochs = 20
     if "smoke" in variants:
         _smoke(c)
     return c

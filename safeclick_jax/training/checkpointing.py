@@ -20,8 +20,8 @@ class Checkpointer:
     def __init__(self, directory, keep: int = 3, keep_best: bool = True):
         self.directory = Path(directory).absolute()
         policies = [pp.LatestN(n=keep)]
-        if keep_best:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m["val_dice"], reverse=True, n=1,
+        if keep_best:  # BestN sorts ascending and keeps the last n: the highest Dice
+            policies.append(pp.BestN(get_metric_fn=lambda m: m["val_dice"], reverse=False, n=1,
                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
                                                cleanup_tmp_directories=True)

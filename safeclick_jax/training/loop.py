@@ -148,7 +148,9 @@ def train(config, workdir) -> dict:
         raise ValueError(f"{n_rois} training ROIs per process < batch {lbs}")
     total = int(config.train.total_steps)
     if total <= 0:
-        total = int(config.train.epochs) * steps_per_epoch
+        epochs, why_epochs = ts.resolve_epochs(config)
+        _log(f"epochs: {epochs} ({why_epochs})")
+        total = epochs * steps_per_epoch
     eval_every = max(int(config.eval.every_epochs), 1) * steps_per_epoch
     ckpt_every = int(config.checkpoint.every_steps)
     _log(f"schedule: {total} steps = {total / steps_per_epoch:g} epochs x {steps_per_epoch} steps, "
@@ -215,6 +217,8 @@ def train(config, workdir) -> dict:
         batch = next(it)
         gb = ts.global_batch(step_lib.host_batch(batch, cache), mesh)
         state, m = train_step(state, frozen, gb)
+        if config.train.step_delay_s > 0:
+            time.sleep(config.train.step_delay_s)
         if pending is not None:
             check(pending)
         pending = (s, m)

@@ -62,6 +62,16 @@ def resolve_image_size(config, sam2_cfg: SAM2Config) -> tuple[int, str]:
     return sam2_cfg.image_size, f"auto: the model's input size on {jax.default_backend()}"
 
 
+def resolve_epochs(config) -> tuple[int, str]:
+    epochs = int(config.train.epochs)
+    if epochs > 0:
+        return epochs, "set in the config"
+    if jax.default_backend() == "cpu":
+        return int(config.train.cpu_epochs), ("auto: CPU backend, a short run (paper: 20; "
+                                              "--config.train.epochs=20)")
+    return 20, f"auto: the paper's 20 on {jax.default_backend()}"
+
+
 def sam2_config(config, image_size: int, base: SAM2Config | None = None) -> SAM2Config:
     cfg = base or get_config(config.model.name)
     arch = config.model.arch.to_dict() if hasattr(config.model.arch, "to_dict") else dict(config.model.arch)

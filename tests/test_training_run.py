@@ -1,0 +1,158 @@
+"""End-to-end training runs of the smoke config (miniature model, synthetic data) in subprocesses:
+outputs of a run, exact resume after SIGKILL, 4 devices == 1 device, NaN stop."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train_data")
+
+
+def _cmd(workdir, data_dir, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/sam2_t.py") + ":smoke",
+            "--workdir", str(workdir),
+            f"--config.data.roots=('{data_dir / 'synth'}',)", f"--config.data.synthetic_root={data_dir / 'synth'}",
+            f"--config.data.cache_dir={data_dir / 'cache'}", *extra]
+
+
+def _env(devices: int = 1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run(workdir, data_dir, *extra, devices=1, timeout=600):
+    p = subprocess.run(_cmd(workdir, data_dir, *extra), cwd=ROOT, env=_env(devices), capture_output=True,
+                       text=True, timeout=timeout)
+    return p
+
+
+def _metrics(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
+            {r["step"]: r["val_dice"] for r in rows if "val_dice" in r})
+
+
+def _trainable(workdir):
+    from safeclick_jax import checkpoint
+    from flax import traverse_util
+    _, params, _ = checkpoint.load(str(workdir))
+    flat = traverse_util.flatten_dict(params)
+    return {k: v for k, v in flat.items() if k[0] in ("safeclick", "sam_mask_decoder")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp("ref")
+    p = _run(wd, data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return wd, p.stdout
+
+
+def test_smoke_run_writes_everything(reference):
+    wd, out = reference
+    losses, val = _metrics(wd)
+    assert sorted(losses) == list(range(1, 9))                   # log_every=1, 2 epochs x 4 steps
+    assert all(np.isfinite(v) and v > 0 for v in losses.values())
+    assert sorted(val) == [4, 8] and all(0.0 <= v <= 1.0 for v in val.values())
+    assert "WARNING: config.init.checkpoint is not set" in out  # random init is loud
+    assert "steps/s" in out and "ETA" in out and "val Dice" in out
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    assert (wd / "curves.png").stat().st_size > 1000
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["val_dice_last"] == pytest.approx(val[8])
+    assert summary["export"]["best"] == str(wd / "best")
+
+    from safeclick_jax.predictor import ImagePredictor
+    p = ImagePredictor.from_checkpoint(str(wd))                 # WORKDIR -> WORKDIR/export
+    assert p.cfg.image_size == 64 and p.description["kind"] == "safeclick"
+    p.set_image(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    masks, iou, low = p.predict(point_coords=[[20, 20]], point_labels=[1])
+    assert masks.shape == (3, 40, 50) and iou.shape == (3,) and np.isfinite(iou).all()
+    # the exported trainable weights differ from the random init (training changed them) and
+    # equal the state of the last checkpoint
+    assert _trainable(wd)
+
+
+@pytest.mark.slow  # three training processes: ~1-4 min on 2 busy cores
+def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data_dir):
+    ref_wd, _ = reference
+    wd = tmp_path / "killed"
+    args = ["--config.train.step_delay_s=1.0"]
+    proc = subprocess.Popen(_cmd(wd, data_dir, *args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 500
+    try:
+        while time.time() < deadline:  # kill once step 5 is logged and checkpoint 4 is committed
+            m = wd / "metrics.jsonl"
+            if ((wd / "checkpoints" / "4").is_dir() and m.exists()
+                    and any('"step": 5,' in line for line in m.read_text().splitlines())):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (wd / "summary.json").exists()
+    p = _run(wd, data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step 4 (best" in p.stdout
+    ref_losses, ref_val = _metrics(ref_wd)
+    losses, val = _metrics(wd)
+    assert sorted(losses) == sorted(ref_losses)                 # no duplicated / missing step
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
+                               [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-6)
+    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)],
+                               rtol=1e-6)
+    a, b = _trainable(ref_wd), _trainable(wd)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg="/".join(k))
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one_device(reference, tmp_path, data_dir):
+    ref_wd, _ = reference
+    wd = tmp_path / "dev4"
+    p = _run(wd, data_dir, devices=4)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "devices: 4 x" in p.stdout and "mesh {'data': 4}" in p.stdout
+    ref_losses, ref_val = _metrics(ref_wd)
+    losses, val = _metrics(wd)
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
+                               [ref_losses[s] for s in sorted(ref_losses)], rtol=2e-4)
+    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)],
+                               atol=2e-3)
+    a, b = _trainable(ref_wd), _trainable(wd)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg="/".join(k))
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, reference):
+    wd = tmp_path / "nan"
+    p = _run(wd, data_dir, "--config.train.nan_at_step=5")    # the 6th step (0-based step 5)
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "loss is nan" in p.stderr and "last good checkpoint is step 4" in p.stderr
+    steps = sorted(int(q.name) for q in (wd / "checkpoints").iterdir() if q.name.isdigit())
+    assert steps == [4]
+    assert not (wd / "export").exists()
+    losses, _ = _metrics(wd)
+    assert max(losses) == 5 and all(np.isfinite(v) for v in losses.values())
+    # the kept checkpoint is good: a restart without the fault finishes like the reference
+    ref_losses, _ = _metrics(reference[0])
+    np.testing.assert_allclose([losses[s] for s in range(1, 6)], [ref_losses[s] for s in range(1, 6)],
+                               rtol=1e-6)
