@@ -1,0 +1,95 @@
+"""Volume propagation, JAX VolumePredictor vs the torch SAM2VideoPredictor, same volume, same machine.
+
+    python benchmarks/bench_volume.py [--model sam2.1_hiera_t] [--image-size 512] [--slices 12]
+
+One click on the middle slice, then propagation forward and backward through every slice (image
+encoder + memory attention + decoder + memory encoder per slice). JAX is timed on a second
+propagate() (the first one compiles; the compile time is reported separately); torch on its
+propagate_in_video (both directions), eager fp32. Random weights (speed does not depend on them).
+Writes benchmarks/results/volume.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import write  # noqa: E402
+from convert.sam2_to_flax import convert_state_dict  # noqa: E402
+from safeclick_jax.models.config import get_config  # noqa: E402
+from safeclick_jax.models.memory import SAM2Memory  # noqa: E402
+from safeclick_jax.volume_predictor import VolumePredictor  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="sam2.1_hiera_t")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--slices", type=int, default=12)
+    p.add_argument("--hw", type=int, default=256, help="slice height and width in voxels")
+    a = p.parse_args()
+
+    from sam2.build_sam import build_sam2_video_predictor
+    import sam2.sam2_video_predictor as svp
+
+    version = a.model.split("_hiera_")[0]
+    torch.manual_seed(0)
+    tm = build_sam2_video_predictor(f"configs/{version}/{a.model}.yaml", ckpt_path=None, device="cpu",
+                                    hydra_overrides_extra=[f"++model.image_size={a.image_size}"]).eval()
+    with torch.no_grad():  # object present on every slice, so every step does the full work
+        tm.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(20.0)
+    tm.fill_hole_area = 0
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    cfg = get_config(a.model).replace(image_size=a.image_size)
+    model, extra = convert_state_dict(sd, cfg)
+    jp = VolumePredictor(model, SAM2Memory.from_extra(cfg, extra), fill_hole_area=0)
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(100, 20, (a.hw, a.hw, a.slices))
+    xx, yy = np.mgrid[: a.hw, : a.hw]
+    vol[((xx - a.hw / 2) ** 2 + (yy - a.hw / 2) ** 2) < (a.hw / 5) ** 2] += 150
+    mid = a.slices // 2
+    click = [[a.hw / 2, a.hw / 2]]
+    tracked = a.slices - 1
+
+    jp.set_volume(vol, axis=2)
+    jp.add_prompt(mid, points=click, labels=[1])
+    t0 = time.perf_counter()
+    jp.propagate()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jp.propagate()  # re-tracks every non-prompted slice, nothing to compile
+    jax_s = time.perf_counter() - t0
+
+    slices = np.array(jp._slices)
+    x = torch.from_numpy(slices).float()[:, None].expand(-1, 3, -1, -1) / 255.0
+    x = F.interpolate(x, (a.image_size, a.image_size), mode="bilinear", align_corners=False, antialias=True)
+    frames = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    svp.load_video_frames = lambda **kw: (frames, a.hw, a.hw)
+    with torch.inference_mode():
+        state = tm.init_state(video_path="(frames)")
+        tm.add_new_points_or_box(state, mid, 1, points=click, labels=[1])
+        t0 = time.perf_counter()
+        for rev in (False, True):
+            for _ in tm.propagate_in_video(state, reverse=rev):
+                pass
+        torch_s = time.perf_counter() - t0
+
+    rows = [{"stage": f"propagation, {a.slices} slices of {a.hw}x{a.hw} ({tracked} tracked), {a.model} @ {a.image_size} px",
+             "jax_slices_per_s": tracked / jax_s, "torch_slices_per_s": tracked / torch_s,
+             "jax/torch speed": torch_s / jax_s, "jax_compile_s": first - jax_s}]
+    write("volume", rows, ["stage", "jax_slices_per_s", "torch_slices_per_s", "jax/torch speed", "jax_compile_s"],
+          {"model": a.model, "image_size": a.image_size, "slices": a.slices, "hw": a.hw,
+           "jax_device": str(jax.devices()[0]), "note": "one run; machine shared with other jobs"})
+
+
+if __name__ == "__main__":
+    main()

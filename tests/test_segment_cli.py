@@ -1,0 +1,108 @@
+"""`python -m safeclick_jax.segment`: voxel-space geometry, output format, errors. No torch: the
+model directory is a randomly initialised Flax SAM 2 (tiny, 128 px) with its memory path in
+`extra`, as the converter writes it."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from safeclick_jax.data.preprocess import normalize_intensity, to_uint8
+from safeclick_jax.models.config import get_config
+from safeclick_jax.models.memory import MemoryConfig, SAM2Memory
+from safeclick_jax.models.registry import save_model
+from safeclick_jax.models.sam2 import SAM2Image
+from safeclick_jax.models.weight_map import state_dict
+from safeclick_jax.segment import main
+from safeclick_jax.volume_predictor import IDENTITY_ORNT, VolumePredictor
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = get_config("sam2.1_hiera_t").replace(image_size=SIZE)
+    model = SAM2Image(cfg, nnx.Rngs(0))
+    mem = SAM2Memory(MemoryConfig.for_model(cfg), nnx.Rngs(1))
+    extra = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in state_dict(mem).items()})
+    d = str(tmp_path_factory.mktemp("ckpt") / "tiny128")
+    save_model(d, model, extra=extra)
+    return d
+
+
+def oblique_nifti(path, shape=(30, 26, 6), dtype=np.int16, four_d=None):
+    """A volume in LPS-like orientation (x flipped, y/z swapped) with anisotropic spacing."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 400, shape).astype(dtype)
+    if four_d:
+        data = np.stack([data] * four_d, -1)
+    affine = np.array([[-0.7, 0, 0, 10], [0, 0, 2.5, -5], [0, 0.9, 0, 3], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return data, affine
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    cfg = get_config("sam2.1_hiera_t").replace(image_size=SIZE)
+    return VolumePredictor(SAM2Image(cfg, nnx.Rngs(0)), SAM2Memory(MemoryConfig.for_model(cfg), nnx.Rngs(1)))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_voxel_geometry_round_trip(tmp_path, predictor, axis):
+    """A voxel's intensity appears at voxel_to_slice's (slice, x, y) on the slice images, and a
+    slice-space mark maps back onto that voxel of the input grid (oblique file, any axis)."""
+    data, _ = oblique_nifti(tmp_path / "v.nii.gz")
+    p = predictor
+    p.set_volume(str(tmp_path / "v.nii.gz"), axis=axis)
+    slices = np.asarray(p._slices)
+    expected = to_uint8(normalize_intensity(data))
+    for ijk in [(7, 19, 4), (0, 0, 0), (29, 25, 5), (3, 11, 1)]:
+        s, x, y = p.voxel_to_slice(ijk)
+        assert s in (ijk[axis], data.shape[axis] - 1 - ijk[axis]) and x == int(x) and y == int(y)
+        assert slices[s, int(y), int(x)] == expected[ijk]
+        mark = np.zeros(slices.shape, np.uint8)
+        mark[s, int(y), int(x)] = 1
+        back = p._to_input_grid(mark)
+        assert back.shape == data.shape and back[ijk] == 1 and back.sum() == 1
+    with pytest.raises(ValueError, match="outside the volume"):
+        p.voxel_to_slice((30, 0, 0))
+    # an array input is its own voxel grid
+    p.set_volume(data, axis=axis)
+    s, x, y = p.voxel_to_slice((7, 19, 4))
+    assert np.asarray(p._slices)[s, int(y), int(x)] == expected[7, 19, 4]
+    assert (IDENTITY_ORNT[:, 1] == 1).all()
+
+
+def test_segment_end_to_end(tmp_path, ckpt, capsys):
+    data, affine = oblique_nifti(tmp_path / "in.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    rc = main(["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(out),
+               "--point", "15,13,3", "--point", "10,5,3,0", "--label", "7"])
+    assert rc == 0, capsys.readouterr().err
+    res = nib.load(str(out))
+    assert res.shape == data.shape and np.allclose(res.affine, affine)
+    assert nib.aff2axcodes(res.affine) == nib.aff2axcodes(affine)
+    got = np.asarray(res.dataobj)
+    assert got.dtype == np.uint8 and set(np.unique(got).tolist()) <= {0, 7}
+
+    rc = main(["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(out),
+               "--box", "2,1,20,4,17", "--axis", "1"])  # box on slice y=17, in-plane axes x and z
+    assert rc == 0, capsys.readouterr().err
+    assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1}
+
+
+def test_segment_errors(tmp_path, ckpt, capsys):
+    oblique_nifti(tmp_path / "in.nii.gz")
+    oblique_nifti(tmp_path / "4d.nii.gz", four_d=2)
+    base = ["--checkpoint", ckpt, "--out", str(tmp_path / "o.nii.gz")]
+    assert main(["--image", str(tmp_path / "in.nii.gz"), "--point", "30,1,1", *base]) == 2
+    assert "outside the volume" in capsys.readouterr().err
+    assert main(["--image", str(tmp_path / "4d.nii.gz"), "--point", "3,1,1", *base]) == 2
+    assert "--volume-index" in capsys.readouterr().err
+    assert main(["--image", str(tmp_path / "missing.nii.gz"), "--point", "3,1,1", *base]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--image", str(tmp_path / "in.nii.gz"), "--box", "5,5,1,1,2", *base]) == 2
+    assert "U1 >= U0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--image", str(tmp_path / "in.nii.gz"), "--point", "1,2", *base])
