@@ -235,8 +235,11 @@ def from_sam2(base, sc: SafeClickConfig, seed: int = 0) -> SafeClickModel:
                              f"this one is {desc.get('kind')!r}")
     if not isinstance(base, SAM2Image):
         raise TypeError(f"base must be a SAM2Image or a model directory, got {type(base).__name__}")
-    model = SafeClickModel(base.cfg, sc, nnx.Rngs(seed))
+    # Only the new parts need random values: build the rest as shapes, then fill it from `base`.
+    model = nnx.eval_shape(lambda: SafeClickModel(base.cfg, sc, nnx.Rngs(seed)))
+    head = SafeClickHead(base.cfg, sc, nnx.Rngs(seed))
     nnx.update(model, nnx.state(base))
+    nnx.update(model.safeclick, nnx.state(head))
     return model
 
 
