@@ -24,6 +24,8 @@ from safeclick_jax.models.registry import load_model
 from safeclick_jax.models.sam2 import IMAGE_MEAN, IMAGE_STD, PAD_LABEL
 from safeclick_jax.prompting import PROMPT_BUCKET  # noqa: F401  (re-exported)
 
+MASK_THRESHOLD = 0.0  # SAM2ImagePredictor's default
+
 
 def preprocess(image_uint8: jax.Array, size: int) -> jax.Array:
     """HxWx3 uint8 -> [1,S,S,3]: /255, bilinear resize with antialias (torchvision Resize),
@@ -51,7 +53,6 @@ class ImagePredictor:
         self.description = description or {}
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
-        self.mask_threshold = 0.0
         self.reset_predictor()
 
     @classmethod
@@ -69,11 +70,18 @@ class ImagePredictor:
         model = nnx.merge(self.graphdef, state)
         return model.encode_image(preprocess(image, self.cfg.image_size))
 
-    @partial(jax.jit, static_argnums=(0, 7))
-    def _decode(self, state, features, coords, labels, mask_input, has_mask, multimask_output):
+    @partial(jax.jit, static_argnums=(0, 7, 8, 9))
+    def _decode(self, state, features, coords, labels, mask_input, has_mask, multimask_output, hw,
+                return_logits):
+        """Decoding and SAM 2's post-processing in one program: (masks at the original size,
+        thresholded unless return_logits; iou; low-res logits clamped to +-32 as SAM 2 returns them)."""
         model = nnx.merge(self.graphdef, state)
-        masks, iou, _, _ = model.decode(features, coords, labels, mask_input, has_mask, multimask_output)
-        return masks, iou
+        low_res, iou, _, _ = model.decode(features, coords, labels, mask_input, has_mask, multimask_output)
+        # transforms.py postprocess_masks: bilinear, align_corners=False, no antialias.
+        masks = jax.image.resize(low_res, low_res.shape[:2] + hw, method="linear", antialias=False)
+        if not return_logits:
+            masks = masks > MASK_THRESHOLD
+        return masks, iou, jnp.clip(low_res, -32.0, 32.0)
 
     def set_image(self, image) -> None:
         image = check_image(image)
@@ -166,21 +174,13 @@ class ImagePredictor:
                 raise ValueError(f"mask_input has batch {mask_input.shape[0]} but there are {b} prompts")
             mask = np.broadcast_to(mask_input.transpose(0, 2, 3, 1), (b, m, m, 1))
             has_mask = np.ones((b,), bool)
-        low_res, iou = self._decode(self.state, self._features, jnp.asarray(coords), jnp.asarray(labels),
-                                    jnp.asarray(mask), jnp.asarray(has_mask), bool(multimask_output))
-        masks = self._postprocess(low_res, tuple(self._orig_hw))
-        low_res = jnp.clip(low_res, -32.0, 32.0)
-        masks, iou, low_res = np.asarray(masks), np.asarray(iou), np.asarray(low_res)
-        if not return_logits:
-            masks = masks > self.mask_threshold
+        out = self._decode(self.state, self._features, jnp.asarray(coords), jnp.asarray(labels),
+                           jnp.asarray(mask), jnp.asarray(has_mask), bool(multimask_output),
+                           tuple(self._orig_hw), bool(return_logits))
+        masks, iou, low_res = (np.asarray(x) for x in out)
         if b == 1:
             return masks[0], iou[0], low_res[0]
         return masks, iou, low_res
-
-    @partial(jax.jit, static_argnums=(0, 2))
-    def _postprocess(self, low_res, hw):
-        # transforms.py postprocess_masks: bilinear, align_corners=False, no antialias.
-        return jax.image.resize(low_res, low_res.shape[:2] + hw, method="linear", antialias=False)
 
 
 def __getattr__(name):
