@@ -10,6 +10,7 @@ Writes results.csv, results.json, table.md, per_roi.csv, volumes_3d.csv, prompts
 fig3_<dataset>.png and overlays_<condition>.png into --workdir. The logic lives in
 safeclick_jax.evaluation (protocol, metrics, report, figures).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,127 +25,168 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "ml_collections config file; its `data` section (cache_dir, roots, "
-    "image_size, eval_seed) is used. Without it, safeclick_jax.data.default_data_config().")
+    "config",
+    None,
+    "ml_collections config file; its `data` section (cache_dir, roots, "
+    "image_size, eval_seed) is used. Without it, safeclick_jax.data.default_data_config().",
+)
 _CHECKPOINT = flags.DEFINE_multi_string(
-    "checkpoint", None, "model directory (model.json + state/) or training workdir (its export/); "
-    "repeat for several models", required=True)
-_NAME = flags.DEFINE_multi_string("name", None, "display name of each --checkpoint, in order "
-                                  "(default: the directory's name)")
+    "checkpoint",
+    None,
+    "model directory (model.json + state/) or training workdir (its export/); " "repeat for several models",
+    required=True,
+)
+_NAME = flags.DEFINE_multi_string(
+    "name", None, "display name of each --checkpoint, in order " "(default: the directory's name)"
+)
 _BASELINE = flags.DEFINE_string("baseline", None, "model name the Improve row compares against")
 _CANDIDATE = flags.DEFINE_multi_string(
-    "candidate", None, "models compared with --baseline in the Improve row (default: the "
-    "SafeClick models, else all others); several are averaged, as the paper's model sizes")
+    "candidate",
+    None,
+    "models compared with --baseline in the Improve row (default: the "
+    "SafeClick models, else all others); several are averaged, as the paper's model sizes",
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "split to evaluate")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "slice cache (default: config.data.cache_dir)")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "model input size (0: config.data.image_size)")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "slices per step, a multiple of the device "
-                                   "count (0: config.data.batch_size rounded up to one)")
-_ROIS_PER_CALL = flags.DEFINE_integer("rois_per_call", 1, "ROI slots per decoder call (each = "
-                                      "10 prompts per slice of the batch)")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size",
+    0,
+    "slices per step, a multiple of the device " "count (0: config.data.batch_size rounded up to one)",
+)
+_ROIS_PER_CALL = flags.DEFINE_integer(
+    "rois_per_call", 1, "ROI slots per decoder call (each = " "10 prompts per slice of the batch)"
+)
 _SEED = flags.DEFINE_integer("seed", None, "prompt seed (default: config.data.eval_seed)")
 _MIN_AREA = flags.DEFINE_integer("min_area", 0, "ROIs with fewer pixels are skipped and counted")
-_MAX_SLICES = flags.DEFINE_integer("max_slices", None, "evaluate only this many evenly spaced "
-                                   "slices (smoke runs)")
+_MAX_SLICES = flags.DEFINE_integer(
+    "max_slices", None, "evaluate only this many evenly spaced " "slices (smoke runs)"
+)
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "devices of the data mesh (0: all)")
 _NUM_OVERLAYS = flags.DEFINE_integer("num_overlays", 4, "ROIs in the overlay figures")
-_OVERLAY_CONDITIONS = flags.DEFINE_list("overlay_conditions", ["box_50", "point_50"],
-                                        "conditions drawn in overlay figures")
+_OVERLAY_CONDITIONS = flags.DEFINE_list(
+    "overlay_conditions", ["box_50", "point_50"], "conditions drawn in overlay figures"
+)
 _TIME_BASE = flags.DEFINE_bool(
-    "time_base", True, "time a SafeClick model's base network when the run has no plain SAM 2 "
-    "model of the same configuration (for the overhead ratio)")
+    "time_base",
+    True,
+    "time a SafeClick model's base network when the run has no plain SAM 2 "
+    "model of the same configuration (for the overhead ratio)",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "progress lines on stderr")
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  import jax
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    import jax
 
-  from safeclick_jax.data import default_data_config
-  from safeclick_jax.evaluation import figures, protocol, report
+    from safeclick_jax.data import default_data_config
+    from safeclick_jax.evaluation import figures, protocol, report
 
-  cfg = _CONFIG.value
-  data_cfg = cfg.data if cfg is not None and "data" in cfg else default_data_config()
-  cache_dir = _CACHE_DIR.value or data_cfg.cache_dir
-  image_size = _IMAGE_SIZE.value or int(data_cfg.image_size)
-  if image_size <= 0:  # the configs' "auto": the model's own size, a small one on a CPU
-    import ml_collections
-    from safeclick_jax import checkpoint
-    from safeclick_jax.models.config import SAM2Config
-    from safeclick_jax.training import train_state
-    first = checkpoint.read_description(_CHECKPOINT.value[0])
-    image_size, why = train_state.resolve_image_size(
-        ml_collections.ConfigDict({"data": data_cfg}), SAM2Config.from_dict(first["sam2"]))
-    print(f"[evaluate] image size {image_size} px ({why})", file=sys.stderr)
-  seed = _SEED.value if _SEED.value is not None else int(data_cfg.get("eval_seed", 0))
-  mesh = protocol.make_mesh(_NUM_DEVICES.value or None)
-  ndev = mesh.devices.size
-  batch_size = _BATCH_SIZE.value or -(-int(data_cfg.batch_size) // ndev) * ndev
-  if batch_size % ndev:
-    raise app.UsageError(f"--batch_size {batch_size} is not a multiple of {ndev} devices")
-  names = _NAME.value or []
-  if len(names) > len(_CHECKPOINT.value):
-    raise app.UsageError("more --name than --checkpoint flags")
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"--name values must differ: {names}")
+    cfg = _CONFIG.value
+    data_cfg = cfg.data if cfg is not None and "data" in cfg else default_data_config()
+    cache_dir = _CACHE_DIR.value or data_cfg.cache_dir
+    image_size = _IMAGE_SIZE.value or int(data_cfg.image_size)
+    if image_size <= 0:  # the configs' "auto": the model's own size, a small one on a CPU
+        import ml_collections
+        from safeclick_jax import checkpoint
+        from safeclick_jax.models.config import SAM2Config
+        from safeclick_jax.training import train_state
 
-  if not (Path(cache_dir) / "rois.npy").exists():
-    from safeclick_jax.data import prepare
-    print(f"[evaluate] no cache in {cache_dir}: preparing it from {list(data_cfg.roots)}",
-          file=sys.stderr)
-    prepare.prepare_dataset(list(data_cfg.roots), cache_dir, data_cfg,
-                            progress=_PROGRESS.value)
+        first = checkpoint.read_description(_CHECKPOINT.value[0])
+        image_size, why = train_state.resolve_image_size(
+            ml_collections.ConfigDict({"data": data_cfg}), SAM2Config.from_dict(first["sam2"])
+        )
+        print(f"[evaluate] image size {image_size} px ({why})", file=sys.stderr)
+    seed = _SEED.value if _SEED.value is not None else int(data_cfg.get("eval_seed", 0))
+    mesh = protocol.make_mesh(_NUM_DEVICES.value or None)
+    ndev = mesh.devices.size
+    batch_size = _BATCH_SIZE.value or -(-int(data_cfg.batch_size) // ndev) * ndev
+    if batch_size % ndev:
+        raise app.UsageError(f"--batch_size {batch_size} is not a multiple of {ndev} devices")
+    names = _NAME.value or []
+    if len(names) > len(_CHECKPOINT.value):
+        raise app.UsageError("more --name than --checkpoint flags")
+    if len(set(names)) != len(names):
+        raise app.UsageError(f"--name values must differ: {names}")
 
-  models = []
-  for i, d in enumerate(_CHECKPOINT.value):
-    models.append(protocol.EvalModel.load(d, image_size, names[i] if i < len(names) else None))
-  if len({m.name for m in models}) != len(models):
-    raise app.UsageError(f"two models share a name ({[m.name for m in models]}): give --name")
-  if _BASELINE.value is not None and _BASELINE.value not in {m.name for m in models}:
-    raise app.UsageError(f"--baseline {_BASELINE.value!r} is none of {[m.name for m in models]}")
+    if not (Path(cache_dir) / "rois.npy").exists():
+        from safeclick_jax.data import prepare
 
-  t0 = time.perf_counter()
-  rois = protocol.RoiSet(cache_dir, _SPLIT.value, seed=seed, min_area=_MIN_AREA.value,
-                         max_slices=_MAX_SLICES.value)
-  print(f"[evaluate] {len(rois)} ROIs on {len(rois.slices)} slices of {rois.datasets} "
+        print(
+            f"[evaluate] no cache in {cache_dir}: preparing it from {list(data_cfg.roots)}", file=sys.stderr
+        )
+        prepare.prepare_dataset(list(data_cfg.roots), cache_dir, data_cfg, progress=_PROGRESS.value)
+
+    models = []
+    for i, d in enumerate(_CHECKPOINT.value):
+        models.append(protocol.EvalModel.load(d, image_size, names[i] if i < len(names) else None))
+    if len({m.name for m in models}) != len(models):
+        raise app.UsageError(f"two models share a name ({[m.name for m in models]}): give --name")
+    if _BASELINE.value is not None and _BASELINE.value not in {m.name for m in models}:
+        raise app.UsageError(f"--baseline {_BASELINE.value!r} is none of {[m.name for m in models]}")
+
+    t0 = time.perf_counter()
+    rois = protocol.RoiSet(
+        cache_dir, _SPLIT.value, seed=seed, min_area=_MIN_AREA.value, max_slices=_MAX_SLICES.value
+    )
+    print(
+        f"[evaluate] {len(rois)} ROIs on {len(rois.slices)} slices of {rois.datasets} "
         f"({_SPLIT.value} split), {len(models)} models, image size {image_size}, "
-        f"batch {batch_size} slices on {ndev} device(s)", file=sys.stderr)
-  overlay_rois = protocol.pick_overlay_rois(rois, _NUM_OVERLAYS.value)
-  result = protocol.evaluate(models, rois, image_size, batch_size, _ROIS_PER_CALL.value, mesh,
-                             overlay_rois, progress=_PROGRESS.value)
+        f"batch {batch_size} slices on {ndev} device(s)",
+        file=sys.stderr,
+    )
+    overlay_rois = protocol.pick_overlay_rois(rois, _NUM_OVERLAYS.value)
+    result = protocol.evaluate(
+        models,
+        rois,
+        image_size,
+        batch_size,
+        _ROIS_PER_CALL.value,
+        mesh,
+        overlay_rois,
+        progress=_PROGRESS.value,
+    )
 
-  base_timing = {}
-  if _TIME_BASE.value:
-    plain = {m.base for m in models if m.kind == "sam2"}
-    for m in models:
-      if m.kind == "safeclick" and m.base not in plain:
-        base_timing[m.name] = protocol.time_base_overhead(m, image_size, mesh, batch_size)
+    base_timing = {}
+    if _TIME_BASE.value:
+        plain = {m.base for m in models if m.kind == "sam2"}
+        for m in models:
+            if m.kind == "safeclick" and m.base not in plain:
+                base_timing[m.name] = protocol.time_base_overhead(m, image_size, mesh, batch_size)
 
-  out = Path(_WORKDIR.value)
-  run_info = {"argv": sys.argv, "cache_dir": str(cache_dir), "image_size": image_size,
-              "batch_size": batch_size, "devices": ndev, "platform": jax.devices()[0].platform,
-              "total_s": None}
-  summary = report.write(result, out, _BASELINE.value, _CANDIDATE.value, base_timing, run_info)
-  rows = summary["results"]
-  for ds in rois.datasets:
-    figures.robustness_figure(rows, ds, out / f"fig3_{_safe(ds)}.png")
-  for cname in _OVERLAY_CONDITIONS.value:
-    if cname not in protocol.CONDITION_NAMES:
-      raise app.UsageError(f"--overlay_conditions: {cname!r} is none of {protocol.CONDITION_NAMES}")
-    figures.overlay_figure(result, protocol.CONDITION_NAMES.index(cname),
-                           out / f"overlays_{cname}.png", overlay_rois)
-  summary["run"]["total_s"] = time.perf_counter() - t0
-  (out / "results.json").write_text(json.dumps(summary, indent=1))
-  print((out / "table.md").read_text())
-  print(f"[evaluate] wrote {out}", file=sys.stderr)
+    out = Path(_WORKDIR.value)
+    run_info = {
+        "argv": sys.argv,
+        "cache_dir": str(cache_dir),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "devices": ndev,
+        "platform": jax.devices()[0].platform,
+        "total_s": None,
+    }
+    summary = report.write(result, out, _BASELINE.value, _CANDIDATE.value, base_timing, run_info)
+    rows = summary["results"]
+    for ds in rois.datasets:
+        figures.robustness_figure(rows, ds, out / f"fig3_{_safe(ds)}.png")
+    for cname in _OVERLAY_CONDITIONS.value:
+        if cname not in protocol.CONDITION_NAMES:
+            raise app.UsageError(f"--overlay_conditions: {cname!r} is none of {protocol.CONDITION_NAMES}")
+        figures.overlay_figure(
+            result, protocol.CONDITION_NAMES.index(cname), out / f"overlays_{cname}.png", overlay_rois
+        )
+    summary["run"]["total_s"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    print((out / "table.md").read_text())
+    print(f"[evaluate] wrote {out}", file=sys.stderr)
 
 
 def _safe(name: str) -> str:
-  return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  app.run(main)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    app.run(main)

@@ -15,35 +15,36 @@ Batches are dicts of numpy arrays (B = batch size, S = image_size):
   prompt_param float32 [B]           displacement fraction (point) or box scale (box)
   roi_id       int32   [B]           row of the cache's ROI index
 """
+
 import ml_collections
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Data settings shared by prepare, training and evaluation (override from the command line)."""
-  # Not type-safe: target_spacing is a number or 'min'/'none', axis an int or a name.
-  c = ml_collections.ConfigDict(type_safe=False)
-  c.roots = ["data/synthetic"]        # dataset folders (MSD layout or plain image/label pairs)
-  c.cache_dir = "data/cache/synthetic"
-  # prepare
-  c.axis = 2                          # slicing axis of the RAS volume: 0 sagittal, 1 coronal, 2 axial
-  c.min_roi_area = 20                 # pixels on the resampled slice; smaller slivers are no ROI
-  c.normalization = "auto"            # 'auto' (CT window for CT, else percentile), 'percentile', 'ct_window'
-  c.percentiles = (0.5, 99.5)
-  c.ct_window = (40.0, 400.0)         # (level, width) in HU: abdominal soft-tissue window
-  c.target_spacing = "min"            # mm; 'min' = finest spacing of each volume; 'none' = keep
-  c.channel = None                    # channel of 4D multi-modality images (int)
-  c.modality = None                   # e.g. 'CT' for plain folders (MSD: from dataset.json)
-  c.split_seed = 0
-  c.split_ratios = (0.7, 0.1, 0.2)
-  # pipeline
-  c.image_size = 1024                 # 1024 for SAM 2, 512 for MedSAM 2
-  c.batch_size = 8
-  c.shuffle_seed = 0
-  c.prompt_seed = 0
-  c.p_box = 0.5                       # probability that a training sample gets a box prompt
-  c.point_fraction_range = (0.0, 1.0)
-  c.box_scale_range = (0.5, 1.5)
-  c.prompt_grid = False               # True: draw only the paper's grid values
-  c.num_threads = 2                   # grain read threads
-  c.eval_seed = 0
-  return c
+    """Data settings shared by prepare, training and evaluation (override from the command line)."""
+    # Not type-safe: target_spacing is a number or 'min'/'none', axis an int or a name.
+    c = ml_collections.ConfigDict(type_safe=False)
+    c.roots = ["data/synthetic"]  # dataset folders (MSD layout or plain image/label pairs)
+    c.cache_dir = "data/cache/synthetic"
+    # prepare
+    c.axis = 2  # slicing axis of the RAS volume: 0 sagittal, 1 coronal, 2 axial
+    c.min_roi_area = 20  # pixels on the resampled slice; smaller slivers are no ROI
+    c.normalization = "auto"  # 'auto' (CT window for CT, else percentile), 'percentile', 'ct_window'
+    c.percentiles = (0.5, 99.5)
+    c.ct_window = (40.0, 400.0)  # (level, width) in HU: abdominal soft-tissue window
+    c.target_spacing = "min"  # mm; 'min' = finest spacing of each volume; 'none' = keep
+    c.channel = None  # channel of 4D multi-modality images (int)
+    c.modality = None  # e.g. 'CT' for plain folders (MSD: from dataset.json)
+    c.split_seed = 0
+    c.split_ratios = (0.7, 0.1, 0.2)
+    # pipeline
+    c.image_size = 1024  # 1024 for SAM 2, 512 for MedSAM 2
+    c.batch_size = 8
+    c.shuffle_seed = 0
+    c.prompt_seed = 0
+    c.p_box = 0.5  # probability that a training sample gets a box prompt
+    c.point_fraction_range = (0.0, 1.0)
+    c.box_scale_range = (0.5, 1.5)
+    c.prompt_grid = False  # True: draw only the paper's grid values
+    c.num_threads = 2  # grain read threads
+    c.eval_seed = 0
+    return c

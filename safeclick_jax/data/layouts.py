@@ -12,6 +12,7 @@ Two layouts:
   `seg.nii.gz`); it matches the image whose name without an IMAGE_TOKENS suffix is the same
   (`case1.nii.gz`, `case1_ct.nii.gz`; `ct.nii.gz` pairs with `seg.nii.gz`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,127 +26,129 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class DatasetError(Exception):
-  """The dataset as a whole cannot be read (e.g. a malformed dataset.json)."""
+    """The dataset as a whole cannot be read (e.g. a malformed dataset.json)."""
 
 
 @dataclasses.dataclass
 class Case:
-  image: str | None            # absolute path (None when a label has no image)
-  label: str | None            # absolute path (None when an image has no label)
-  channel: int | None = None   # channel of a 4D multi-modality image
-  modality: str | None = None  # e.g. "CT", from dataset.json or the config
-  problem: str | None = None   # set when the case is known to be unusable before loading
-  dataset: str = ""            # the root it came from
+    image: str | None  # absolute path (None when a label has no image)
+    label: str | None  # absolute path (None when an image has no label)
+    channel: int | None = None  # channel of a 4D multi-modality image
+    modality: str | None = None  # e.g. "CT", from dataset.json or the config
+    problem: str | None = None  # set when the case is known to be unusable before loading
+    dataset: str = ""  # the root it came from
 
 
 def nifti_stem(name: str) -> str | None:
-  for suffix in NIFTI_SUFFIXES:
-    if name.endswith(suffix):
-      return name[: -len(suffix)]
-  return None
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 def _strip_token(stem: str, tokens) -> tuple[str, bool]:
-  low = stem.lower()
-  for tok in tokens:
-    if low == tok:
-      return "", True
-    m = re.match(rf"^(.*)[_.\-]{re.escape(tok)}$", stem, flags=re.IGNORECASE)
-    if m:
-      return m.group(1), True
-  return stem, False
+    low = stem.lower()
+    for tok in tokens:
+        if low == tok:
+            return "", True
+        m = re.match(rf"^(.*)[_.\-]{re.escape(tok)}$", stem, flags=re.IGNORECASE)
+        if m:
+            return m.group(1), True
+    return stem, False
 
 
 def discover(root, channel: int | None = None, modality: str | None = None) -> list[Case]:
-  """Lists the cases of a dataset root, MSD if it has dataset.json, plain folder otherwise."""
-  root = Path(root).resolve()
-  if not root.is_dir():
-    raise DatasetError(f"{root}: dataset root is not a directory")
-  if (root / "dataset.json").exists():
-    cases = discover_msd(root, channel, modality)
-  else:
-    cases = discover_plain(root, channel, modality)
-  for c in cases:
-    c.dataset = str(root)
-  return cases
+    """Lists the cases of a dataset root, MSD if it has dataset.json, plain folder otherwise."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root is not a directory")
+    if (root / "dataset.json").exists():
+        cases = discover_msd(root, channel, modality)
+    else:
+        cases = discover_plain(root, channel, modality)
+    for c in cases:
+        c.dataset = str(root)
+    return cases
 
 
 def discover_msd(root: Path, channel: int | None = None, modality: str | None = None) -> list[Case]:
-  path = root / "dataset.json"
-  try:
-    meta = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise DatasetError(f"{path}: cannot parse ({type(e).__name__}: {e})") from e
-  if not isinstance(meta, dict) or "training" not in meta:
-    raise DatasetError(f"{path}: missing key 'training' (the list of image/label pairs)")
-  entries = meta["training"]
-  if not isinstance(entries, list):
-    raise DatasetError(f"{path}: key 'training' must be a list, got {type(entries).__name__}")
+    path = root / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot parse ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or "training" not in meta:
+        raise DatasetError(f"{path}: missing key 'training' (the list of image/label pairs)")
+    entries = meta["training"]
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: key 'training' must be a list, got {type(entries).__name__}")
 
-  modalities = meta.get("modality") or meta.get("channel_names") or {}
-  if not isinstance(modalities, dict):
-    raise DatasetError(f"{path}: key 'modality' must be a dict like {{\"0\": \"CT\"}}")
-  multi = len(modalities) > 1
-  if multi:
-    chosen = 0 if channel is None else int(channel)
-    if str(chosen) not in modalities:
-      raise DatasetError(f"{path}: channel {chosen} not in 'modality' {modalities}")
-  else:
-    # Single-modality: a 4D file is an error, unless the user asked for a channel explicitly.
-    chosen = channel
-  if modality is None:
-    modality = modalities.get(str(chosen if chosen is not None else 0))
+    modalities = meta.get("modality") or meta.get("channel_names") or {}
+    if not isinstance(modalities, dict):
+        raise DatasetError(f"{path}: key 'modality' must be a dict like {{\"0\": \"CT\"}}")
+    multi = len(modalities) > 1
+    if multi:
+        chosen = 0 if channel is None else int(channel)
+        if str(chosen) not in modalities:
+            raise DatasetError(f"{path}: channel {chosen} not in 'modality' {modalities}")
+    else:
+        # Single-modality: a 4D file is an error, unless the user asked for a channel explicitly.
+        chosen = channel
+    if modality is None:
+        modality = modalities.get(str(chosen if chosen is not None else 0))
 
-  cases = []
-  for i, entry in enumerate(entries):
-    if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-      raise DatasetError(f"{path}: training[{i}] must be a dict with keys 'image' and 'label', "
-                         f"got {entry!r}")
-    image = (root / entry["image"]).resolve()
-    label = (root / entry["label"]).resolve()
-    case = Case(str(image), str(label), chosen, modality)
-    missing = [str(p) for p in (image, label) if not p.exists()]
-    if missing:
-      case.problem = f"listed in dataset.json but missing: {', '.join(missing)}"
-    cases.append(case)
-  return cases
+    cases = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DatasetError(
+                f"{path}: training[{i}] must be a dict with keys 'image' and 'label', " f"got {entry!r}"
+            )
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve()
+        case = Case(str(image), str(label), chosen, modality)
+        missing = [str(p) for p in (image, label) if not p.exists()]
+        if missing:
+            case.problem = f"listed in dataset.json but missing: {', '.join(missing)}"
+        cases.append(case)
+    return cases
 
 
 def discover_plain(root: Path, channel: int | None = None, modality: str | None = None) -> list[Case]:
-  images: dict[tuple[str, str], Path] = {}
-  labels: dict[tuple[str, str], Path] = {}
-  for p in sorted(root.rglob("*")):
-    if not p.is_file() or p.name.startswith("."):
-      continue
-    stem = nifti_stem(p.name)
-    if stem is None:
-      continue
-    # Group key: the folder, with images*/labels* siblings mapped to one group.
-    parent = p.parent
-    folder_low = parent.name.lower()
-    in_label_dir = folder_low.startswith(("label", "mask", "seg", "gt"))
-    in_image_dir = folder_low.startswith(("image", "img", "vol"))
-    group = str(parent.parent) if (in_label_dir or in_image_dir) else str(parent)
-    key, is_label = _strip_token(stem, LABEL_TOKENS)
-    if in_label_dir:
-      is_label = True
-    elif in_image_dir:
-      is_label = False
-    if not is_label:
-      key, _ = _strip_token(stem, IMAGE_TOKENS)
-    table = labels if is_label else images
-    if (group, key) in table:
-      raise DatasetError(f"{root}: two files match case {key!r} in {group}: "
-                         f"{table[(group, key)]} and {p}")
-    table[(group, key)] = p
+    images: dict[tuple[str, str], Path] = {}
+    labels: dict[tuple[str, str], Path] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        stem = nifti_stem(p.name)
+        if stem is None:
+            continue
+        # Group key: the folder, with images*/labels* siblings mapped to one group.
+        parent = p.parent
+        folder_low = parent.name.lower()
+        in_label_dir = folder_low.startswith(("label", "mask", "seg", "gt"))
+        in_image_dir = folder_low.startswith(("image", "img", "vol"))
+        group = str(parent.parent) if (in_label_dir or in_image_dir) else str(parent)
+        key, is_label = _strip_token(stem, LABEL_TOKENS)
+        if in_label_dir:
+            is_label = True
+        elif in_image_dir:
+            is_label = False
+        if not is_label:
+            key, _ = _strip_token(stem, IMAGE_TOKENS)
+        table = labels if is_label else images
+        if (group, key) in table:
+            raise DatasetError(
+                f"{root}: two files match case {key!r} in {group}: " f"{table[(group, key)]} and {p}"
+            )
+        table[(group, key)] = p
 
-  cases = []
-  for k in sorted(set(images) | set(labels)):
-    img, lab = images.get(k), labels.get(k)
-    case = Case(str(img) if img else None, str(lab) if lab else None, channel, modality)
-    if img is None:
-      case.problem = f"label {lab} has no matching image"
-    elif lab is None:
-      case.problem = f"image {img} has no matching label (expected e.g. {k[1] or 'name'}_seg.nii.gz)"
-    cases.append(case)
-  return cases
+    cases = []
+    for k in sorted(set(images) | set(labels)):
+        img, lab = images.get(k), labels.get(k)
+        case = Case(str(img) if img else None, str(lab) if lab else None, channel, modality)
+        if img is None:
+            case.problem = f"label {lab} has no matching image"
+        elif lab is None:
+            case.problem = f"image {img} has no matching label (expected e.g. {k[1] or 'name'}_seg.nii.gz)"
+        cases.append(case)
+    return cases

@@ -8,6 +8,7 @@ a small lesion inside the liver. Spacing is anisotropic (thin in-plane, thick sl
 is LPS-oriented (as DICOM-derived files often are) so loading must reorient to RAS, and Gaussian
 noise is added. Everything follows from the seed: the same call writes identical files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-LABELS = {"0": "background", "1": "liver", "2": "right_kidney", "3": "left_kidney",
-          "4": "spleen", "5": "lesion"}
+LABELS = {
+    "0": "background",
+    "1": "liver",
+    "2": "right_kidney",
+    "3": "left_kidney",
+    "4": "spleen",
+    "5": "lesion",
+}
 # (label, HU, centre as a fraction of the box, semi-axes as a fraction of the box)
 ORGANS = (
     (1, 60.0, (0.35, 0.45, 0.55), (0.20, 0.20, 0.30)),
@@ -30,81 +37,94 @@ ORGANS = (
 
 
 def _blob(grid, center, axes, rng):
-  """Boolean ellipsoid whose radius is modulated by low-frequency angular waves."""
-  x, y, z = [(g - c) / a for g, c, a in zip(grid, center, axes)]
-  r = np.sqrt(x * x + y * y + z * z)
-  theta, phi = np.arctan2(y, x), np.arctan2(z, np.sqrt(x * x + y * y))
-  wobble = 1.0
-  for k in (2, 3):
-    wobble = wobble + rng.uniform(0.03, 0.10) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) \
-                    * np.cos((k - 1) * phi)
-  return r <= wobble
+    """Boolean ellipsoid whose radius is modulated by low-frequency angular waves."""
+    x, y, z = [(g - c) / a for g, c, a in zip(grid, center, axes)]
+    r = np.sqrt(x * x + y * y + z * z)
+    theta, phi = np.arctan2(y, x), np.arctan2(z, np.sqrt(x * x + y * y))
+    wobble = 1.0
+    for k in (2, 3):
+        wobble = wobble + rng.uniform(0.03, 0.10) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) * np.cos(
+            (k - 1) * phi
+        )
+    return r <= wobble
 
 
 def make_volume(seed: int, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0), noise_hu: float = 20.0):
-  """Returns (image int16 HU, labels uint8, affine) for one synthetic volume."""
-  rng = np.random.default_rng(seed)
-  grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-  size = np.array(shape, dtype=np.float32)
-  image = np.full(shape, -1000.0, dtype=np.float32)
-  labels = np.zeros(shape, dtype=np.uint8)
+    """Returns (image int16 HU, labels uint8, affine) for one synthetic volume."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    size = np.array(shape, dtype=np.float32)
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
 
-  body = _blob(grid, size * [0.5, 0.5, 0.5], size * [0.46, 0.40, 0.9], rng)
-  image[body] = 20.0
-  for label, hu, center, axes in ORGANS:
-    c = size * (np.array(center) + rng.uniform(-0.04, 0.04, 3))
-    a = size * np.array(axes) * rng.uniform(0.85, 1.15, 3)
-    m = _blob(grid, c, a, rng) & body
-    image[m] = hu + rng.uniform(-10, 10)
-    labels[m] = label
-  # A lesion inside the liver, darker than the liver around it.
-  liver = np.argwhere(labels == 1)
-  if len(liver):
-    c = liver[rng.integers(len(liver))].astype(np.float32)
-    m = _blob(grid, c, size * np.array([0.05, 0.05, 0.1]) * rng.uniform(0.8, 1.5), rng) & (labels == 1)
-    image[m] = 10.0
-    labels[m] = 5
-  image += rng.normal(0.0, noise_hu, shape).astype(np.float32)
-  # LPS orientation: x and y axes point to the patient's right and anterior in reverse.
-  affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-  affine[:3, 3] = [spacing[0] * shape[0] / 2, spacing[1] * shape[1] / 2, -spacing[2] * shape[2] / 2]
-  return np.clip(np.rint(image), -1024, 3071).astype(np.int16), labels, affine
+    body = _blob(grid, size * [0.5, 0.5, 0.5], size * [0.46, 0.40, 0.9], rng)
+    image[body] = 20.0
+    for label, hu, center, axes in ORGANS:
+        c = size * (np.array(center) + rng.uniform(-0.04, 0.04, 3))
+        a = size * np.array(axes) * rng.uniform(0.85, 1.15, 3)
+        m = _blob(grid, c, a, rng) & body
+        image[m] = hu + rng.uniform(-10, 10)
+        labels[m] = label
+    # A lesion inside the liver, darker than the liver around it.
+    liver = np.argwhere(labels == 1)
+    if len(liver):
+        c = liver[rng.integers(len(liver))].astype(np.float32)
+        m = _blob(grid, c, size * np.array([0.05, 0.05, 0.1]) * rng.uniform(0.8, 1.5), rng) & (labels == 1)
+        image[m] = 10.0
+        labels[m] = 5
+    image += rng.normal(0.0, noise_hu, shape).astype(np.float32)
+    # LPS orientation: x and y axes point to the patient's right and anterior in reverse.
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [spacing[0] * shape[0] / 2, spacing[1] * shape[1] / 2, -spacing[2] * shape[2] / 2]
+    return np.clip(np.rint(image), -1024, 3071).astype(np.int16), labels, affine
 
 
-def write_dataset(out, num_volumes: int = 10, seed: int = 0, shape=(48, 48, 16),
-                  spacing=(2.0, 2.0, 5.0)) -> Path:
-  """Writes `num_volumes` volumes and dataset.json in the MSD layout under `out`."""
-  out = Path(out)
-  (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-  (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-  training = []
-  for i in range(num_volumes):
-    image, labels, affine = make_volume(seed * 100003 + i, shape, spacing)
-    name = f"synth_{i:03d}.nii.gz"
-    nib.save(nib.Nifti1Image(image, affine), str(out / "imagesTr" / name))
-    nib.save(nib.Nifti1Image(labels, affine), str(out / "labelsTr" / name))
-    training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-  meta = {"name": "SafeClickSynthetic", "description": "synthetic CT-like volumes (deterministic)",
-          "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": LABELS,
-          "numTraining": num_volumes, "numTest": 0, "training": training, "test": [],
-          "seed": seed}
-  (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-  return out
+def write_dataset(
+    out, num_volumes: int = 10, seed: int = 0, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)
+) -> Path:
+    """Writes `num_volumes` volumes and dataset.json in the MSD layout under `out`."""
+    out = Path(out)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for i in range(num_volumes):
+        image, labels, affine = make_volume(seed * 100003 + i, shape, spacing)
+        name = f"synth_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), str(out / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(labels, affine), str(out / "labelsTr" / name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {
+        "name": "SafeClickSynthetic",
+        "description": "synthetic CT-like volumes (deterministic)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": LABELS,
+        "numTraining": num_volumes,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+        "seed": seed,
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m safeclick_jax.data.synthetic", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True)
-  p.add_argument("--num-volumes", type=int, default=10)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--shape", type=int, nargs=3, default=[48, 48, 16])
-  p.add_argument("--spacing", type=float, nargs=3, default=[2.0, 2.0, 5.0])
-  a = p.parse_args(argv)
-  out = write_dataset(a.out, a.num_volumes, a.seed, tuple(a.shape), tuple(a.spacing))
-  print(f"wrote {a.num_volumes} synthetic volumes to {out}")
-  return 0
+    p = argparse.ArgumentParser(
+        prog="python -m safeclick_jax.data.synthetic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-volumes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=[48, 48, 16])
+    p.add_argument("--spacing", type=float, nargs=3, default=[2.0, 2.0, 5.0])
+    a = p.parse_args(argv)
+    out = write_dataset(a.out, a.num_volumes, a.seed, tuple(a.shape), tuple(a.spacing))
+    print(f"wrote {a.num_volumes} synthetic volumes to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

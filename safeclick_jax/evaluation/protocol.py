@@ -27,6 +27,7 @@ Dice is computed on the device at the slice's own resolution (metrics.mask_count
 counts come back to the host. Timings per model: encoder seconds per slice, decoder seconds per
 prompt, and their sum = the inference time of one interactive prediction (one ROI, one prompt).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -65,50 +66,53 @@ assert all(k == "box" for k, _ in CONDITIONS[NUM_POINT:])
 
 @dataclasses.dataclass
 class EvalModel:
-  name: str
-  directory: str
-  description: dict
-  model: nnx.Module
+    name: str
+    directory: str
+    description: dict
+    model: nnx.Module
 
-  @property
-  def kind(self) -> str:
-    return self.description["kind"]
+    @property
+    def kind(self) -> str:
+        return self.description["kind"]
 
-  @property
-  def base(self) -> str:
-    """SAM 2 configuration name, e.g. 'sam2.1_hiera_t'."""
-    return self.description["sam2"]["name"]
+    @property
+    def base(self) -> str:
+        """SAM 2 configuration name, e.g. 'sam2.1_hiera_t'."""
+        return self.description["sam2"]["name"]
 
-  @classmethod
-  def load(cls, directory: str, image_size: int | None = None, name: str | None = None):
-    """A model directory (or training workdir, via checkpoint.resolve) at `image_size`.
+    @classmethod
+    def load(cls, directory: str, image_size: int | None = None, name: str | None = None):
+        """A model directory (or training workdir, via checkpoint.resolve) at `image_size`.
 
-    The image size only changes shapes computed from it (prompt-encoder grid, feature sizes; the
-    Hiera position embedding is interpolated), not parameter shapes, so any checkpoint can be
-    evaluated at a lower resolution (smoke runs) or at another family's size."""
-    directory = checkpoint.resolve(directory)
-    desc, params, _ = checkpoint.load(directory)
-    desc = {**desc, "sam2": dict(desc["sam2"])}
-    native = desc["sam2"]["image_size"]
-    if image_size and image_size != native:
-      print(f"[evaluate] {directory}: trained at {native} px, evaluated at {image_size} px",
-            file=sys.stderr)
-      desc["sam2"]["image_size"] = image_size
-    model = registry.build(desc, abstract=True)
-    checkpoint.assign_params(model, params, where=directory)
-    return cls(name or Path(directory.rstrip("/")).name, directory, desc, model)
+        The image size only changes shapes computed from it (prompt-encoder grid, feature sizes; the
+        Hiera position embedding is interpolated), not parameter shapes, so any checkpoint can be
+        evaluated at a lower resolution (smoke runs) or at another family's size."""
+        directory = checkpoint.resolve(directory)
+        desc, params, _ = checkpoint.load(directory)
+        desc = {**desc, "sam2": dict(desc["sam2"])}
+        native = desc["sam2"]["image_size"]
+        if image_size and image_size != native:
+            print(
+                f"[evaluate] {directory}: trained at {native} px, evaluated at {image_size} px",
+                file=sys.stderr,
+            )
+            desc["sam2"]["image_size"] = image_size
+        model = registry.build(desc, abstract=True)
+        checkpoint.assign_params(model, params, where=directory)
+        return cls(name or Path(directory.rstrip("/")).name, directory, desc, model)
 
 
 def base_architecture(model: nnx.Module) -> nnx.Module | None:
-  """For a SafeClick model: the same SAM 2 network without the SafeClick head (shared weights),
-  i.e. its base for the overhead timing; None for a plain SAM 2 model."""
-  if not hasattr(model, "safeclick"):
-    return None
-  from safeclick_jax.models.sam2 import SAM2Image
-  base = nnx.eval_shape(lambda: SAM2Image(model.cfg, nnx.Rngs(0)))
-  state = nnx.state(model)
-  nnx.update(base, nnx.State({k: v for k, v in state.items() if k != "safeclick"}))
-  return base
+    """For a SafeClick model: the same SAM 2 network without the SafeClick head (shared weights),
+    i.e. its base for the overhead timing; None for a plain SAM 2 model."""
+    if not hasattr(model, "safeclick"):
+        return None
+    from safeclick_jax.models.sam2 import SAM2Image
+
+    base = nnx.eval_shape(lambda: SAM2Image(model.cfg, nnx.Rngs(0)))
+    state = nnx.state(model)
+    nnx.update(base, nnx.State({k: v for k, v in state.items() if k != "safeclick"}))
+    return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,123 +120,128 @@ def base_architecture(model: nnx.Module) -> nnx.Module | None:
 
 
 class RoiSet:
-  """The ROIs of a split, their slices and their ten prompts (raw pixel coordinates).
+    """The ROIs of a split, their slices and their ten prompts (raw pixel coordinates).
 
-  ROIs with an empty mask (no prompt exists) or an area below `min_area` are not evaluated; they
-  are counted per dataset in `skipped`. `max_slices` keeps an evenly spaced subset of the slices
-  (smoke tests only: 3D Dice then covers only those slices).
-  """
+    ROIs with an empty mask (no prompt exists) or an area below `min_area` are not evaluated; they
+    are counted per dataset in `skipped`. `max_slices` keeps an evenly spaced subset of the slices
+    (smoke tests only: 3D Dice then covers only those slices).
+    """
 
-  def __init__(self, cache_dir, split: str = "test", seed: int = 0, min_area: int = 0,
-               max_slices: int | None = None):
-    self.cache_dir, self.split, self.seed = str(cache_dir), split, seed
-    self.cache = pipeline.Cache(cache_dir)
-    rows = self.cache.split_rois(split)
-    rows = rows[np.lexsort((rows["label"], rows["slice"], rows["volume_id"]))]
-    self.dataset_of_volume = {i: Path(v["dataset"]).name or v["dataset"]
-                              for i, v in enumerate(self.cache.volumes)}
-    self.datasets = sorted({self.dataset_of_volume[int(v)] for v in rows["volume_id"]})
-    self.skipped = {d: {"empty": 0, "small": 0} for d in self.datasets}
+    def __init__(
+        self, cache_dir, split: str = "test", seed: int = 0, min_area: int = 0, max_slices: int | None = None
+    ):
+        self.cache_dir, self.split, self.seed = str(cache_dir), split, seed
+        self.cache = pipeline.Cache(cache_dir)
+        rows = self.cache.split_rois(split)
+        rows = rows[np.lexsort((rows["label"], rows["slice"], rows["volume_id"]))]
+        self.dataset_of_volume = {
+            i: Path(v["dataset"]).name or v["dataset"] for i, v in enumerate(self.cache.volumes)
+        }
+        self.datasets = sorted({self.dataset_of_volume[int(v)] for v in rows["volume_id"]})
+        self.skipped = {d: {"empty": 0, "small": 0} for d in self.datasets}
 
-    slice_keys = sorted({(int(r["volume_id"]), int(r["slice"])) for r in rows})
-    if max_slices is not None and max_slices < len(slice_keys):
-      pick = np.unique(np.linspace(0, len(slice_keys) - 1, max_slices).round().astype(int))
-      keep = {slice_keys[i] for i in pick}
-      rows = rows[[(int(r["volume_id"]), int(r["slice"])) in keep for r in rows]]
+        slice_keys = sorted({(int(r["volume_id"]), int(r["slice"])) for r in rows})
+        if max_slices is not None and max_slices < len(slice_keys):
+            pick = np.unique(np.linspace(0, len(slice_keys) - 1, max_slices).round().astype(int))
+            keep = {slice_keys[i] for i in pick}
+            rows = rows[[(int(r["volume_id"]), int(r["slice"])) in keep for r in rows]]
 
-    kept, areas, points, boxes = [], [], [], []
-    for r in rows:
-      mask = self.cache.roi(r)["mask"]
-      area = int(mask.sum())  # recounted: never trust a table for an empty mask
-      ds = self.dataset_of_volume[int(r["volume_id"])]
-      if area == 0:
-        self.skipped[ds]["empty"] += 1
-        continue
-      if area < min_area:
-        self.skipped[ds]["small"] += 1
-        continue
-      kept.append(r)
-      areas.append(area)
-      # Prompts, identical for every model: the clicks of the point conditions, the boxes of
-      # the box ones.
-      conds = pipeline.condition_prompts(mask, int(r["roi_id"]), seed)
-      points.append([p["point"] for p in conds[:NUM_POINT]])
-      boxes.append([p["box"] for p in conds[NUM_POINT:]])
-    self.rows = np.array(kept, dtype=rows.dtype) if kept else rows[:0]
-    n = len(self.rows)
-    self.area = np.array(areas, np.int64)  # |G| of each ROI at the slice's resolution
-    self.dataset = np.array([self.dataset_of_volume[int(v)] for v in self.rows["volume_id"]],
-                            dtype=object)
-    self.points = np.array(points, np.float32).reshape(n, NUM_POINT, 2)
-    self.boxes = np.array(boxes, np.float32).reshape(n, NUM_CONDITIONS - NUM_POINT, 4)
-    # Slices: (volume, slice) -> ROI indices; the largest groups first so that batches hold
-    # slices with similar ROI counts (fewer padded decoder slots).
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, r in enumerate(self.rows):
-      groups.setdefault((int(r["volume_id"]), int(r["slice"])), []).append(i)
-    self.slices = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    shapes = [self.cache.volume_arrays(v)[0].shape[1:] for v in {k[0] for k, _ in self.slices}]
-    self.max_hw = (max(s[0] for s in shapes), max(s[1] for s in shapes)) if shapes else (1, 1)
+        kept, areas, points, boxes = [], [], [], []
+        for r in rows:
+            mask = self.cache.roi(r)["mask"]
+            area = int(mask.sum())  # recounted: never trust a table for an empty mask
+            ds = self.dataset_of_volume[int(r["volume_id"])]
+            if area == 0:
+                self.skipped[ds]["empty"] += 1
+                continue
+            if area < min_area:
+                self.skipped[ds]["small"] += 1
+                continue
+            kept.append(r)
+            areas.append(area)
+            # Prompts, identical for every model: the clicks of the point conditions, the boxes of
+            # the box ones.
+            conds = pipeline.condition_prompts(mask, int(r["roi_id"]), seed)
+            points.append([p["point"] for p in conds[:NUM_POINT]])
+            boxes.append([p["box"] for p in conds[NUM_POINT:]])
+        self.rows = np.array(kept, dtype=rows.dtype) if kept else rows[:0]
+        n = len(self.rows)
+        self.area = np.array(areas, np.int64)  # |G| of each ROI at the slice's resolution
+        self.dataset = np.array(
+            [self.dataset_of_volume[int(v)] for v in self.rows["volume_id"]], dtype=object
+        )
+        self.points = np.array(points, np.float32).reshape(n, NUM_POINT, 2)
+        self.boxes = np.array(boxes, np.float32).reshape(n, NUM_CONDITIONS - NUM_POINT, 4)
+        # Slices: (volume, slice) -> ROI indices; the largest groups first so that batches hold
+        # slices with similar ROI counts (fewer padded decoder slots).
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(self.rows):
+            groups.setdefault((int(r["volume_id"]), int(r["slice"])), []).append(i)
+        self.slices = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        shapes = [self.cache.volume_arrays(v)[0].shape[1:] for v in {k[0] for k, _ in self.slices}]
+        self.max_hw = (max(s[0] for s in shapes), max(s[1] for s in shapes)) if shapes else (1, 1)
 
-  def __len__(self):
-    return len(self.rows)
+    def __len__(self):
+        return len(self.rows)
 
-  def gt_voxels(self) -> dict:
-    """{(volume_id, label): voxel count of the label in the whole cached volume}."""
-    out = {}
-    for v in sorted({int(x) for x in self.rows["volume_id"]}):
-      labels = np.asarray(self.cache.volume_arrays(v)[1])
-      counts = np.bincount(labels.ravel().astype(np.int64))
-      for lab in {int(x) for x in self.rows["label"][self.rows["volume_id"] == v]}:
-        out[(v, lab)] = int(counts[lab])
-    return out
+    def gt_voxels(self) -> dict:
+        """{(volume_id, label): voxel count of the label in the whole cached volume}."""
+        out = {}
+        for v in sorted({int(x) for x in self.rows["volume_id"]}):
+            labels = np.asarray(self.cache.volume_arrays(v)[1])
+            counts = np.bincount(labels.ravel().astype(np.int64))
+            for lab in {int(x) for x in self.rows["label"][self.rows["volume_id"] == v]}:
+                out[(v, lab)] = int(counts[lab])
+        return out
 
-  def prompt_table(self) -> list[dict]:
-    """The prompts, one record per ROI and condition (written to prompts.json)."""
-    out = []
-    for i, r in enumerate(self.rows):
-      for c, name in enumerate(CONDITION_NAMES):
-        rec = {"roi_id": int(r["roi_id"]), "condition": name}
-        if c < NUM_POINT:
-          rec["point"] = [round(float(x), 4) for x in self.points[i, c]]
-        else:
-          rec["box"] = [round(float(x), 4) for x in self.boxes[i, c - NUM_POINT]]
-        out.append(rec)
-    return out
+    def prompt_table(self) -> list[dict]:
+        """The prompts, one record per ROI and condition (written to prompts.json)."""
+        out = []
+        for i, r in enumerate(self.rows):
+            for c, name in enumerate(CONDITION_NAMES):
+                rec = {"roi_id": int(r["roi_id"]), "condition": name}
+                if c < NUM_POINT:
+                    rec["point"] = [round(float(x), 4) for x in self.points[i, c]]
+                else:
+                    rec["box"] = [round(float(x), 4) for x in self.boxes[i, c - NUM_POINT]]
+                out.append(rec)
+        return out
 
-  def batch(self, slice_ids: list[int], image_size: int, batch_size: int,
-            rois_per_call: int) -> dict:
-    """Host arrays of one batch of slices, padded to batch_size slices (valid_slice) and to a
-    multiple of rois_per_call ROI slots per slice (roi_valid)."""
-    s, emb = image_size, image_size // 4  # mask logits are 4E x 4E = S/4
-    hm, wm = self.max_hw
-    groups = [self.slices[i] for i in slice_ids]
-    r_max = max(len(g[1]) for g in groups)
-    r_tot = -(-r_max // rois_per_call) * rois_per_call
-    b = {"image": np.zeros((batch_size, s, s, 3), np.float32),
-         "labelmap": np.zeros((batch_size, hm, wm), np.int32),
-         "ry": np.zeros((batch_size, hm, emb), np.float32),
-         "rx": np.zeros((batch_size, wm, emb), np.float32),
-         "roi_label": np.full((batch_size, r_tot), -1, np.int32),
-         "roi_index": np.full((batch_size, r_tot), -1, np.int64),
-         "points": np.zeros((batch_size, r_tot, NUM_POINT, 2), np.float32),
-         "boxes": np.zeros((batch_size, r_tot, NUM_CONDITIONS - NUM_POINT, 4), np.float32),
-         "valid_slice": np.zeros((batch_size,), bool)}
-    for j, ((v, k), idx) in enumerate(groups):
-      images, labels = self.cache.volume_arrays(v)
-      h, w = images.shape[1:]
-      b["image"][j] = pipeline.sam2_image(np.asarray(images[k]), s)
-      b["labelmap"][j, :h, :w] = labels[k]
-      b["ry"][j] = metrics.bilinear_matrix(emb, h, hm)
-      b["rx"][j] = metrics.bilinear_matrix(emb, w, wm)
-      b["roi_label"][j, :len(idx)] = self.rows["label"][idx]
-      b["roi_index"][j, :len(idx)] = idx
-      b["points"][j, :len(idx)] = pipeline.to_input_coords(self.points[idx], (h, w), s)
-      b["boxes"][j, :len(idx)] = pipeline.to_input_coords(
-          self.boxes[idx].reshape(len(idx), -1, 2, 2), (h, w), s).reshape(len(idx), -1, 4)
-      b["valid_slice"][j] = True
-    b["pc"], b["pl"], b["bc"], b["bl"] = prompt_tokens(b["points"], b["boxes"])
-    return b
+    def batch(self, slice_ids: list[int], image_size: int, batch_size: int, rois_per_call: int) -> dict:
+        """Host arrays of one batch of slices, padded to batch_size slices (valid_slice) and to a
+        multiple of rois_per_call ROI slots per slice (roi_valid)."""
+        s, emb = image_size, image_size // 4  # mask logits are 4E x 4E = S/4
+        hm, wm = self.max_hw
+        groups = [self.slices[i] for i in slice_ids]
+        r_max = max(len(g[1]) for g in groups)
+        r_tot = -(-r_max // rois_per_call) * rois_per_call
+        b = {
+            "image": np.zeros((batch_size, s, s, 3), np.float32),
+            "labelmap": np.zeros((batch_size, hm, wm), np.int32),
+            "ry": np.zeros((batch_size, hm, emb), np.float32),
+            "rx": np.zeros((batch_size, wm, emb), np.float32),
+            "roi_label": np.full((batch_size, r_tot), -1, np.int32),
+            "roi_index": np.full((batch_size, r_tot), -1, np.int64),
+            "points": np.zeros((batch_size, r_tot, NUM_POINT, 2), np.float32),
+            "boxes": np.zeros((batch_size, r_tot, NUM_CONDITIONS - NUM_POINT, 4), np.float32),
+            "valid_slice": np.zeros((batch_size,), bool),
+        }
+        for j, ((v, k), idx) in enumerate(groups):
+            images, labels = self.cache.volume_arrays(v)
+            h, w = images.shape[1:]
+            b["image"][j] = pipeline.sam2_image(np.asarray(images[k]), s)
+            b["labelmap"][j, :h, :w] = labels[k]
+            b["ry"][j] = metrics.bilinear_matrix(emb, h, hm)
+            b["rx"][j] = metrics.bilinear_matrix(emb, w, wm)
+            b["roi_label"][j, : len(idx)] = self.rows["label"][idx]
+            b["roi_index"][j, : len(idx)] = idx
+            b["points"][j, : len(idx)] = pipeline.to_input_coords(self.points[idx], (h, w), s)
+            b["boxes"][j, : len(idx)] = pipeline.to_input_coords(
+                self.boxes[idx].reshape(len(idx), -1, 2, 2), (h, w), s
+            ).reshape(len(idx), -1, 4)
+            b["valid_slice"][j] = True
+        b["pc"], b["pl"], b["bc"], b["bl"] = prompt_tokens(b["points"], b["boxes"])
+        return b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,73 +249,83 @@ class RoiSet:
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """Training's 1D `data` mesh over all devices, or over the first num_devices of them."""
-  if not num_devices or num_devices == jax.device_count():
-    return train_state.make_mesh()
-  return jax.make_mesh((num_devices,), (train_state.DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+    """Training's 1D `data` mesh over all devices, or over the first num_devices of them."""
+    if not num_devices or num_devices == jax.device_count():
+        return train_state.make_mesh()
+    return jax.make_mesh(
+        (num_devices,),
+        (train_state.DATA_AXIS,),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:num_devices],
+    )
 
 
 def prompt_tokens(points: np.ndarray, boxes: np.ndarray):
-  """Decoder inputs (coords, labels) for clicks [..., 2] and boxes [..., 4] (input pixels),
-  SAM 2's layout from the shared prompting module, 3 tokens each: click -> [(x, y) 1,
-  (0, 0) -1, pad -2]; box -> [(x0, y0) 2, (x1, y1) 3, (0, 0) -1]."""
-  lead = points.shape[:-1]
-  pts = points.reshape(-1, 1, 2)
-  pc, pl = prompting.sam2_tokens(points=pts, point_labels=np.ones(pts.shape[:2], np.int32),
-                                 length=3)
-  bc, bl = prompting.sam2_tokens(box=boxes.reshape(-1, 4), length=3)
-  return (pc.reshape(lead + (3, 2)), pl.reshape(lead + (3,)),
-          bc.reshape(boxes.shape[:-1] + (3, 2)), bl.reshape(boxes.shape[:-1] + (3,)))
+    """Decoder inputs (coords, labels) for clicks [..., 2] and boxes [..., 4] (input pixels),
+    SAM 2's layout from the shared prompting module, 3 tokens each: click -> [(x, y) 1,
+    (0, 0) -1, pad -2]; box -> [(x0, y0) 2, (x1, y1) 3, (0, 0) -1]."""
+    lead = points.shape[:-1]
+    pts = points.reshape(-1, 1, 2)
+    pc, pl = prompting.sam2_tokens(points=pts, point_labels=np.ones(pts.shape[:2], np.int32), length=3)
+    bc, bl = prompting.sam2_tokens(box=boxes.reshape(-1, 4), length=3)
+    return (
+        pc.reshape(lead + (3, 2)),
+        pl.reshape(lead + (3,)),
+        bc.reshape(boxes.shape[:-1] + (3, 2)),
+        bl.reshape(boxes.shape[:-1] + (3,)),
+    )
 
 
 class ModelFunctions:
-  """jit-compiled encode / decode of one model, state replicated over the mesh."""
+    """jit-compiled encode / decode of one model, state replicated over the mesh."""
 
-  def __init__(self, model: nnx.Module, mesh):
-    self.graphdef, state = nnx.split(model)
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(train_state.DATA_AXIS))
-    self.state = jax.device_put(state, rep)
-    graphdef = self.graphdef
+    def __init__(self, model: nnx.Module, mesh):
+        self.graphdef, state = nnx.split(model)
+        rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(train_state.DATA_AXIS))
+        self.state = jax.device_put(state, rep)
+        graphdef = self.graphdef
 
-    def encode(state, images):
-      return nnx.merge(graphdef, state).encode_image(images)
+        def encode(state, images):
+            return nnx.merge(graphdef, state).encode_image(images)
 
-    def decode(state, features, pc, pl, bc, bl):
-      """features of B slices; click tokens pc [B, R, 5, 3, 2] / pl [B, R, 5, 3] and box
-      tokens bc / bl (prompt_tokens) -> mask logits [B, R, 10, L, L] (conditions in CONDITIONS
-      order) and the kept mask's predicted IoU [B, R, 10]."""
-      model = nnx.merge(graphdef, state)
-      b, r, npnt = pl.shape[:3]
-      nbox = bl.shape[2]
-      assert npnt == nbox, "as many point as box conditions"
-      n = b * r * npnt
-      feats = jax.tree.map(lambda x: jnp.repeat(x, r * npnt, axis=0), features)
-      emb = features["image_embed"].shape[1] * 4
-      no_mask = jnp.zeros((n, emb, emb, 1), jnp.float32)
-      has_mask = jnp.zeros((n,), bool)
-      m3, iou3, _, _ = model.decode(feats, pc.reshape(n, -1, 2), pl.reshape(n, -1), no_mask,
-                                    has_mask, True)
-      best = jnp.argmax(iou3, axis=-1)  # highest predicted IoU of the three
-      mp = jnp.take_along_axis(m3, best[:, None, None, None], axis=1)[:, 0]
-      ip = jnp.take_along_axis(iou3, best[:, None], axis=1)[:, 0]
-      m1, iou1, _, _ = model.decode(feats, bc.reshape(n, -1, 2), bl.reshape(n, -1), no_mask,
-                                    has_mask, False)
-      logits = jnp.concatenate([mp.reshape(b, r, npnt, emb, emb),
-                                m1[:, 0].reshape(b, r, nbox, emb, emb)], axis=2)
-      iou = jnp.concatenate([ip.reshape(b, r, npnt), iou1[:, 0].reshape(b, r, nbox)], axis=2)
-      return logits, iou
+        def decode(state, features, pc, pl, bc, bl):
+            """features of B slices; click tokens pc [B, R, 5, 3, 2] / pl [B, R, 5, 3] and box
+            tokens bc / bl (prompt_tokens) -> mask logits [B, R, 10, L, L] (conditions in CONDITIONS
+            order) and the kept mask's predicted IoU [B, R, 10]."""
+            model = nnx.merge(graphdef, state)
+            b, r, npnt = pl.shape[:3]
+            nbox = bl.shape[2]
+            assert npnt == nbox, "as many point as box conditions"
+            n = b * r * npnt
+            feats = jax.tree.map(lambda x: jnp.repeat(x, r * npnt, axis=0), features)
+            emb = features["image_embed"].shape[1] * 4
+            no_mask = jnp.zeros((n, emb, emb, 1), jnp.float32)
+            has_mask = jnp.zeros((n,), bool)
+            m3, iou3, _, _ = model.decode(
+                feats, pc.reshape(n, -1, 2), pl.reshape(n, -1), no_mask, has_mask, True
+            )
+            best = jnp.argmax(iou3, axis=-1)  # highest predicted IoU of the three
+            mp = jnp.take_along_axis(m3, best[:, None, None, None], axis=1)[:, 0]
+            ip = jnp.take_along_axis(iou3, best[:, None], axis=1)[:, 0]
+            m1, iou1, _, _ = model.decode(
+                feats, bc.reshape(n, -1, 2), bl.reshape(n, -1), no_mask, has_mask, False
+            )
+            logits = jnp.concatenate(
+                [mp.reshape(b, r, npnt, emb, emb), m1[:, 0].reshape(b, r, nbox, emb, emb)], axis=2
+            )
+            iou = jnp.concatenate([ip.reshape(b, r, npnt), iou1[:, 0].reshape(b, r, nbox)], axis=2)
+            return logits, iou
 
-    self.encode = jax.jit(encode, in_shardings=(rep, data), out_shardings=data)
-    self.decode = jax.jit(decode, in_shardings=(rep, data, data, data, data, data),
-                          out_shardings=(data, data))
+        self.encode = jax.jit(encode, in_shardings=(rep, data), out_shardings=data)
+        self.decode = jax.jit(
+            decode, in_shardings=(rep, data, data, data, data, data), out_shardings=(data, data)
+        )
 
 
 def _counts(logits, labelmap, roi_label, ry, rx):
-  """|P & G| and |P| [B, R, C] at each slice's resolution (shared by all models)."""
-  gt = labelmap[:, None] == roi_label[:, :, None, None]                    # [B, R, H, W]
-  return metrics.mask_counts(logits, ry[:, None, None], rx[:, None, None], gt[:, :, None])
+    """|P & G| and |P| [B, R, C] at each slice's resolution (shared by all models)."""
+    gt = labelmap[:, None] == roi_label[:, :, None, None]  # [B, R, H, W]
+    return metrics.mask_counts(logits, ry[:, None, None], rx[:, None, None], gt[:, :, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,181 +334,211 @@ def _counts(logits, labelmap, roi_label, ry, rx):
 
 @dataclasses.dataclass
 class Result:
-  models: list[dict]                     # name, directory, kind, base, timing
-  rois: RoiSet
-  intersection: dict[str, np.ndarray]    # model -> [N, 10] |P & G|
-  pred_sum: dict[str, np.ndarray]        # model -> [N, 10] |P|
-  iou_pred: dict[str, np.ndarray]        # model -> [N, 10] predicted IoU of the kept mask
-  overlays: dict                         # (model, roi index) -> logits [10, L, L] float32
-  image_size: int
-  elapsed_s: float
+    models: list[dict]  # name, directory, kind, base, timing
+    rois: RoiSet
+    intersection: dict[str, np.ndarray]  # model -> [N, 10] |P & G|
+    pred_sum: dict[str, np.ndarray]  # model -> [N, 10] |P|
+    iou_pred: dict[str, np.ndarray]  # model -> [N, 10] predicted IoU of the kept mask
+    overlays: dict  # (model, roi index) -> logits [10, L, L] float32
+    image_size: int
+    elapsed_s: float
 
-  @property
-  def gt_sum(self) -> np.ndarray:
-    return self.rois.area
+    @property
+    def gt_sum(self) -> np.ndarray:
+        return self.rois.area
 
-  def dice(self, model: str) -> np.ndarray:
-    """[N, 10] per-ROI 2D Dice (metrics.dice_from_counts)."""
-    return metrics.dice_from_counts(self.intersection[model], self.pred_sum[model],
-                                    self.gt_sum[:, None])
+    def dice(self, model: str) -> np.ndarray:
+        """[N, 10] per-ROI 2D Dice (metrics.dice_from_counts)."""
+        return metrics.dice_from_counts(self.intersection[model], self.pred_sum[model], self.gt_sum[:, None])
 
-  def dice_3d(self, model: str) -> dict:
-    """{(volume_id, label): [10] 3D Dice} (metrics.dice_3d)."""
-    keys = list(zip(self.rois.rows["volume_id"].tolist(), self.rows_label()))
-    return metrics.dice_3d(self.intersection[model], self.pred_sum[model], keys,
-                           self._gt_voxels())
+    def dice_3d(self, model: str) -> dict:
+        """{(volume_id, label): [10] 3D Dice} (metrics.dice_3d)."""
+        keys = list(zip(self.rois.rows["volume_id"].tolist(), self.rows_label()))
+        return metrics.dice_3d(self.intersection[model], self.pred_sum[model], keys, self._gt_voxels())
 
-  def rows_label(self):
-    return self.rois.rows["label"].tolist()
+    def rows_label(self):
+        return self.rois.rows["label"].tolist()
 
-  def _gt_voxels(self):
-    if not hasattr(self, "_gt_vox"):
-      self._gt_vox = self.rois.gt_voxels()
-    return self._gt_vox
+    def _gt_voxels(self):
+        if not hasattr(self, "_gt_vox"):
+            self._gt_vox = self.rois.gt_voxels()
+        return self._gt_vox
 
 
 def pick_overlay_rois(rois: RoiSet, count: int) -> list[int]:
-  """A few ROIs for the overlay figure: the largest ROI of each label, largest first."""
-  best: dict[int, int] = {}
-  for i, r in enumerate(rois.rows):
-    lab = int(r["label"])
-    if lab not in best or r["area"] > rois.rows["area"][best[lab]]:
-      best[lab] = i
-  order = sorted(best.values(), key=lambda i: -int(rois.rows["area"][i]))
-  return order[:count]
+    """A few ROIs for the overlay figure: the largest ROI of each label, largest first."""
+    best: dict[int, int] = {}
+    for i, r in enumerate(rois.rows):
+        lab = int(r["label"])
+        if lab not in best or r["area"] > rois.rows["area"][best[lab]]:
+            best[lab] = i
+    order = sorted(best.values(), key=lambda i: -int(rois.rows["area"][i]))
+    return order[:count]
 
 
-def evaluate(models: list[EvalModel], rois: RoiSet, image_size: int, batch_size: int = 8,
-             rois_per_call: int = 1, mesh=None, overlay_rois=(), progress: bool = True,
-             log=None) -> Result:
-  """Runs every model on every slice of `rois` (see the module docstring)."""
-  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-  mesh = mesh or make_mesh()
-  ndev = mesh.devices.size
-  if batch_size % ndev:
-    raise ValueError(f"batch_size {batch_size} is not a multiple of the {ndev} devices")
-  if len(rois) == 0:
-    raise ValueError(f"{rois.cache_dir}: split {rois.split!r} has no ROI to evaluate")
-  data = NamedSharding(mesh, P(train_state.DATA_AXIS))
-  counts_fn = jax.jit(_counts, in_shardings=(data,) * 5, out_shardings=(data, data))
-  fns = [ModelFunctions(m.model, mesh) for m in models]
-  n = len(rois)
-  inter = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
-  psum = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
-  ioup = {m.name: np.full((n, NUM_CONDITIONS), np.nan, np.float32) for m in models}
-  timing = {m.name: {"encode_s": 0.0, "decode_s": 0.0, "slices": 0, "prompts": 0,
-                     "encode_calls": 0, "decode_calls": 0, "compile_s": 0.0} for m in models}
-  overlay_rois = set(overlay_rois)
-  overlays = {}
+def evaluate(
+    models: list[EvalModel],
+    rois: RoiSet,
+    image_size: int,
+    batch_size: int = 8,
+    rois_per_call: int = 1,
+    mesh=None,
+    overlay_rois=(),
+    progress: bool = True,
+    log=None,
+) -> Result:
+    """Runs every model on every slice of `rois` (see the module docstring)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    mesh = mesh or make_mesh()
+    ndev = mesh.devices.size
+    if batch_size % ndev:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {ndev} devices")
+    if len(rois) == 0:
+        raise ValueError(f"{rois.cache_dir}: split {rois.split!r} has no ROI to evaluate")
+    data = NamedSharding(mesh, P(train_state.DATA_AXIS))
+    counts_fn = jax.jit(_counts, in_shardings=(data,) * 5, out_shardings=(data, data))
+    fns = [ModelFunctions(m.model, mesh) for m in models]
+    n = len(rois)
+    inter = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
+    psum = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
+    ioup = {m.name: np.full((n, NUM_CONDITIONS), np.nan, np.float32) for m in models}
+    timing = {
+        m.name: {
+            "encode_s": 0.0,
+            "decode_s": 0.0,
+            "slices": 0,
+            "prompts": 0,
+            "encode_calls": 0,
+            "decode_calls": 0,
+            "compile_s": 0.0,
+        }
+        for m in models
+    }
+    overlay_rois = set(overlay_rois)
+    overlays = {}
 
-  batches = [list(range(i, min(i + batch_size, len(rois.slices))))
-             for i in range(0, len(rois.slices), batch_size)]
-  # Same slice count per batch on every call: the last batch is padded (valid_slice False).
-  make = lambda ids: rois.batch(ids, image_size, batch_size, rois_per_call)
+    batches = [
+        list(range(i, min(i + batch_size, len(rois.slices)))) for i in range(0, len(rois.slices), batch_size)
+    ]
+    # Same slice count per batch on every call: the last batch is padded (valid_slice False).
+    make = lambda ids: rois.batch(ids, image_size, batch_size, rois_per_call)
 
-  def to_device(host, keys):
-    return [jax.device_put(host[k], data) for k in keys]
+    def to_device(host, keys):
+        return [jax.device_put(host[k], data) for k in keys]
 
-  def tokens(host, c0):  # prompt tokens of ROI slots c0 .. c0 + rois_per_call
-    return [jax.device_put(host[k][:, c0:c0 + rois_per_call], data)
-            for k in ("pc", "pl", "bc", "bl")]
+    def tokens(host, c0):  # prompt tokens of ROI slots c0 .. c0 + rois_per_call
+        return [jax.device_put(host[k][:, c0 : c0 + rois_per_call], data) for k in ("pc", "pl", "bc", "bl")]
 
-  t_start = time.perf_counter()
-  done_rois = 0
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    future = pool.submit(make, batches[0])
-    for bi, ids in enumerate(batches):
-      host = future.result()
-      if bi + 1 < len(batches):
-        future = pool.submit(make, batches[bi + 1])
-      images, labelmap, ry, rx = to_device(host, ("image", "labelmap", "ry", "rx"))
-      r_tot = host["roi_label"].shape[1]
-      for m, f in zip(models, fns):
+    t_start = time.perf_counter()
+    done_rois = 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(make, batches[0])
+        for bi, ids in enumerate(batches):
+            host = future.result()
+            if bi + 1 < len(batches):
+                future = pool.submit(make, batches[bi + 1])
+            images, labelmap, ry, rx = to_device(host, ("image", "labelmap", "ry", "rx"))
+            r_tot = host["roi_label"].shape[1]
+            for m, f in zip(models, fns):
+                t = timing[m.name]
+                if bi == 0:  # compile outside the timed region (and with the real shapes)
+                    t0 = time.perf_counter()
+                    feats = jax.block_until_ready(f.encode(f.state, images))
+                    jax.block_until_ready(f.decode(f.state, feats, *tokens(host, 0)))
+                    t["compile_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                feats = jax.block_until_ready(f.encode(f.state, images))
+                t["encode_s"] += time.perf_counter() - t0
+                t["encode_calls"] += 1
+                t["slices"] += int(host["valid_slice"].sum())
+                for c0 in range(0, r_tot, rois_per_call):
+                    sl = slice(c0, c0 + rois_per_call)
+                    idx = host["roi_index"][:, sl]
+                    if (idx < 0).all():
+                        continue
+                    tok = tokens(host, c0)
+                    lab = jax.device_put(host["roi_label"][:, sl], data)
+                    t0 = time.perf_counter()
+                    logits, iou = jax.block_until_ready(f.decode(f.state, feats, *tok))
+                    t["decode_s"] += time.perf_counter() - t0
+                    t["decode_calls"] += 1
+                    t["prompts"] += int((idx >= 0).sum()) * NUM_CONDITIONS
+                    ci, cp = counts_fn(logits, labelmap, lab, ry, rx)
+                    ci, cp, iou = np.asarray(ci), np.asarray(cp), np.asarray(iou)
+                    ok = idx >= 0
+                    inter[m.name][idx[ok]] = ci[ok]
+                    psum[m.name][idx[ok]] = cp[ok]
+                    ioup[m.name][idx[ok]] = iou[ok]
+                    for bj, rj in zip(*np.nonzero(ok)):
+                        if int(idx[bj, rj]) in overlay_rois:
+                            overlays[(m.name, int(idx[bj, rj]))] = np.asarray(logits[bj, rj], np.float32)
+            done_rois += int((host["roi_index"] >= 0).sum())
+            if progress:
+                el = time.perf_counter() - t_start
+                rate = done_rois / el
+                eta = (n - done_rois) / rate if rate > 0 else math.inf
+                log(
+                    f"[evaluate] batch {bi + 1}/{len(batches)}: {done_rois}/{n} ROIs x "
+                    f"{NUM_CONDITIONS} conditions x {len(models)} models, {rate:.2f} ROIs/s, "
+                    f"eta {eta:.0f} s"
+                )
+    elapsed = time.perf_counter() - t_start
+
+    model_info = []
+    for m in models:
         t = timing[m.name]
-        if bi == 0:  # compile outside the timed region (and with the real shapes)
-          t0 = time.perf_counter()
-          feats = jax.block_until_ready(f.encode(f.state, images))
-          jax.block_until_ready(f.decode(f.state, feats, *tokens(host, 0)))
-          t["compile_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        feats = jax.block_until_ready(f.encode(f.state, images))
-        t["encode_s"] += time.perf_counter() - t0
-        t["encode_calls"] += 1
-        t["slices"] += int(host["valid_slice"].sum())
-        for c0 in range(0, r_tot, rois_per_call):
-          sl = slice(c0, c0 + rois_per_call)
-          idx = host["roi_index"][:, sl]
-          if (idx < 0).all():
-            continue
-          tok = tokens(host, c0)
-          lab = jax.device_put(host["roi_label"][:, sl], data)
-          t0 = time.perf_counter()
-          logits, iou = jax.block_until_ready(f.decode(f.state, feats, *tok))
-          t["decode_s"] += time.perf_counter() - t0
-          t["decode_calls"] += 1
-          t["prompts"] += int((idx >= 0).sum()) * NUM_CONDITIONS
-          ci, cp = counts_fn(logits, labelmap, lab, ry, rx)
-          ci, cp, iou = np.asarray(ci), np.asarray(cp), np.asarray(iou)
-          ok = idx >= 0
-          inter[m.name][idx[ok]] = ci[ok]
-          psum[m.name][idx[ok]] = cp[ok]
-          ioup[m.name][idx[ok]] = iou[ok]
-          for bj, rj in zip(*np.nonzero(ok)):
-            if int(idx[bj, rj]) in overlay_rois:
-              overlays[(m.name, int(idx[bj, rj]))] = np.asarray(logits[bj, rj], np.float32)
-      done_rois += int((host["roi_index"] >= 0).sum())
-      if progress:
-        el = time.perf_counter() - t_start
-        rate = done_rois / el
-        eta = (n - done_rois) / rate if rate > 0 else math.inf
-        log(f"[evaluate] batch {bi + 1}/{len(batches)}: {done_rois}/{n} ROIs x "
-            f"{NUM_CONDITIONS} conditions x {len(models)} models, {rate:.2f} ROIs/s, "
-            f"eta {eta:.0f} s")
-  elapsed = time.perf_counter() - t_start
-
-  model_info = []
-  for m in models:
-    t = timing[m.name]
-    enc = t["encode_s"] / max(t["slices"], 1)
-    dec = t["decode_s"] / max(t["prompts"], 1)
-    model_info.append({
-        "name": m.name, "directory": m.directory, "kind": m.kind, "base": m.base,
-        "native_image_size": m.description.get("sam2", {}).get("image_size"),
-        "timing": {**t, "encode_s_per_slice": enc, "decode_s_per_prompt": dec,
-                   # one interactive prediction: encode its slice once, decode one prompt
-                   "inference_s_per_roi": enc + dec,
-                   # throughput of the protocol itself (ROIs x 10 conditions, slices shared)
-                   "rois_per_s": n / max(t["encode_s"] + t["decode_s"], 1e-12)}})
-  return Result(model_info, rois, inter, psum, ioup, overlays, image_size, elapsed)
+        enc = t["encode_s"] / max(t["slices"], 1)
+        dec = t["decode_s"] / max(t["prompts"], 1)
+        model_info.append(
+            {
+                "name": m.name,
+                "directory": m.directory,
+                "kind": m.kind,
+                "base": m.base,
+                "native_image_size": m.description.get("sam2", {}).get("image_size"),
+                "timing": {
+                    **t,
+                    "encode_s_per_slice": enc,
+                    "decode_s_per_prompt": dec,
+                    # one interactive prediction: encode its slice once, decode one prompt
+                    "inference_s_per_roi": enc + dec,
+                    # throughput of the protocol itself (ROIs x 10 conditions, slices shared)
+                    "rois_per_s": n / max(t["encode_s"] + t["decode_s"], 1e-12),
+                },
+            }
+        )
+    return Result(model_info, rois, inter, psum, ioup, overlays, image_size, elapsed)
 
 
-def time_base_overhead(model: EvalModel, image_size: int, mesh, batch_size: int,
-                       repeats: int = 10) -> dict | None:
-  """Inference time per ROI (encode + one box prompt) of a SafeClick model and of its base
-  network (the same SAM 2 without the SafeClick head) on the same random input, median of
-  `repeats`; None for a plain SAM 2 model. Used when the run has no plain SAM 2 of the same size."""
-  base = base_architecture(model.model)
-  if base is None:
-    return None
-  data = NamedSharding(mesh, P(train_state.DATA_AXIS))
-  rng = np.random.default_rng(0)
-  images = jax.device_put(rng.normal(size=(batch_size, image_size, image_size, 3))
-                          .astype(np.float32), data)
-  pts = np.full((batch_size, 1, NUM_POINT, 2), image_size / 2, np.float32)
-  box = np.tile(np.array([image_size / 4, image_size / 4, 3 * image_size / 4,
-                          3 * image_size / 4], np.float32), (batch_size, 1, NUM_POINT, 1))
-  tok = [jax.device_put(x, data) for x in prompt_tokens(pts, box)]
-  out = {}
-  for key, net in (("safeclick", model.model), ("base", base)):
-    f = ModelFunctions(net, mesh)
-    jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), *tok))
-    runs = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), *tok))
-      runs.append(time.perf_counter() - t0)
-    # one call = batch_size slices x 10 prompts: per ROI = encode/slice + decode/prompt is not
-    # separable here, so report the call time per slice (same work for both networks).
-    out[key] = float(np.median(runs)) / batch_size
-  out["ratio"] = out["safeclick"] / out["base"]
-  return out
+def time_base_overhead(
+    model: EvalModel, image_size: int, mesh, batch_size: int, repeats: int = 10
+) -> dict | None:
+    """Inference time per ROI (encode + one box prompt) of a SafeClick model and of its base
+    network (the same SAM 2 without the SafeClick head) on the same random input, median of
+    `repeats`; None for a plain SAM 2 model. Used when the run has no plain SAM 2 of the same size."""
+    base = base_architecture(model.model)
+    if base is None:
+        return None
+    data = NamedSharding(mesh, P(train_state.DATA_AXIS))
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32), data)
+    pts = np.full((batch_size, 1, NUM_POINT, 2), image_size / 2, np.float32)
+    box = np.tile(
+        np.array([image_size / 4, image_size / 4, 3 * image_size / 4, 3 * image_size / 4], np.float32),
+        (batch_size, 1, NUM_POINT, 1),
+    )
+    tok = [jax.device_put(x, data) for x in prompt_tokens(pts, box)]
+    out = {}
+    for key, net in (("safeclick", model.model), ("base", base)):
+        f = ModelFunctions(net, mesh)
+        jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), *tok))
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f.decode(f.state, f.encode(f.state, images), *tok))
+            runs.append(time.perf_counter() - t0)
+        # one call = batch_size slices x 10 prompts: per ROI = encode/slice + decode/prompt is not
+        # separable here, so report the call time per slice (same work for both networks).
+        out[key] = float(np.median(runs)) / batch_size
+    out["ratio"] = out["safeclick"] / out["base"]
+    return out
