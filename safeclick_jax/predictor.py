@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from safeclick_jax import prompting
+from safeclick_jax.models import layers
 from safeclick_jax.models.registry import load_model
 from safeclick_jax.models.sam2 import IMAGE_MEAN, IMAGE_STD, PAD_LABEL
 from safeclick_jax.prompting import PROMPT_BUCKET  # noqa: F401  (re-exported)
@@ -78,7 +79,7 @@ class ImagePredictor:
         model = nnx.merge(self.graphdef, state)
         low_res, iou, _, _ = model.decode(features, coords, labels, mask_input, has_mask, multimask_output)
         # transforms.py postprocess_masks: bilinear, align_corners=False, no antialias.
-        masks = jax.image.resize(low_res, low_res.shape[:2] + hw, method="linear", antialias=False)
+        masks = layers.resize_bilinear_last2(low_res, hw)
         if not return_logits:
             masks = masks > MASK_THRESHOLD
         return masks, iou, jnp.clip(low_res, -32.0, 32.0)

@@ -148,3 +148,16 @@ def test_bad_images(pair):
     fresh = ImagePredictor(p.model)
     with pytest.raises(RuntimeError, match="set_image"):
         fresh.predict(point_coords=[[1.0, 1.0]], point_labels=[1])
+
+
+@pytest.mark.parametrize("hw", [(1024, 1024), (512, 2048), (217, 181), (300, 260), (512, 768)])
+def test_mask_upsampling_matches_torch(hw):
+    """layers.resize_bilinear_last2 (two-tap for power-of-two factors, jax.image.resize otherwise)
+    against torch's bilinear post-processing."""
+    from safeclick_jax.models.layers import resize_bilinear_last2
+    import jax.numpy as jnp
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 256, 256)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(x), hw, mode="bilinear", align_corners=False).numpy()
+    got = np.asarray(resize_bilinear_last2(jnp.asarray(x), hw))
+    assert got.shape == ref.shape and max_abs(got, ref) <= 2e-6
