@@ -53,7 +53,10 @@ class ImagePredictor:
         self.model = model
         self.description = description or {}
         self.cfg = model.cfg
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # device arrays once: a model filled from numpy (the converter, tests) would otherwise be
+        # copied to the device on every jit call
+        self.state = jax.device_put(state)
         self.reset_predictor()
 
     @classmethod
