@@ -72,6 +72,7 @@ def torch_vs_jax_rows(size, batch, repeats):
     tmodel, cfg = build_safeclick_torch("sam2.1_hiera_t", sc_cfg, image_size=size)
     fmodel = nnx.eval_shape(lambda: SafeClickModel(cfg, sc_cfg, nnx.Rngs(0)))
     load_state_dict(fmodel, {k: v.detach().numpy() for k, v in tmodel.state_dict().items() if k.startswith(PREFIXES)})
+    nnx.update(fmodel, jax.device_put(nnx.state(fmodel)))  # device arrays, not per-call numpy copies
     e = cfg.embedding_size
     rng = np.random.default_rng(0)
     x = {"image_embed": rng.normal(size=(batch, e, e, 256)), "s0": rng.normal(size=(batch, 4 * e, 4 * e, 32)),
@@ -162,7 +163,7 @@ def main():
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    rows = overhead_rows(a.image_size, a.repeats)
+    rows = overhead_rows(a.image_size, a.repeats) if a.image_size else []
     rows2 = torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats)
     cols = ["measure", "sam2_ms", "safeclick_ms", "safeclick/sam2", "jax_ms", "torch_ms", "torch/jax speed-up",
             "jax_images_per_s", "torch_images_per_s", "jax_compile_s"]
