@@ -17,7 +17,6 @@ compute values that nothing reads, so a padded prompt gives the masks of the unp
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safeclick_jax.models import layers
+from safeclick_jax.models.attention import dot_product_attention
 from safeclick_jax.models.config import SAM2Config
 from safeclick_jax.models.prompt_encoder import Gelu
 
@@ -62,13 +62,9 @@ class Attention(nnx.Module):
 
         key_mask [B,Nk] bool (True = attend): masked keys get a large finite negative logit, so
         exp() gives exactly 0 (they change nothing) and a row can never become NaN (the decoder's
-        output tokens are always valid keys)."""
+        output tokens are always valid keys). See attention.py for the chunked CPU path."""
         b, h, nq, hd = q.shape
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hd)
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, nq, h * hd)
+        out = dot_product_attention(q, k, v, key_mask).transpose(0, 2, 1, 3).reshape(b, nq, h * hd)
         return self.out_proj(out)
 
     def __call__(self, q, k, v, key_mask=None):

@@ -25,6 +25,7 @@ from flax import nnx
 from flax import traverse_util
 
 from safeclick_jax.models import layers
+from safeclick_jax.models.attention import dot_product_attention
 from safeclick_jax.models.config import SAM2Config
 from safeclick_jax.models.image_encoder import sine_position_encoding
 from safeclick_jax.models.mask_decoder import Attention
@@ -131,8 +132,8 @@ class RoPEAttention(Attention):
         r = n_rope // nq
         k_rot = apply_rope(k[:, :n_rope], jnp.tile(cos, (r, 1, 1)), jnp.tile(sin, (r, 1, 1)))
         k = jnp.concatenate([k_rot, k[:, n_rope:]], axis=1)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, nq, h * hd)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        out = dot_product_attention(q, k, v, key_mask).transpose(0, 2, 1, 3).reshape(b, nq, h * hd)
         return self.out_proj(out)
 
 

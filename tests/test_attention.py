@@ -1,0 +1,74 @@
+"""attention.py: the chunked CPU path equals the one-shot softmax and torch's SDPA, values and
+gradients, with and without a key mask, for query counts that do and do not divide the chunk."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from safeclick_jax.models.attention import dot_product_attention, query_chunk
+
+
+def qkv(b, h, nq, nk, d, seed=0, sharp=4.0):
+    rs = np.random.RandomState(seed)
+    q = rs.randn(b, h, nq, d).astype(np.float32) * sharp  # sharp softmax: max-subtraction matters
+    k, v = rs.randn(2, b, h, nk, d).astype(np.float32)
+    return q, k, v
+
+
+def torch_sdpa(q, k, v, key_mask=None):
+    mask = None if key_mask is None else torch.from_numpy(key_mask)[:, None, None, :]
+    return F.scaled_dot_product_attention(*(torch.from_numpy(t) for t in (q, k, v)), attn_mask=mask).numpy()
+
+
+@pytest.mark.parametrize("nq", [49, 64, 200])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_torch_sdpa_chunked_and_not(nq, masked):
+    q, k, v = qkv(2, 3, nq, 196, 48, seed=nq)
+    key_mask = None
+    if masked:
+        key_mask = np.ones((2, 196), bool)
+        key_mask[0, 150:] = False
+        key_mask[1, :7] = False
+    want = torch_sdpa(q, k, v, key_mask)
+    km = None if key_mask is None else jnp.asarray(key_mask)
+    # max_scores 6 * 40 * 196: chunks of 40 queries, so 49 and 200 need padding
+    for chunk in (False, True):
+        got = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), km,
+                                               chunk_queries=chunk, max_scores=6 * 40 * 196))
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-5, (chunk, np.abs(got - want).max())
+
+
+def test_chunk_size():
+    assert query_chunk(4, 4096, 4096) == 256  # Hiera-t global block at 1024 px: 16 MB of scores
+    assert query_chunk(1, 100, 100) == 100  # fits: one piece
+    assert query_chunk(1, 100, 30, max_scores=30 * 13) == 8  # rounded down to a multiple of 8
+    assert query_chunk(64, 100, 1000, max_scores=10) == 1  # never zero
+
+
+def test_chunked_gradients_equal_one_shot():
+    q, k, v = qkv(1, 2, 70, 90, 16, seed=5)
+    key_mask = jnp.asarray(np.arange(90)[None] < 80)
+
+    def loss(chunk):
+        def f(q, k, v):
+            o = dot_product_attention(q, k, v, key_mask, chunk_queries=chunk, max_scores=2 * 16 * 90)
+            return jnp.sum(jnp.sin(o))
+        return jax.grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
+
+    for a, b in zip(loss(True), loss(False)):
+        scale = float(jnp.abs(b).max())
+        assert scale > 0 and float(jnp.abs(a - b).max()) <= 1e-5 * scale
+    # masked keys get no gradient through the values
+    assert float(jnp.abs(loss(True)[2][:, :, 80:]).max()) == 0.0
+
+
+def test_bf16_inputs_keep_fp32_statistics():
+    q, k, v = qkv(1, 2, 64, 300, 32, seed=6)
+    want = torch_sdpa(q, k, v)
+    got = dot_product_attention(*(jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)))
+    assert got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float32) - want).max()
+    assert err <= 0.05, err  # bf16 rounding of inputs and output, not an fp16-style overflow
