@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 
 import grain
@@ -37,6 +38,7 @@ from safeclick_jax.data import roi_index
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_NPY_OPEN_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,11 +73,16 @@ class Cache:
     def volume_arrays(self, volume_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(image uint8, labels) slices [num_slices, H, W] of one volume, memory-mapped."""
         if volume_id not in self._arrays:
-            v = self.volumes[volume_id]
-            self._arrays[volume_id] = (
-                np.load(self.cache_dir / v["image_file"], mmap_mode="r"),
-                np.load(self.cache_dir / v["label_file"], mmap_mode="r"),
-            )
+            # grain reads from several threads, and np.load parses the .npy header with
+            # ast.literal_eval, which CPython 3.11 < 3.11.8 can corrupt when run concurrently
+            # ("SystemError: AST constructor recursion depth mismatch", cpython#106905).
+            with _NPY_OPEN_LOCK:
+                if volume_id not in self._arrays:
+                    v = self.volumes[volume_id]
+                    self._arrays[volume_id] = (
+                        np.load(self.cache_dir / v["image_file"], mmap_mode="r"),
+                        np.load(self.cache_dir / v["label_file"], mmap_mode="r"),
+                    )
         return self._arrays[volume_id]
 
     def roi(self, row) -> dict:
