@@ -72,6 +72,10 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     c.train.nan_at_step = -1            # testing: make the loss NaN at this step (-1: never)
     c.train.step_delay_s = 0.0          # testing: sleep after each step (to kill a run mid-way)
     c.train.progress = True
+    # FSDP: split weights and Adam moments of at least fsdp_min_size elements over the `data` axis
+    # (memory per device ~1/N for the large sizes) instead of replicating them.
+    c.train.fsdp = False
+    c.train.fsdp_min_size = 1 << 16
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4                   # paper

@@ -2,6 +2,7 @@
 outputs of a run, exact resume after SIGKILL, 4 devices == 1 device, NaN stop."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,12 +125,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg="/".join(k))
 
 
-def test_four_devices_equal_one_device(reference, tmp_path, data_dir):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data_parallel", "fsdp"])
+def test_four_devices_equal_one_device(reference, tmp_path, data_dir, fsdp):
     ref_wd, _ = reference
     wd = tmp_path / "dev4"
-    p = _run(wd, data_dir, devices=4)
+    extra = ("--config.train.fsdp=True", "--config.train.fsdp_min_size=256") if fsdp else ()
+    p = _run(wd, data_dir, *extra, devices=4)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "devices: 4 x" in p.stdout and "mesh {'data': 4}" in p.stdout
+    if fsdp:  # the smoke model's larger weights really are split (and Adam's moments with them)
+        m = re.search(r"fsdp: train state: (\d+) of (\d+) arrays split over 4 devices, (\d+)% of a replica", p.stdout)
+        assert m, p.stdout[-3000:]
+        assert int(m.group(1)) >= 10 and int(m.group(3)) < 60, m.group(0)
     ref_losses, ref_val = _metrics(ref_wd)
     losses, val = _metrics(wd)
     np.testing.assert_allclose([losses[s] for s in sorted(losses)],

@@ -158,9 +158,17 @@ def train(config, workdir) -> dict:
 
     schedule = ts.learning_rate(config, total)
     optimizer = ts.make_optimizer(config, total)
-    rep = ts.replicated(mesh)
-    state = jax.device_put(ts.init_state(params, optimizer, int(config.train.seed)), rep)
-    frozen = jax.device_put(frozen, rep)
+    state = ts.init_state(params, optimizer, int(config.train.seed))
+    fsdp, min_size = bool(config.train.fsdp), int(config.train.fsdp_min_size)
+    state_sharding = ts.param_sharding(mesh, state, fsdp, min_size)
+    frozen_sharding = ts.param_sharding(mesh, frozen, fsdp, min_size)
+    if fsdp:
+        for name, sh, tree in (("train state", state_sharding, state), ("frozen weights", frozen_sharding, frozen)):
+            n_split, n_arrays, frac = ts.sharded_fraction(sh, tree)
+            _log(f"fsdp: {name}: {n_split} of {n_arrays} arrays split over {mesh.shape[ts.DATA_AXIS]} devices, "
+                 f"{100 * frac:.0f}% of a replica per device")
+    state = jax.device_put(state, state_sharding)
+    frozen = jax.device_put(frozen, frozen_sharding)
 
     ds = pipeline.make_dataset_from_config(dc, "train", image_size=image_size, batch_size=lbs,
                                            include_image=cache is None)
@@ -179,8 +187,10 @@ def train(config, workdir) -> dict:
              f"{meta.get('best_val_dice')})")
     writer = MetricsWriter(workdir, resume_step=start, enabled=main)
 
-    train_step = step_lib.make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block)
-    eval_step = step_lib.make_eval_step(graphdef, config, mesh, keep_block)
+    train_step = step_lib.make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block,
+                                          state_sharding, frozen_sharding)
+    eval_step = step_lib.make_eval_step(graphdef, config, mesh, keep_block, state_sharding["params"],
+                                        frozen_sharding)
     eval_ds, eval_batches = _eval_batches(dc.cache_dir, image_size, lbs, int(config.eval.seed),
                                           int(config.eval.max_rois), n_val)
     log_every = max(int(config.train.log_every), 1)

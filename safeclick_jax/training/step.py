@@ -3,8 +3,9 @@
 Inputs per row (host side, `host_batch`): frozen-encoder features (from the embedding cache, or
 the normalised image when the cache is off), the prompt as decoder tokens (a click or a box in
 one 3-token layout, prompting.click_or_box_tokens), `is_box`, and the ground-truth mask at input
-resolution. Params/optimizer state are replicated, rows sharded on the `data` axis; the batch
-mean in the loss makes XLA all-reduce the gradients. The state argument is donated.
+resolution. Rows are sharded on the `data` axis; params/optimizer state are replicated (the batch
+mean in the loss makes XLA all-reduce the gradients) or, with FSDP,
+split over the same axis. The state argument is donated.
 
 A step whose loss or gradient norm is not finite leaves the state unchanged and reports
 `finite = False`; the loop stops on it (so the last checkpoint is the last good state).
@@ -89,7 +90,10 @@ def _loss_cfg(cfg) -> types.SimpleNamespace:
     return types.SimpleNamespace(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
 
 
-def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block):
+def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding=None,
+                    frozen_sharding=None):
+    """The jit-compiled step(state, frozen, batch) -> (state, metrics). Shardings default to
+    replicated (train_state.param_sharding gives the FSDP ones)."""
     loss_cfg = _loss_cfg(config.loss)
     multimask = bool(config.train.multimask)
     nan_at = int(config.train.nan_at_step)
@@ -121,10 +125,13 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block):
         return new, metrics
 
     rep, data = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+    state_sharding = rep if state_sharding is None else state_sharding
+    frozen_sharding = rep if frozen_sharding is None else frozen_sharding
+    return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, data),
+                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef, config, mesh, keep_block):
+def make_eval_step(graphdef, config, mesh, keep_block, params_sharding=None, frozen_sharding=None):
     """-> sums of hard Dice over valid rows: {"dice_sum", "count", "point_sum", "point_count",
     "box_sum", "box_count"}. A click uses the multimask output with the highest predicted IoU
     (what a user of SAM 2's predictor takes), a box the single mask; Dice at input resolution."""
@@ -146,4 +153,6 @@ def make_eval_step(graphdef, config, mesh, keep_block):
                 "box_count": f(valid & isb), "point_sum": (d * ~isb).sum(), "point_count": f(valid & ~isb)}
 
     rep, data = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=rep)
+    return jax.jit(step, in_shardings=(rep if params_sharding is None else params_sharding,
+                                       rep if frozen_sharding is None else frozen_sharding, data),
+                   out_shardings=rep)

@@ -3,7 +3,9 @@
 TrainState = {"params": trainable nnx.State, "opt_state": optax state, "step": int32,
 "rng": PRNG key data}. Frozen weights (image encoder, prompt encoder, conv_s0/s1) are not part of
 it: they come from the init checkpoint (or the init seed) and are never saved by training.
-Everything is replicated over the `data` mesh axis (data parallelism); batches are sharded on it.
+Batches are sharded on the `data` mesh axis. Parameters and optimizer state are replicated over it
+(data parallelism), or, with `train.fsdp`, split over it (fully sharded data parallelism; see
+`param_sharding`).
 """
 from __future__ import annotations
 
@@ -153,6 +155,40 @@ def init_state(params, optimizer, seed: int) -> dict:
 
 def replicated(mesh):
     return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh, tree, fsdp: bool = False, min_size: int = 1 << 16):
+    """Shardings for a pytree of parameters (or optimizer state, or frozen weights).
+
+    Replicated by default. With `fsdp`, every array of at least `min_size` elements is split over
+    the `data` axis along its largest dimension that the axis size divides (ZeRO-3 / FSDP: each
+    device keeps 1/N of those weights and of their Adam moments; inside the jit-compiled step XLA
+    all-gathers a weight where it is used and reduce-scatters its gradient). Arrays below
+    `min_size` (biases, norms: communication would cost more than the memory saved) or without such
+    a dimension stay replicated. The rule is per shape, so Adam's mu/nu follow their parameter."""
+    n = mesh.shape[DATA_AXIS]
+    rep = NamedSharding(mesh, P())
+
+    def one(x):
+        if not fsdp or n == 1 or int(np.prod(x.shape)) < min_size:
+            return rep
+        for axis in sorted(range(len(x.shape)), key=lambda a: -x.shape[a]):
+            if x.shape[axis] % n == 0:
+                spec = [None] * len(x.shape)
+                spec[axis] = DATA_AXIS
+                return NamedSharding(mesh, P(*spec))
+        return rep
+
+    return jax.tree.map(one, tree)
+
+
+def sharded_fraction(shardings, tree) -> tuple[int, int, float]:
+    """(arrays split, arrays in total, bytes per device / bytes of a full replica) for a log line."""
+    leaves, shs = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+    is_split = [any(a is not None for a in s.spec) for s in shs]
+    nbytes = [x.size * x.dtype.itemsize for x in leaves]
+    per_device = sum(b / s.num_devices if split else b for b, s, split in zip(nbytes, shs, is_split))
+    return sum(is_split), len(leaves), per_device / max(sum(nbytes), 1)
 
 
 def batch_sharding(mesh):
