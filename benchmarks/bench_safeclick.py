@@ -23,7 +23,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import time_fn, write  # noqa: E402
+from benchmarks.common import ratio, time_interleaved, write  # noqa: E402
 from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
 from convert.weights import load_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
@@ -50,20 +50,20 @@ def overhead_rows(size, repeats):
     m = 4 * cfg.embedding_size
     mask, has = jnp.zeros((1, m, m, 1)), jnp.zeros((1,), bool)
     rows = []
-    res = {}
+    dec_fns, e2e_fns = {}, {}
     for name, model in [("sam2", base), ("safeclick", sc)]:
         g, st = nnx.split(model)
         enc = jax.jit(lambda st, x, g=g: nnx.merge(g, st).encode_image(x))
         dec = jax.jit(lambda st, f, g=g: nnx.merge(g, st).decode(f, coords, labels, mask, has, True)[0])
         feats = jax.block_until_ready(enc(st, img))
-        res[name] = {
-            "decode": time_fn(lambda: jax.block_until_ready(dec(st, feats)), repeats * 6, warmup=3),
-            "e2e": time_fn(lambda: jax.block_until_ready(dec(st, enc(st, img))), repeats),
-        }
+        dec_fns[name] = lambda dec=dec, st=st, feats=feats: jax.block_until_ready(dec(st, feats))
+        e2e_fns[name] = lambda dec=dec, enc=enc, st=st: jax.block_until_ready(dec(st, enc(st, img)))
+    res = {"decode": time_interleaved(dec_fns, repeats * 6, warmup=3), "e2e": time_interleaved(e2e_fns, repeats)}
     for stage in ("decode", "e2e"):
-        a, b = res["sam2"][stage]["median_s"], res["safeclick"][stage]["median_s"]
+        a, b = res[stage]["sam2"], res[stage]["safeclick"]
         rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {size} px",
-                     "sam2_ms": a * 1e3, "safeclick_ms": b * 1e3, "safeclick/sam2": b / a})
+                     "sam2_ms": a["median_s"] * 1e3, "safeclick_ms": b["median_s"] * 1e3,
+                     "safeclick/sam2": ratio(b, a)})
     return rows
 
 
@@ -107,14 +107,12 @@ def torch_vs_jax_rows(size, batch, repeats):
         return optax.apply_updates(params, updates), opt_state, loss
 
     fwd = jax.jit(lambda p: forward(p)[0])
-    jf = time_fn(lambda: jax.block_until_ready(fwd(params)), repeats, warmup=2)
     state = {"p": params, "o": opt_state}
 
     def jax_step():
         state["p"], state["o"], loss = step(state["p"], state["o"])
         jax.block_until_ready(loss)
 
-    js = time_fn(jax_step, repeats, warmup=2)
 
     # --- torch (same batch; one decode call for the whole batch)
     tt = {k: torch.from_numpy(v.transpose(0, 3, 1, 2).copy()) for k, v in x.items() if k != "target"}
@@ -143,14 +141,16 @@ def torch_vs_jax_rows(size, batch, repeats):
         loss.backward()
         opt.step()
 
-    tf = time_fn(t_fwd, repeats, warmup=2)
-    ts = time_fn(t_step, repeats, warmup=2)
+    r = time_interleaved({"jax": lambda: jax.block_until_ready(fwd(params)), "torch": t_fwd}, repeats, warmup=2)
+    jf, tf = r["jax"], r["torch"]
+    r = time_interleaved({"jax": jax_step, "torch": t_step}, repeats, warmup=2)
+    js, ts = r["jax"], r["torch"]
     return [
         {"measure": f"decoder forward, batch {batch}, {size} px", "jax_ms": jf["median_s"] * 1e3,
-         "torch_ms": tf["median_s"] * 1e3, "torch/jax speed-up": tf["median_s"] / jf["median_s"],
+         "torch_ms": tf["median_s"] * 1e3, "torch/jax speed-up": ratio(tf, jf),
          "jax_compile_s": jf["first_s"] - jf["median_s"]},
         {"measure": f"training step (fwd+bwd+AdamW), batch {batch}, {size} px", "jax_ms": js["median_s"] * 1e3,
-         "torch_ms": ts["median_s"] * 1e3, "torch/jax speed-up": ts["median_s"] / js["median_s"],
+         "torch_ms": ts["median_s"] * 1e3, "torch/jax speed-up": ratio(ts, js),
          "jax_compile_s": js["first_s"] - js["median_s"], "jax_images_per_s": batch / js["median_s"],
          "torch_images_per_s": batch / ts["median_s"]},
     ]

@@ -3,7 +3,8 @@
     python benchmarks/bench_sam2.py [--model sam2.1_hiera_t] [--repeats 5]
 
 Image encoding (1024 px) and prompt decoding (one click, multimask), median of repeated runs after
-warm-up; JAX compile time (the first call) is reported separately. Random weights (speed does not
+warm-up, JAX and torch called in turn (the ratio is the median of per-round ratios); JAX compile
+time (the first call) is reported separately. Random weights (speed does not
 depend on them). Writes benchmarks/results/sam2_<model>.{json,md}.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import time_fn, write  # noqa: E402
+from benchmarks.common import ratio, time_interleaved, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.predictor import ImagePredictor  # noqa: E402
@@ -56,10 +57,10 @@ def main():
         return feats
 
     rows = []
-    je = time_fn(jax_encode, a.repeats)
-    te = time_fn(torch_encode, a.repeats)
+    r = time_interleaved({"jax": jax_encode, "torch": torch_encode}, a.repeats)
+    je, te = r["jax"], r["torch"]
     rows.append({"stage": "image encoder (1024 px, incl. preprocessing in JAX)", "jax_ms": je["median_s"] * 1e3,
-                 "torch_ms": te["median_s"] * 1e3, "jax/torch": je["median_s"] / te["median_s"],
+                 "torch_ms": te["median_s"] * 1e3, "jax/torch": ratio(je, te),
                  "jax_compile_s": je["first_s"] - je["median_s"]})
 
     # decoding: one positive click, multimask (the interactive loop's unit of work)
@@ -81,10 +82,10 @@ def main():
         low, iou, _, _ = md(emb, pe.get_dense_pe(), sparse, dense, True, False, hr)
         return torch.nn.functional.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False).numpy()
 
-    jd = time_fn(jax_decode, a.decode_repeats, warmup=3)
-    td = time_fn(torch_decode, a.decode_repeats, warmup=3)
+    r = time_interleaved({"jax": jax_decode, "torch": torch_decode}, a.decode_repeats, warmup=3)
+    jd, td = r["jax"], r["torch"]
     rows.append({"stage": "prompt decoding (1 click, multimask, upsampled to 1024)", "jax_ms": jd["median_s"] * 1e3,
-                 "torch_ms": td["median_s"] * 1e3, "jax/torch": jd["median_s"] / td["median_s"],
+                 "torch_ms": td["median_s"] * 1e3, "jax/torch": ratio(jd, td),
                  "jax_compile_s": jd["first_s"] - jd["median_s"]})
     write(f"sam2_{a.model}", rows, ["stage", "jax_ms", "torch_ms", "jax/torch", "jax_compile_s"],
           {"model": a.model, "repeats": a.repeats, "decode_repeats": a.decode_repeats})

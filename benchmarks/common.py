@@ -26,6 +26,34 @@ def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Like time_fn for several functions, called in turn (a, b, a, b, ...) so that each round sees
+    the same machine state: on a shared 2-core VM the speed drifts by 10-20 % over a minute, which
+    would bias back-to-back blocks of runs. Returns {name: time_fn-style dict}; each dict also has
+    `round_s`, the per-round times, from which `ratio` computes a median of per-round ratios."""
+    out = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        out[name] = {"first_s": time.perf_counter() - t0, "round_s": []}
+    for _ in range(max(warmup - 1, 0)):
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name]["round_s"].append(time.perf_counter() - t0)
+    for r in out.values():
+        r.update(median_s=statistics.median(r["round_s"]), min_s=min(r["round_s"]), repeats=repeats)
+    return out
+
+
+def ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's time / b's time (both from one time_interleaved call)."""
+    return statistics.median(x / y for x, y in zip(a["round_s"], b["round_s"]))
+
+
 def machine() -> dict:
     import torch
 
