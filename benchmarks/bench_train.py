@@ -9,7 +9,7 @@ upsampled to the input size) and AdamW with global-norm clipping, on one batch o
 features computed once (what the embedding cache provides). The weights are random on both sides
 (speed does not depend on their values). "jax, encoder in the step" runs the frozen encoder
 inside every step (training without the cache). Each side runs in its own process, so the peak
-RSS (resource.getrusage) is its own. Writes benchmarks/results/train.{json,md}.
+RSS (resource.getrusage) is its own. Writes benchmarks/results/train_<size>px.{json,md}.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def main():
         meta["embedding_cache_speedup"] = by["jax enc"]["step_s"] / by["jax"]["step_s"]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import write
-    write("train", rows, ["impl", "steps_per_s", "images_per_s", "step_s", "compile_s", "peak_rss_mb",
+    write(f"train_{args.image_size}px", rows, ["impl", "steps_per_s", "images_per_s", "step_s", "compile_s", "peak_rss_mb",
                           "device_peak_mb", "loss"], meta)
     print(json.dumps(meta, indent=1))
 

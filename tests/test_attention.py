@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safeclick_jax.models.attention import dot_product_attention, query_chunk
+from safeclick_jax.models.attention import dot_product_attention, plan_chunks
 
 
 def qkv(b, h, nq, nk, d, seed=0, sharp=4.0):
@@ -33,36 +33,40 @@ def test_matches_torch_sdpa_chunked_and_not(nq, masked):
         key_mask[1, :7] = False
     want = torch_sdpa(q, k, v, key_mask)
     km = None if key_mask is None else jnp.asarray(key_mask)
-    # max_scores 6 * 40 * 196: chunks of 40 queries, so 49 and 200 need padding
-    for chunk in (False, True):
+    # 4 whole problems per piece (6 problems: the last piece is padded), or query chunks of 40
+    # (49 and 200 queries need padding), or everything at once
+    for chunk, max_scores in ((True, 4 * 200 * 196), (True, 40 * 196), (False, 0)):
         got = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), km,
-                                               chunk_queries=chunk, max_scores=6 * 40 * 196))
+                                               chunk_queries=chunk, max_scores=max_scores))
         assert got.shape == want.shape
-        assert np.abs(got - want).max() <= 1e-5, (chunk, np.abs(got - want).max())
+        assert np.abs(got - want).max() <= 1e-5, (chunk, max_scores, np.abs(got - want).max())
 
 
-def test_chunk_size():
-    assert query_chunk(4, 4096, 4096) == 256  # Hiera-t global block at 1024 px: 16 MB of scores
-    assert query_chunk(1, 100, 100) == 100  # fits: one piece
-    assert query_chunk(1, 100, 30, max_scores=30 * 13) == 8  # rounded down to a multiple of 8
-    assert query_chunk(64, 100, 1000, max_scores=10) == 1  # never zero
+def test_chunk_plan():
+    assert plan_chunks(4, 4096, 4096) == (1, 256)  # Hiera-t global block at 1024 px: 4 MB of scores
+    assert plan_chunks(64, 1024, 1024) == (1, 1024)  # SafeClick experts at 512 px, batch 8: whole heads
+    assert plan_chunks(64, 256, 256) == (16, 256)  # ... at 256 px: 16 heads at a time
+    assert plan_chunks(2, 100, 100) == (2, 100)  # everything fits: one piece
+    assert plan_chunks(1, 100, 30, max_scores=30 * 13) == (1, 8)  # rounded down to a multiple of 8
+    assert plan_chunks(64, 100, 1000, max_scores=10) == (1, 1)  # never zero
 
 
-def test_chunked_gradients_equal_one_shot():
-    q, k, v = qkv(1, 2, 70, 90, 16, seed=5)
-    key_mask = jnp.asarray(np.arange(90)[None] < 80)
+@pytest.mark.parametrize("max_scores", [3 * 70 * 90, 16 * 90], ids=["whole_problems", "query_chunks"])
+def test_chunked_gradients_equal_one_shot(max_scores):
+    q, k, v = qkv(2, 2, 70, 90, 16, seed=5)
+    key_mask = jnp.asarray(np.arange(90)[None] < np.array([[80], [90]]))
 
-    def loss(chunk):
+    def grads(chunk):
         def f(q, k, v):
-            o = dot_product_attention(q, k, v, key_mask, chunk_queries=chunk, max_scores=2 * 16 * 90)
+            o = dot_product_attention(q, k, v, key_mask, chunk_queries=chunk, max_scores=max_scores)
             return jnp.sum(jnp.sin(o))
         return jax.grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
 
-    for a, b in zip(loss(True), loss(False)):
+    for a, b in zip(grads(True), grads(False)):  # hand-written backward vs autodiff of the one-shot form
         scale = float(jnp.abs(b).max())
         assert scale > 0 and float(jnp.abs(a - b).max()) <= 1e-5 * scale
     # masked keys get no gradient through the values
-    assert float(jnp.abs(loss(True)[2][:, :, 80:]).max()) == 0.0
+    assert float(jnp.abs(grads(True)[2][0, :, 80:]).max()) == 0.0
 
 
 def test_bf16_inputs_keep_fp32_statistics():
