@@ -141,7 +141,7 @@ class ConsensusLayer(nnx.Module):
                  use_cross: bool, rngs: nnx.Rngs):
         self.use_crl, self.use_cross, self.slope = use_crl, use_cross, slope
         self.alpha = nnx.Param(jnp.asarray(alpha_init, jnp.float32)) if use_crl and use_cross else None
-        self.conv = nnx.Conv(c1, c, (1, 1), kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.conv = layers.conv(c1, c, 1, rngs, zero_init=True)
         self.norm = layers.layer_norm(c, LN_EPS, rngs)
 
     def refine(self, x1, x2):
