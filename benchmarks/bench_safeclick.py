@@ -1,12 +1,15 @@
 """SafeClick vs the plain SAM 2 decoder in JAX, and JAX vs the PyTorch reference, same machine, one run.
 
     python benchmarks/bench_safeclick.py [--image-size 1024] [--train-image-size 512 --train-batch 8]
+                                         [--dtype float32|bfloat16] [--torch-device cpu|cuda] [--name safeclick]
 
 1. Overhead of SafeClick over SAM 2 in JAX (tiny, batch 1): per prompt (decode from cached image
    features) and end to end (encode + decode one click). The paper reports +18 % inference time.
 2. Decoder forward and one AdamW training step, JAX vs the torch reference (convert/safeclick_torch.py)
    on the same batch of frozen-encoder features (trainable: SafeClick head + mask decoder).
-Writes benchmarks/results/safeclick.{json,md}.
+`--dtype bfloat16` runs part 1 with bf16 weights and activations (serving on a GPU); part 2 is float32.
+torch runs on cuda when available (`--torch-device`). Writes benchmarks/results/<name>.{json,md}
+($BENCH_RESULTS overrides the folder).
 """
 from __future__ import annotations
 
@@ -41,11 +44,11 @@ def prompt(b):
     return jnp.asarray(coords), jnp.asarray(labels)
 
 
-def overhead_rows(size, repeats):
+def overhead_rows(size, repeats, dtype="float32"):
     cfg = get_config("sam2.1_hiera_t").replace(image_size=size)
     base = SAM2Image(cfg, nnx.Rngs(0))
     sc = SafeClickModel(cfg, SafeClickConfig(), nnx.Rngs(0))
-    img = jnp.asarray(np.random.default_rng(0).normal(size=(1, size, size, 3)).astype(np.float32))
+    img = jnp.asarray(np.random.default_rng(0).normal(size=(1, size, size, 3)), dtype)
     coords, labels = prompt(1)
     m = 4 * cfg.embedding_size
     mask, has = jnp.zeros((1, m, m, 1)), jnp.zeros((1,), bool)
@@ -53,6 +56,7 @@ def overhead_rows(size, repeats):
     dec_fns, e2e_fns = {}, {}
     for name, model in [("sam2", base), ("safeclick", sc)]:
         g, st = nnx.split(model)
+        st = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
         enc = jax.jit(lambda st, x, g=g: nnx.merge(g, st).encode_image(x))
         dec = jax.jit(lambda st, f, g=g: nnx.merge(g, st).decode(f, coords, labels, mask, has, True)[0])
         feats = jax.block_until_ready(enc(st, img))
@@ -61,15 +65,17 @@ def overhead_rows(size, repeats):
     res = {"decode": time_interleaved(dec_fns, repeats * 6, warmup=3), "e2e": time_interleaved(e2e_fns, repeats)}
     for stage in ("decode", "e2e"):
         a, b = res[stage]["sam2"], res[stage]["safeclick"]
-        rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {size} px",
+        rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {size} px, {dtype}",
                      "sam2_ms": a["median_s"] * 1e3, "safeclick_ms": b["median_s"] * 1e3,
                      "safeclick/sam2": ratio(b, a)})
     return rows
 
 
-def torch_vs_jax_rows(size, batch, repeats):
+def torch_vs_jax_rows(size, batch, repeats, device):
     sc_cfg = SafeClickConfig()
     tmodel, cfg = build_safeclick_torch("sam2.1_hiera_t", sc_cfg, image_size=size)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     fmodel = nnx.eval_shape(lambda: SafeClickModel(cfg, sc_cfg, nnx.Rngs(0)))
     load_state_dict(fmodel, {k: v.detach().numpy() for k, v in tmodel.state_dict().items() if k.startswith(PREFIXES)})
     nnx.update(fmodel, jax.device_put(nnx.state(fmodel)))  # device arrays, not per-call numpy copies
@@ -115,10 +121,11 @@ def torch_vs_jax_rows(size, batch, repeats):
 
 
     # --- torch (same batch; one decode call for the whole batch)
-    tt = {k: torch.from_numpy(v.transpose(0, 3, 1, 2).copy()) for k, v in x.items() if k != "target"}
-    ttarget = torch.from_numpy(x["target"].astype(np.float32))
-    tc = torch.from_numpy(np.asarray(coords)[:, :1].copy())
-    tl = torch.from_numpy(np.asarray(labels)[:, :1].copy())
+    tmodel = tmodel.to(dev)
+    tt = {k: torch.from_numpy(v.transpose(0, 3, 1, 2).copy()).to(dev) for k, v in x.items() if k != "target"}
+    ttarget = torch.from_numpy(x["target"].astype(np.float32)).to(dev)
+    tc = torch.from_numpy(np.asarray(coords)[:, :1].copy()).to(dev)
+    tl = torch.from_numpy(np.asarray(labels)[:, :1].copy()).to(dev)
     trainable = [p for k, p in tmodel.named_parameters()
                  if k.startswith(("safeclick.", "sam_mask_decoder.")) and ".conv_s" not in k]
     for k, p in tmodel.named_parameters():
@@ -132,6 +139,7 @@ def torch_vs_jax_rows(size, batch, repeats):
     def t_fwd():
         with torch.no_grad():
             t_forward()
+        sync()
 
     def t_step():
         tmodel.train()
@@ -140,6 +148,7 @@ def torch_vs_jax_rows(size, batch, repeats):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], ttarget) + (iou ** 2).mean()
         loss.backward()
         opt.step()
+        sync()
 
     r = time_interleaved({"jax": lambda: jax.block_until_ready(fwd(params)), "torch": t_fwd}, repeats, warmup=2)
     jf, tf = r["jax"], r["torch"]
@@ -162,12 +171,15 @@ def main():
     p.add_argument("--train-image-size", type=int, default=512)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--torch-device", default=None)
+    p.add_argument("--name", default="safeclick")
     a = p.parse_args()
-    rows = overhead_rows(a.image_size, a.repeats) if a.image_size else []
-    rows2 = torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats)
+    rows = overhead_rows(a.image_size, a.repeats, a.dtype) if a.image_size else []
+    rows2 = torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats, a.torch_device) if a.train_batch else []
     cols = ["measure", "sam2_ms", "safeclick_ms", "safeclick/sam2", "jax_ms", "torch_ms", "torch/jax speed-up",
             "jax_images_per_s", "torch_images_per_s", "jax_compile_s"]
-    write("safeclick", rows + rows2, cols, vars(a))
+    write(a.name, rows + rows2, cols, vars(a))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 step (convert/safeclick_torch.py) on the same batch, plus the embedding cache's speed-up.
 
     python benchmarks/bench_train.py [--model sam2.1_hiera_t] [--image-size 128] [--batch 8] [--steps 10]
+                                     [--dtype float32|bfloat16] [--no-encoder-step]
 
 Both sides train the same parts (SafeClick head + SAM 2 mask decoder; encoder, prompt encoder and
 conv_s0/s1 frozen) with the same loss (SAM 2's focal 20 + dice 1 + IoU MSE 1 + object BCE 1, masks
@@ -9,7 +10,14 @@ upsampled to the input size) and AdamW with global-norm clipping, on one batch o
 features computed once (what the embedding cache provides). The weights are random on both sides
 (speed does not depend on their values). "jax, encoder in the step" runs the frozen encoder
 inside every step (training without the cache). Each side runs in its own process, so the peak
-RSS (resource.getrusage) is its own. Writes benchmarks/results/train_<size>px.{json,md}.
+RSS (resource.getrusage) is its own. On a GPU both sides run on it (torch: `--torch-device`,
+default cuda when available) and device memory is reported: `step_mb`, what XLA's compiled step
+needs (memory_analysis: arguments + outputs + temporaries - donated aliases; weights, optimizer
+state, batch and activations), `device_peak_mb`, the allocator's peak over the whole process (for
+JAX it includes the encoder pass that made the features; for torch it is
+torch.cuda.max_memory_allocated over the timed steps, weights included). `--dtype bfloat16`: JAX with train.compute_dtype = bfloat16 (float32
+master weights), torch under autocast(bfloat16). Writes benchmarks/results/train_<size>px[_<model>]
+[_<dtype>].{json,md} ($BENCH_RESULTS overrides the folder).
 """
 from __future__ import annotations
 
@@ -27,6 +35,10 @@ sys.path.insert(0, ROOT)
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _progress(msg):
+    print(f"[bench_train] {msg}", file=sys.stderr, flush=True)
 
 
 def _batch(image_size: int, batch: int, seed: int = 0):
@@ -60,18 +72,26 @@ def run_jax(args) -> dict:
     loop.setup_compilation_cache(config.compilation_cache_dir)
     config.data.image_size = args.image_size
     config.data.batch_size = args.batch
+    config.train.compute_dtype = args.dtype
     mesh = ts.make_mesh()
     model = ts.build_model(config, args.image_size, log=lambda *a: None)
     keep = model.keep_block
     raw = _batch(args.image_size, args.batch)
     graphdef, params, frozen = ts.split_model(model, config)
-    feats = jax.jit(lambda m, x: encode_image(m, x, keep_block=keep))(model, raw["image"])
+    encode = lambda m, x: encode_image(m, x, keep_block=keep)
+    if args.features == "encoder":
+        feats = jax.jit(encode)(model, raw["image"])
+    else:  # same shapes, random values: the step's speed does not depend on them (no encoder compile)
+        rng = np.random.default_rng(0)
+        feats = jax.tree.map(lambda a: rng.normal(size=a.shape), jax.eval_shape(encode, model, raw["image"]))
     cached = {"feat_image_embed": feats["image_embed"], "feat_high_res_0": feats["high_res_feats"][0],
               "feat_high_res_1": feats["high_res_feats"][1], "feat_block": feats["block"]}
     cached = {k: np.asarray(v).astype(np.float16) for k, v in cached.items()}
+    _progress(f"model built, features ready ({args.features})")
     hb = step_lib.host_batch({**raw}, cache=None)
     rows = []
-    for name, extra in (("jax (cached features)", cached), ("jax, encoder in the step", None)):
+    variants = [("jax (cached features)", cached)] + ([("jax, encoder in the step", None)] if args.encoder_step else [])
+    for name, extra in variants:
         b = dict(hb)
         if extra is not None:
             b.pop("image")
@@ -85,18 +105,24 @@ def run_jax(args) -> dict:
         fn = step_lib.make_train_step(graphdef, opt, schedule, config, mesh, keep)
         gb = ts.global_batch(b, mesh)
         t0 = time.perf_counter()
+        fn = fn.lower(state, fz, gb).compile()
+        ma = fn.memory_analysis()
+        step_mb = None if ma is None else (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                                           + ma.temp_size_in_bytes - ma.alias_size_in_bytes) / 2**20
         state, m = fn(state, fz, gb)
         jax.block_until_ready(m)
         first = time.perf_counter() - t0
+        _progress(f"{name}: compiled + first step in {first:.1f} s")
         t0 = time.perf_counter()
         for _ in range(args.steps):
             state, m = fn(state, fz, gb)
         jax.block_until_ready(m)
         sec = (time.perf_counter() - t0) / args.steps
         mem = jax.devices()[0].memory_stats() or {}
-        rows.append({"impl": name, "compile_s": first, "step_s": sec, "steps_per_s": 1 / sec,
-                     "images_per_s": args.batch / sec, "loss": float(m["loss"]),
+        rows.append({"impl": f"{name} {args.dtype}", "compile_s": first, "step_s": sec, "steps_per_s": 1 / sec,
+                     "images_per_s": args.batch / sec, "loss": float(m["loss"]), "step_mb": step_mb,
                      "device_peak_mb": mem.get("peak_bytes_in_use", 0) / 2**20 or None})
+        _progress(f"{name}: {sec * 1e3:.1f} ms/step")
     for r in rows:
         r["peak_rss_mb"] = _rss_mb()
     return {"rows": rows}
@@ -112,13 +138,16 @@ def run_torch(args) -> dict:
     from safeclick_jax.models.safeclick import SafeClickConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dev = torch.device(args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
     model, cfg = build_safeclick_torch(args.model, SafeClickConfig(), image_size=args.image_size)
+    model = model.to(dev)
     raw = _batch(args.image_size, args.batch)
     store = {}
     h = model.image_encoder.trunk.blocks[model.keep_block].register_forward_hook(
         lambda m, i, o: store.__setitem__("block", o))
     with torch.no_grad():
-        images = torch.from_numpy(raw["image"]).permute(0, 3, 1, 2).contiguous()
+        images = torch.from_numpy(raw["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
         out = model.forward_image(images)
         _, vision_feats, _, sizes = model._prepare_backbone_features(out)
         e = args.image_size // 16
@@ -129,8 +158,9 @@ def run_torch(args) -> dict:
     is_box = raw["prompt_type"] == 1
     coords, labels = prompting.click_or_box_tokens(raw["point_coords"], raw["box"], is_box)
     labels = np.where(labels == -2, -1, labels)  # torch has no padding label: an extra pad point
-    coords, labels = torch.from_numpy(coords), torch.from_numpy(labels)
-    target = torch.from_numpy(raw["mask"]).float()[:, None]
+    coords, labels = torch.from_numpy(coords).to(dev), torch.from_numpy(labels).to(dev)
+    target = torch.from_numpy(raw["mask"]).float()[:, None].to(dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     frozen = ("image_encoder", "sam_prompt_encoder", "no_mem_embed", "sam_mask_decoder.conv_s0",
               "sam_mask_decoder.conv_s1")
     params = [p for n, p in model.named_parameters() if not n.startswith(frozen)]
@@ -140,8 +170,10 @@ def run_torch(args) -> dict:
     model.train()
 
     def step():
-        refined = model.safeclick.image_features(block, embed)
-        masks, iou, _, obj = model.decode(embed, hr, refined, coords, labels, None, True)
+        with amp:
+            refined = model.safeclick.image_features(block, embed)
+            masks, iou, _, obj = model.decode(embed, hr, refined, coords, labels, None, True)
+        masks, iou, obj = masks.float(), iou.float(), obj.float()  # loss in float32 (as the JAX step)
         up = F.interpolate(masks, (args.image_size, args.image_size), mode="bilinear", align_corners=False)
         t = target.expand_as(up)
         prob = up.sigmoid()
@@ -160,19 +192,27 @@ def run_torch(args) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
-        return float(loss)
+        return loss.detach()
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    _progress("torch: model and features ready")
     t0 = time.perf_counter()
     step()
+    sync()
     first = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
+    sync()
     sec = (time.perf_counter() - t0) / args.steps
-    return {"rows": [{"impl": f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    loss = float(loss)
+    where = torch.cuda.get_device_name(dev) if cuda else f"{torch.get_num_threads()} threads"
+    return {"rows": [{"impl": f"torch {torch.__version__} ({where}) {args.dtype}",
                       "compile_s": first, "step_s": sec, "steps_per_s": 1 / sec,
                       "images_per_s": args.batch / sec, "loss": loss, "peak_rss_mb": _rss_mb(),
-                      "device_peak_mb": None}]}
+                      "device_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None}]}
 
 
 def main():
@@ -182,6 +222,12 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--which", choices=("all", "jax", "torch"), default="all")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--no-encoder-step", dest="encoder_step", action="store_false",
+                   help="skip the 'encoder in the step' row")
+    p.add_argument("--torch-device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--features", choices=("encoder", "random"), default="encoder",
+                   help="JAX's cached features: from the encoder, or random of the same shapes (no encoder compile)")
     args = p.parse_args()
     if args.which != "all":
         res = run_jax(args) if args.which == "jax" else run_torch(args)
@@ -190,25 +236,30 @@ def main():
     rows = []
     for which in ("jax", "torch"):
         cmd = [sys.executable, __file__, "--which", which, "--model", args.model, "--image-size",
-               str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+               str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
+        cmd += ["--features", args.features] + ([] if args.encoder_step else ["--no-encoder-step"]) + (
+            ["--torch-device", args.torch_device] if args.torch_device else [])
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: progress, live
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
-            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-            rows.append({"impl": which, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+            print(out.stdout[-2000:], file=sys.stderr)
+            rows.append({"impl": which, "error": f"exit {out.returncode}"})
             continue
         rows.extend(json.loads(line[0][7:])["rows"])
     by = {r["impl"].split(" ")[0].rstrip(",") + (" enc" if "encoder" in r["impl"] else ""): r
           for r in rows if "step_s" in r}
-    meta = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps}
+    meta = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
+            "dtype": args.dtype}
     if "jax" in by and "torch" in by:
         meta["jax_vs_torch_speedup"] = by["torch"]["step_s"] / by["jax"]["step_s"]
     if "jax" in by and "jax enc" in by:
         meta["embedding_cache_speedup"] = by["jax enc"]["step_s"] / by["jax"]["step_s"]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import write
-    write(f"train_{args.image_size}px", rows, ["impl", "steps_per_s", "images_per_s", "step_s", "compile_s", "peak_rss_mb",
-                          "device_peak_mb", "loss"], meta)
+    name = f"train_{args.image_size}px" + ("" if args.model == "sam2.1_hiera_t" else "_" + args.model) + (
+        "" if args.dtype == "float32" else "_" + args.dtype)
+    write(name, rows, ["impl", "steps_per_s", "images_per_s", "step_s", "compile_s", "peak_rss_mb",
+                          "step_mb", "device_peak_mb", "loss"], meta)
     print(json.dumps(meta, indent=1))
 
 

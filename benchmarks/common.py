@@ -59,12 +59,18 @@ def machine() -> dict:
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "jax_devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()], "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def results_dir() -> str:
+    """benchmarks/results, or $BENCH_RESULTS (runs on a lent GPU write elsewhere)."""
+    return os.environ.get("BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 
 
 def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> str:
-    out = os.path.join(os.path.dirname(__file__), "results")
+    out = results_dir()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"machine": machine(), **meta, "rows": rows}, f, indent=2)
@@ -72,8 +78,9 @@ def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     m = machine()
-    md = "\n".join(lines) + f"\n\nMachine: {m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['jax_backend']}), " \
-                            f"torch {m['torch']} ({m['torch_threads']} threads).\n"
+    where = f"{m['jax_devices'][0]}" if m["jax_backend"] != "cpu" else f"{m['cpu']}, {m['cores']} cores"
+    md = "\n".join(lines) + f"\n\nMachine: {where}, jax {m['jax']} ({m['jax_backend']}), " \
+                            f"torch {m['torch']} ({m['torch_cuda'] or str(m['torch_threads']) + ' threads'}).\n"
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)

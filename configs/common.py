@@ -75,6 +75,9 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     # FSDP: split weights and Adam moments of at least fsdp_min_size elements over the `data` axis
     # (memory per device ~1/N for the large sizes) instead of replicating them.
     c.train.fsdp = False
+    # "bfloat16": mixed precision (bf16 matmuls, float32 master weights, optimizer and loss); for
+    # GPUs/TPUs. On a CPU bf16 matmuls are slower than float32.
+    c.train.compute_dtype = "float32"
     c.train.fsdp_min_size = 1 << 16
 
     c.optim = ml_collections.ConfigDict()

@@ -70,8 +70,11 @@ def decode_prompts(model, features: dict, coords, labels, mask_input, has_mask, 
     b = coords.shape[0]
     features = {k: jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), v)
                 for k, v in features.items()}
-    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe(), sparse, dense,
-                                     labels != PAD_LABEL)
+    # With bf16 weights and features, prompts are still embedded from float32 coordinates (bf16
+    # has no sub-pixel precision at 1024 px), then cast to the features' dtype (no-op in fp32).
+    dt = features["image_embed"].dtype
+    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt),
+                                     dense.astype(dt), labels != PAD_LABEL)
     if fuse is not None:
         src = fuse(features, src)
     masks, iou, mask_tokens_out, obj = dec.heads(hs, src, features["high_res_feats"])

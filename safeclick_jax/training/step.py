@@ -9,6 +9,13 @@ split over the same axis. The state argument is donated.
 
 A step whose loss or gradient norm is not finite leaves the state unchanged and reports
 `finite = False`; the loop stops on it (so the last checkpoint is the last good state).
+
+Mixed precision (`train.compute_dtype = "bfloat16"`): the float32 master weights and the features
+are cast to bf16 inside the loss, so the decoder's matmuls and attention run in bf16 while the
+optimizer, its moments and the gradients (the cast's transpose) stay float32. Prompt coordinates
+are embedded in float32 (a 1024 px coordinate has no sub-pixel precision in bf16's 8-bit
+mantissa) and the embeddings then cast; LayerNorm statistics, softmax statistics and the loss
+(logits upcast) are float32.
 """
 from __future__ import annotations
 
@@ -40,13 +47,19 @@ def host_batch(batch: dict, cache=None, strict: bool = True) -> dict:
     return out
 
 
-def image_features(model, batch, keep_block):
+def cast_floats(tree, dtype):
+    """Every floating-point leaf of a pytree (params, state) cast to dtype; others unchanged."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def image_features(model, batch, keep_block, dtype=jnp.float32):
     """Decoder features of the batch: from cached encoder outputs, or by running the encoder."""
     if "image" in batch:
-        f = encode_image(model, batch["image"], keep_block=keep_block)
+        f = encode_image(model, batch["image"].astype(dtype), keep_block=keep_block)
         f = {"image_embed": f["image_embed"], "high_res_feats": f["high_res_feats"], "block": f.get("block")}
     else:
-        g = lambda k: batch[f"feat_{k}"].astype(jnp.float32)
+        g = lambda k: batch[f"feat_{k}"].astype(dtype)
         f = {"image_embed": g("image_embed"), "high_res_feats": (g("high_res_0"), g("high_res_1")),
              "block": g("block") if "feat_block" in batch else None}
     block = f.pop("block")
@@ -62,13 +75,14 @@ def decode_all(model, features, coords, labels):
     pe, dec = model.sam_prompt_encoder, model.sam_mask_decoder
     b = coords.shape[0]
     m = 4 * features["image_embed"].shape[1]
+    dt = features["image_embed"].dtype  # prompts embedded in float32, then cast (module docstring)
     sparse, dense = pe(coords, labels, jnp.zeros((b, m, m, 1), jnp.float32), jnp.zeros((b,), bool))
-    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe(), sparse, dense,
-                                     labels != PAD_LABEL)
+    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt),
+                                     dense.astype(dt), labels != PAD_LABEL)
     if "refined" in features:
         src = model.safeclick.fuse(features["refined"], src)
     masks, iou, _, obj = dec.heads(hs, src, features["high_res_feats"])
-    return masks, iou, obj
+    return masks.astype(jnp.float32), iou.astype(jnp.float32), obj.astype(jnp.float32)
 
 
 def to_input_resolution(logits, size: int):
@@ -86,6 +100,13 @@ def loss_target(mask_logits, target, resolution: str):
     raise ValueError(f"loss.resolution {resolution!r}: expected 'input' or 'low_res'")
 
 
+def compute_dtype(config):
+    name = str(config.train.get("compute_dtype", "float32"))
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"train.compute_dtype {name!r}: expected 'float32' or 'bfloat16'")
+    return jnp.dtype(name)
+
+
 def _loss_cfg(cfg) -> types.SimpleNamespace:
     return types.SimpleNamespace(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
 
@@ -97,13 +118,14 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, sta
     loss_cfg = _loss_cfg(config.loss)
     multimask = bool(config.train.multimask)
     nan_at = int(config.train.nan_at_step)
+    cdt = compute_dtype(config)
 
     def step(state, frozen, batch):
         key, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # carried for stochastic layers
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, frozen)
-            feats = image_features(model, batch, keep_block)
+            model = nnx.merge(graphdef, cast_floats(params, cdt), cast_floats(frozen, cdt))
+            feats = image_features(model, batch, keep_block, cdt)
             masks, iou, obj = decode_all(model, feats, batch["coords"], batch["labels"])
             logits, target = loss_target(masks, batch["mask"].astype(jnp.float32), loss_cfg.resolution)
             cand = losses.candidate_outputs(batch["is_box"], multimask)
@@ -136,10 +158,11 @@ def make_eval_step(graphdef, config, mesh, keep_block, params_sharding=None, fro
     "box_sum", "box_count"}. A click uses the multimask output with the highest predicted IoU
     (what a user of SAM 2's predictor takes), a box the single mask; Dice at input resolution."""
     multimask = bool(config.train.multimask)
+    cdt = compute_dtype(config)
 
     def step(params, frozen, batch):
-        model = nnx.merge(graphdef, params, frozen)
-        feats = image_features(model, batch, keep_block)
+        model = nnx.merge(graphdef, cast_floats(params, cdt), cast_floats(frozen, cdt))
+        feats = image_features(model, batch, keep_block, cdt)
         masks, iou, _ = decode_all(model, feats, batch["coords"], batch["labels"])
         cand = losses.candidate_outputs(batch["is_box"], multimask)
         best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
