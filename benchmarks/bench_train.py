@@ -249,7 +249,8 @@ def main():
     by = {r["impl"].split(" ")[0].rstrip(",") + (" enc" if "encoder" in r["impl"] else ""): r
           for r in rows if "step_s" in r}
     meta = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
-            "dtype": args.dtype}
+            "dtype": args.dtype, "attention": os.environ.get("SAFECLICK_ATTENTION", "auto"),
+            "attention_max_scores": os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES")}
     if "jax" in by and "torch" in by:
         meta["jax_vs_torch_speedup"] = by["torch"]["step_s"] / by["jax"]["step_s"]
     if "jax" in by and "jax enc" in by:
@@ -257,7 +258,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import write
     name = f"train_{args.image_size}px" + ("" if args.model == "sam2.1_hiera_t" else "_" + args.model) + (
-        "" if args.dtype == "float32" else "_" + args.dtype)
+        "" if args.dtype == "float32" else "_" + args.dtype) + (
+        "" if os.environ.get("SAFECLICK_ATTENTION", "auto") == "auto" else "_" + os.environ["SAFECLICK_ATTENTION"])
     write(name, rows, ["impl", "steps_per_s", "images_per_s", "step_s", "compile_s", "peak_rss_mb",
                           "step_mb", "device_peak_mb", "loss"], meta)
     print(json.dumps(meta, indent=1))

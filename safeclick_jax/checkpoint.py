@@ -68,8 +68,9 @@ def save(directory: str, description: dict[str, Any], params: dict, extra: dict 
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, "state"), {"params": params, "extra": extra or {}}, force=True)
     ckpt.wait_until_finished()
-    with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump(desc, f, indent=2)
+    if jax.process_index() == 0:  # multi-process training: every process saves (collective), one writes
+        with open(os.path.join(directory, "model.json"), "w") as f:
+            json.dump(desc, f, indent=2)
 
 
 def resolve(directory: str) -> str:

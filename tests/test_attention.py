@@ -76,3 +76,25 @@ def test_bf16_inputs_keep_fp32_statistics():
     assert got.dtype == jnp.bfloat16
     err = np.abs(np.asarray(got, np.float32) - want).max()
     assert err <= 0.05, err  # bf16 rounding of inputs and output, not an fp16-style overflow
+
+
+def test_environment_override(monkeypatch):
+    """SAFECLICK_ATTENTION picks the path on any backend (lowered graph: a while loop for the
+    chunked pieces, none for one-shot); bad values name the variable."""
+    q, k, v = (jnp.asarray(a) for a in qkv(1, 2, 64, 64, 16))
+    f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v))
+    outs = {}
+    for mode, has_loop in (("chunked", True), ("full", False)):
+        monkeypatch.setenv("SAFECLICK_ATTENTION", mode)
+        monkeypatch.setenv("SAFECLICK_ATTENTION_MAX_SCORES", str(64 * 32))
+        text = jax.jit(lambda q, k, v: dot_product_attention(q, k, v)).lower(q, k, v).as_text()
+        assert ("while" in text) == has_loop, mode
+        outs[mode] = np.asarray(jax.jit(lambda q, k, v: dot_product_attention(q, k, v))(q, k, v))
+    np.testing.assert_allclose(outs["chunked"], outs["full"], atol=1e-5)
+    monkeypatch.setenv("SAFECLICK_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="SAFECLICK_ATTENTION='flash'"):
+        f(q, k, v)
+    monkeypatch.setenv("SAFECLICK_ATTENTION", "auto")
+    monkeypatch.setenv("SAFECLICK_ATTENTION_MAX_SCORES", "0")
+    with pytest.raises(ValueError, match="SAFECLICK_ATTENTION_MAX_SCORES='0'"):
+        f(q, k, v)

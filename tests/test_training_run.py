@@ -162,3 +162,54 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, refer
     ref_losses, _ = _metrics(reference[0])
     np.testing.assert_allclose([losses[s] for s in range(1, 6)], [ref_losses[s] for s in range(1, 6)],
                                rtol=1e-6)
+
+
+def _run_processes(workdir, data_dir, *extra, processes=2, devices=1, timeout=600):
+    """One training job as `processes` JAX processes on this machine (jax.distributed over
+    localhost, gloo collectives on CPU), `devices` CPU devices each. Returns [(rc, output)]."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(processes):
+        env = dict(_env(devices), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(_cmd(workdir, data_dir, *extra), cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    out = []
+    try:
+        for p in procs:
+            out.append((p.wait(timeout=timeout), p.stdout.read()))
+    finally:
+        for p in procs:
+            p.kill()
+    return out
+
+
+# two multi-process jobs (~1.5 min each on 2 cores): "across hosts" is a promise of train.py
+def test_two_processes_train_like_one_job(tmp_path, data_dir, reference):
+    """2 processes x 2 devices (FSDP: weights split across the processes) == 2 processes x 1 device
+    (data parallel): same losses, val Dice and exported weights; the export loads."""
+    runs = {}
+    for name, devices, extra in (("p2d1", 1, ()), ("p2d2", 2, ("--config.train.fsdp=True",
+                                                               "--config.train.fsdp_min_size=256"))):
+        wd = tmp_path / name
+        res = _run_processes(wd, data_dir, *extra, devices=devices)
+        for rc, text in res:
+            assert rc == 0, text[-3000:]
+        assert f"process 0 of 2, {devices} local / {2 * devices} global devices" in res[0][1]  # only process 0 logs
+        assert "(2 per process)" in res[0][1]
+        runs[name] = wd
+    a_loss, a_val = _metrics(runs["p2d1"])
+    b_loss, b_val = _metrics(runs["p2d2"])
+    assert sorted(a_loss) == list(range(1, 9)) and sorted(b_loss) == list(range(1, 9))
+    np.testing.assert_allclose([b_loss[s] for s in range(1, 9)], [a_loss[s] for s in range(1, 9)], rtol=2e-4)
+    np.testing.assert_allclose([b_val[s] for s in (4, 8)], [a_val[s] for s in (4, 8)], atol=2e-3)
+    # each process reads its own half of the data: the job's batches differ from the 1-process run's
+    ref_loss, _ = _metrics(reference[0])
+    assert not np.allclose([a_loss[s] for s in range(1, 9)], [ref_loss[s] for s in range(1, 9)])
+    a, b = _trainable(runs["p2d1"]), _trainable(runs["p2d2"])
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg="/".join(k))

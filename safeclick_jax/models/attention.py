@@ -16,7 +16,12 @@ attention at 512 px, batch 8 (64 heads x 1024^2), forward 509 -> 105 ms and forw
 1430 -> 650 ms (torch SDPA: 105 / 434 ms).
 
 On GPU/TPU XLA fuses the unchunked graph and a sequential loop would only cost parallelism, so
-chunking is on for the CPU backend only (`chunk_queries=None` picks by backend).
+chunking is on for the CPU backend only (`chunk_queries=None` picks by backend). The one-shot form
+keeps the whole [B, H, Nq, Nk] probabilities for the backward pass, though: on an H200 the
+SafeClick train step (1024 px, batch 8) needed 13.9 GB against torch's 5.0 GB. The environment
+variable SAFECLICK_ATTENTION=chunked (or full) overrides the choice on any backend, and
+SAFECLICK_ATTENTION_MAX_SCORES sets the piece size, so a GPU user can trade speed for memory;
+which is faster on a GPU has not been measured.
 
 Numerics: scale 1/sqrt(d) applied to q, scores and softmax statistics in fp32 (also for bf16
 inputs), the max subtracted as a constant (softmax is invariant to it, so its gradient is not
@@ -27,6 +32,7 @@ finite logit, so exp() gives exactly 0 and no row becomes NaN while one key is v
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +63,29 @@ def plan_chunks(groups: int, nq: int, nk: int, max_scores: int = MAX_SCORES) -> 
     return 1, (rows - rows % 8 if rows >= 8 else rows)
 
 
+def _env_choice() -> tuple[bool | None, int]:
+    """(chunk_queries or None for 'by backend', max_scores) from SAFECLICK_ATTENTION[_MAX_SCORES]."""
+    mode = os.environ.get("SAFECLICK_ATTENTION", "auto")
+    if mode not in ("auto", "chunked", "full"):
+        raise ValueError(f"SAFECLICK_ATTENTION={mode!r}: expected 'auto', 'chunked' or 'full'")
+    raw = os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES", str(MAX_SCORES))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"SAFECLICK_ATTENTION_MAX_SCORES={raw!r}: expected a positive integer")
+    return (None if mode == "auto" else mode == "chunked"), int(raw)
+
+
 def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = None,
-                          max_scores: int = MAX_SCORES):
+                          max_scores: int | None = None):
     """softmax(q k^T / sqrt(d)) v for q [B, H, Nq, d], k/v [B, H, Nk, d]; key_mask [B, Nk] bool
-    (True = attend) or None. Returns [B, H, Nq, d] in q's dtype."""
+    (True = attend) or None. Returns [B, H, Nq, d] in q's dtype. chunk_queries / max_scores None:
+    the environment's choice (module docstring), else chunked on CPU only, MAX_SCORES."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    env_chunk, env_max = _env_choice()
+    max_scores = env_max if max_scores is None else max_scores
     if chunk_queries is None:
-        chunk_queries = jax.default_backend() == "cpu"
+        chunk_queries = env_chunk if env_chunk is not None else jax.default_backend() == "cpu"
     if not chunk_queries:
         return _attend(q, k, v, key_mask)
     groups = b * h

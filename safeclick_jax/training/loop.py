@@ -255,23 +255,20 @@ def train(config, workdir) -> dict:
     loop_s = time.perf_counter() - t_loop
     ckpt.wait()
 
-    # export: the final model, and the best one by val Dice
-    final_params = jax.device_get(state["params"])
-    frozen_host = jax.device_get(frozen)
-    export = {}
-    if main:
-        from safeclick_jax.models.registry import save_model
-        merged = nnx.merge(graphdef, final_params, frozen_host)
-        save_model(str(workdir / "export"), merged, training={"step": total, "config": config.model.name,
-                                                             "image_size": image_size})
-        export["final"] = str(workdir / "export")
-        best_step = meta.get("best_step")
-        if config.checkpoint.export_best and best_step is not None and best_step in ckpt.all_steps():
-            best_state, _ = ckpt.restore(best_step, state)
-            merged = nnx.merge(graphdef, jax.device_get(best_state["params"]), frozen_host)
-            save_model(str(workdir / "best"), merged, training={"step": best_step,
-                                                                "val_dice": meta["best_val_dice"]})
-            export["best"] = str(workdir / "best")
+    # export: the final model, and the best one by val Dice. Every process takes part: gathering
+    # FSDP-split weights and orbax saves/restores are collective (process 0 writes the files).
+    from safeclick_jax.models.registry import save_model
+    frozen_host = _to_host(frozen)
+    merged = nnx.merge(graphdef, _to_host(state["params"]), frozen_host)
+    save_model(str(workdir / "export"), merged, training={"step": total, "config": config.model.name,
+                                                         "image_size": image_size})
+    export = {"final": str(workdir / "export")}
+    best_step = meta.get("best_step")
+    if config.checkpoint.export_best and best_step is not None and best_step in ckpt.all_steps():
+        best_state, _ = ckpt.restore(best_step, state)
+        merged = nnx.merge(graphdef, _to_host(best_state["params"]), frozen_host)
+        save_model(str(workdir / "best"), merged, training={"step": best_step, "val_dice": meta["best_val_dice"]})
+        export["best"] = str(workdir / "best")
     ckpt.close()
     writer.close()
     png = plot_curves(workdir / "metrics.jsonl", workdir / "curves.png") if main and config.plot else None
@@ -289,6 +286,19 @@ def train(config, workdir) -> dict:
     _log(f"done: {total} steps in {loop_s:.1f} s ({summary['steps_per_s']:.2f} steps/s); val Dice "
          f"{summary['val_dice_first']} -> {summary['val_dice_last']}; model in {export.get('final')}")
     return summary
+
+
+def _to_host(tree):
+    """numpy copies of a (possibly multi-process, possibly FSDP-split) pytree of jax.Arrays. An
+    array whose shards live partly on other processes is all-gathered (collective: every process
+    calls this in the same order)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
 
 
 def _read(path):
