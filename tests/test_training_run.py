@@ -69,6 +69,7 @@ def test_smoke_run_writes_everything(reference):
     assert sorted(val) == [4, 8] and all(0.0 <= v <= 1.0 for v in val.values())
     assert "WARNING: config.init.checkpoint is not set" in out  # random init is loud
     assert "steps/s" in out and "ETA" in out and "val Dice" in out
+    assert "precision: float32 compute" in out
     assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
     assert (wd / "curves.png").stat().st_size > 1000
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]

@@ -116,6 +116,9 @@ def train(config, workdir) -> dict:
     from safeclick_jax.models.config import get_config as sam2_get
     image_size, why = ts.resolve_image_size(config, sam2_get(config.model.name))
     _log(f"image_size: {image_size} px ({why})")
+    cdt = step_lib.compute_dtype(config)  # validates train.compute_dtype before any heavy work
+    _log(f"precision: {cdt.name} compute" + (", float32 master weights, optimizer and loss"
+                                              if cdt.name != "float32" else ""))
     gbs = int(dc.batch_size)
     if gbs % n_dev or gbs % n_proc:
         raise ValueError(f"data.batch_size={gbs} must be a multiple of the device count {n_dev}")
