@@ -23,8 +23,9 @@ is an axis of the input's voxel grid. The result is returned in the input's voxe
 Intensities are normalised to [0, 1] like the data pipeline (percentile clipping by default, or
 a CT window), quantised to 8 bits and fed as SAM 2's RGB input (bilinear antialiased resize).
 
-Compilation: the per-slice step is compiled once per volume shape (the memory bank holds one
-entry per slice, see safeclick_jax/video.py); the prompt decoder once per prompt-length bucket.
+Compilation: the per-slice step is compiled per volume shape (the memory bank holds one entry
+per slice, see safeclick_jax/video.py) and per memory-slot bucket (2, 4 or 6 previous slices:
+at most three variants); the prompt decoder once per prompt-length bucket.
 """
 from __future__ import annotations
 
@@ -179,16 +180,17 @@ class VolumePredictor:
                                                     self.cfg.image_size))
 
     @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-    def _track(self, state, bank, feats, t, reverse, cond_idx, cond_valid):
+    def _track(self, state, bank, feats, t, reverse, cond_idx, cond_valid, prev):
         model, mem = nnx.merge(self.graphdef, state)
-        return video.track_step(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, self.cfg.image_size)
+        return video.track_step(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev,
+                                self.cfg.image_size)
 
-    @partial(jax.jit, static_argnums=(0, 12, 13))
-    def _prompt(self, state, bank, feats, t, reverse, cond_idx, cond_valid, coords, labels, mask_in,
+    @partial(jax.jit, static_argnums=(0, 13, 14))
+    def _prompt(self, state, bank, feats, t, reverse, cond_idx, cond_valid, prev, coords, labels, mask_in,
                 has_mask, use_memory: bool, multimask: bool):
         model, mem = nnx.merge(self.graphdef, state)
         if use_memory:
-            pix = video.condition_features(model, mem, feats, bank, t, reverse, cond_idx, cond_valid)
+            pix = video.condition_features(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev)
         else:
             pix = video.no_memory_features(model, feats)
         return video.sam_heads(model, mem, feats, pix, coords, labels, mask_in, has_mask, multimask)
@@ -206,6 +208,9 @@ class VolumePredictor:
     def _resize(self, low, hw):
         # SAM 2's video-resolution output: bilinear, align_corners=False, no antialias
         return jax.image.resize(low, (low.shape[0],) + hw, "linear", antialias=False)
+
+    def _memory_slots(self, t: int, reverse: bool):
+        return tuple(jnp.asarray(a) for a in video.memory_slots(self._kind, t, reverse, self.memory.mc.num_maskmem))
 
     def _cond_slots(self):
         k = 1 << max(len(self._cond) - 1, 0).bit_length()
@@ -273,7 +278,7 @@ class VolumePredictor:
         cond_idx, cond_valid = self._cond_slots()
         feats = self._features(t)
         low, ptr, obj = self._prompt(self.state, self._bank, feats, jnp.int32(t), jnp.asarray(reverse),
-                                     cond_idx, cond_valid, jnp.asarray(c), jnp.asarray(lab), jnp.asarray(mask_in),
+                                     cond_idx, cond_valid, self._memory_slots(t, reverse), jnp.asarray(c), jnp.asarray(lab), jnp.asarray(mask_in),
                                      jnp.asarray([prev is not None]), not is_init, coords.shape[0] <= 1)
         low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
         self._pending[t] = (low, ptr, obj, feats)
@@ -296,6 +301,7 @@ class VolumePredictor:
         self._pending = {}  # slice -> (low [1,4E,4E], ptr, obj, features): prompted, not in memory yet
         self._cond = []  # slices committed as conditioning slices
         self._tracked = {}  # slice -> tracked in reverse?
+        self._kind = np.zeros(self.num_slices, np.int32)  # host copy of the bank's `kind`
 
     # --- propagation ----------------------------------------------------------------------------
 
@@ -307,6 +313,7 @@ class VolumePredictor:
             raise RuntimeError("no prompts: add a point or box with .add_prompt(...) first")
         for t, (low, ptr, obj, feats) in sorted(self._pending.items()):
             self._bank = self._commit(self.state, self._bank, feats, jnp.int32(t), low, ptr, obj)
+            self._kind[t] = 2
             if t not in self._cond:
                 self._cond.append(t)
         self._pending = {}
@@ -319,7 +326,8 @@ class VolumePredictor:
         for i, (t, reverse) in enumerate(order):
             if t not in self._cond:
                 self._bank = self._track(self.state, self._bank, self._features(t), jnp.int32(t),
-                                         jnp.asarray(reverse), cond_idx, cond_valid)
+                                         jnp.asarray(reverse), cond_idx, cond_valid, self._memory_slots(t, reverse))
+                self._kind[t] = 1
             self._tracked[t] = reverse
             if progress is not None:
                 progress(i + 1, len(order))
