@@ -188,7 +188,10 @@ def _run_processes(workdir, data_dir, *extra, processes=2, devices=1, timeout=60
     return out
 
 
-# two multi-process jobs (~1.5 min each on 2 cores): "across hosts" is a promise of train.py
+# two multi-process jobs (~1.5 min each on 2 cores). Slow-marked (make test-slow): one of four runs
+# hung before the fix in loop._agreed (a restore only one process started), and a hang in CI would
+# block every submission; it has passed every run since.
+@pytest.mark.slow
 def test_two_processes_train_like_one_job(tmp_path, data_dir, reference):
     """2 processes x 2 devices (FSDP: weights split across the processes) == 2 processes x 1 device
     (data parallel): same losses, val Dice and exported weights; the export loads."""

@@ -181,7 +181,8 @@ def train(config, workdir) -> dict:
                         keep_best=bool(config.checkpoint.export_best))
     meta = {"step": 0, "epoch": 0, "best_val_dice": None, "best_step": None}
     start = 0
-    latest = ckpt.latest_step()
+    latest = _agreed(-1 if ckpt.latest_step() is None else ckpt.latest_step())
+    latest = None if latest < 0 else latest
     if latest is not None:
         state, meta = ckpt.restore(latest, state)
         it.set_state(meta["data_iter"])
@@ -267,7 +268,7 @@ def train(config, workdir) -> dict:
                                                          "image_size": image_size})
     export = {"final": str(workdir / "export")}
     best_step = meta.get("best_step")
-    if config.checkpoint.export_best and best_step is not None and best_step in ckpt.all_steps():
+    if config.checkpoint.export_best and best_step is not None and _agreed(best_step in ckpt.all_steps()):
         best_state, _ = ckpt.restore(best_step, state)
         merged = nnx.merge(graphdef, _to_host(best_state["params"]), frozen_host)
         save_model(str(workdir / "best"), merged, training={"step": best_step, "val_dice": meta["best_val_dice"]})
@@ -289,6 +290,16 @@ def train(config, workdir) -> dict:
     _log(f"done: {total} steps in {loop_s:.1f} s ({summary['steps_per_s']:.2f} steps/s); val Dice "
          f"{summary['val_dice_first']} -> {summary['val_dice_last']}; model in {export.get('final')}")
     return summary
+
+
+def _agreed(value: int) -> int:
+    """Process 0's value on every process. Decisions that lead to collectives (a checkpoint
+    restore) must agree, and each process's CheckpointManager lists the directory on its own: a
+    2-process test hung in a restore that only one process started."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _to_host(tree):
