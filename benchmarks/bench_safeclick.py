@@ -1,12 +1,16 @@
 """SafeClick vs the plain SAM 2 decoder in JAX, and JAX vs the PyTorch reference, same machine, one run.
 
-    python benchmarks/bench_safeclick.py [--image-size 1024] [--train-image-size 512 --train-batch 8]
+    python benchmarks/bench_safeclick.py [--model sam2.1_hiera_t] [--image-size 1024] [--train-image-size 512 --train-batch 8]
                                          [--dtype float32|bfloat16] [--torch-device cpu|cuda] [--name safeclick]
 
-1. Overhead of SafeClick over SAM 2 in JAX (tiny, batch 1): per prompt (decode from cached image
+1. Overhead of SafeClick over SAM 2 in JAX (`--model`, default tiny; batch 1): per prompt (decode from cached image
    features) and end to end (encode + decode one click). The paper reports +18 % inference time.
-2. Decoder forward and one AdamW training step, JAX vs the torch reference (convert/safeclick_torch.py)
+2. SafeClick's image-level head (batch 1, `--image-size`), the decoder forward and one AdamW
+   training step, JAX vs the torch reference (convert/safeclick_torch.py)
    on the same batch of frozen-encoder features (trainable: SafeClick head + mask decoder).
+Part 1 also times SafeClick's image-level head alone (`head_ms`: F_transform, E1, E2, CRL refine) and
+gives `e2e_from_parts` = 1 + (head + extra decode time) / SAM 2's end-to-end time, steadier than
+the direct end-to-end ratio when the encoder is large and the machine drifts.
 `--dtype bfloat16` runs part 1 with bf16 weights and activations (serving on a GPU); part 2 is float32.
 torch runs on cuda when available (`--torch-device`). Writes benchmarks/results/<name>.{json,md}
 ($BENCH_RESULTS overrides the folder).
@@ -44,8 +48,8 @@ def prompt(b):
     return jnp.asarray(coords), jnp.asarray(labels)
 
 
-def overhead_rows(size, repeats, dtype="float32"):
-    cfg = get_config("sam2.1_hiera_t").replace(image_size=size)
+def overhead_rows(size, repeats, dtype="float32", model_name="sam2.1_hiera_t"):
+    cfg = get_config(model_name).replace(image_size=size)
     base = SAM2Image(cfg, nnx.Rngs(0))
     sc = SafeClickModel(cfg, SafeClickConfig(), nnx.Rngs(0))
     img = jnp.asarray(np.random.default_rng(0).normal(size=(1, size, size, 3)), dtype)
@@ -62,16 +66,32 @@ def overhead_rows(size, repeats, dtype="float32"):
         feats = jax.block_until_ready(enc(st, img))
         dec_fns[name] = lambda dec=dec, st=st, feats=feats: jax.block_until_ready(dec(st, feats))
         e2e_fns[name] = lambda dec=dec, enc=enc, st=st: jax.block_until_ready(dec(st, enc(st, img)))
-    res = {"decode": time_interleaved(dec_fns, repeats * 6, warmup=3), "e2e": time_interleaved(e2e_fns, repeats)}
+    # SafeClick's image-level work alone (F_transform, E1, E2, the CRL's channel attention: once per
+    # image, whatever the number of clicks). The end-to-end ratio of a large encoder drifts by more
+    # than this share between rounds, so the row also gives 1 + (head + extra decode) / SAM 2's time.
+    g, st = nnx.split(sc)
+    head = jax.jit(lambda st, blk, emb: nnx.merge(g, st).safeclick.image_features(blk, emb))
+    f = jax.jit(lambda st, x: encode_image(nnx.merge(g, st), x, keep_block=sc.keep_block))(st, img)
+    f = {k: f[k].astype(dtype) for k in ("block", "image_embed")}
+    st = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
+    head_fn = {"head": lambda: jax.block_until_ready(head(st, f["block"], f["image_embed"]))}
+    res = {"decode": time_interleaved(dec_fns, repeats * 6, warmup=3), "e2e": time_interleaved(e2e_fns, repeats),
+           "head": time_interleaved(head_fn, repeats * 2, warmup=2)}
     for stage in ("decode", "e2e"):
         a, b = res[stage]["sam2"], res[stage]["safeclick"]
-        rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {size} px, {dtype}",
+        rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {model_name}, {size} px, {dtype}",
                      "sam2_ms": a["median_s"] * 1e3, "safeclick_ms": b["median_s"] * 1e3,
-                     "safeclick/sam2": ratio(b, a)})
+                     "safeclick/sam2": ratio(b, a),
+                     "sam2_round_ms": [t * 1e3 for t in a["round_s"]],
+                     "safeclick_round_ms": [t * 1e3 for t in b["round_s"]]})
+    h = res["head"]["head"]["median_s"]
+    extra = h + res["decode"]["safeclick"]["median_s"] - res["decode"]["sam2"]["median_s"]
+    rows[-1].update(head_ms=h * 1e3, e2e_from_parts=1 + extra / res["e2e"]["sam2"]["median_s"])
     return rows
 
 
-def torch_vs_jax_rows(size, batch, repeats, device):
+def paired_models(size, device):
+    """The torch reference (tiny) and the JAX SafeClick model with the same weights, on device."""
     sc_cfg = SafeClickConfig()
     tmodel, cfg = build_safeclick_torch("sam2.1_hiera_t", sc_cfg, image_size=size)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -79,6 +99,38 @@ def torch_vs_jax_rows(size, batch, repeats, device):
     fmodel = nnx.eval_shape(lambda: SafeClickModel(cfg, sc_cfg, nnx.Rngs(0)))
     load_state_dict(fmodel, {k: v.detach().numpy() for k, v in tmodel.state_dict().items() if k.startswith(PREFIXES)})
     nnx.update(fmodel, jax.device_put(nnx.state(fmodel)))  # device arrays, not per-call numpy copies
+    return tmodel, fmodel, cfg, dev, sync
+
+
+def head_vs_torch_row(size, repeats, device):
+    """SafeClick's image-level head alone (F_transform, E1, E2, CRL refine; batch 1), JAX vs the
+    torch reference on the same weights and features: what SafeClick adds per image."""
+    tmodel, fmodel, cfg, dev, sync = paired_models(size, device)
+    g, st = nnx.split(fmodel)
+    e = cfg.embedding_size
+    rng = np.random.default_rng(0)
+    blk = rng.normal(size=(1, e, e, 384)).astype(np.float32)
+    emb = rng.normal(size=(1, e, e, 256)).astype(np.float32)
+    head = jax.jit(lambda st, b, x: nnx.merge(g, st).safeclick.image_features(b, x))
+    jb, je = jnp.asarray(blk), jnp.asarray(emb)
+    tmodel = tmodel.to(dev)
+    tb, te = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(dev) for a in (blk, emb))
+
+    def t_head():
+        with torch.no_grad():
+            tmodel.safeclick.image_features(tb, te)
+        sync()
+
+    r = time_interleaved({"jax": lambda: jax.block_until_ready(head(st, jb, je)), "torch": t_head},
+                         repeats * 2, warmup=2)
+    j, t = r["jax"], r["torch"]
+    return {"measure": f"SafeClick image-level head (F_transform, E1, E2, CRL), batch 1, {size} px",
+            "jax_ms": j["median_s"] * 1e3, "torch_ms": t["median_s"] * 1e3, "torch/jax speed-up": ratio(t, j),
+            "jax_compile_s": j["first_s"] - j["median_s"]}
+
+
+def torch_vs_jax_rows(size, batch, repeats, device):
+    tmodel, fmodel, cfg, dev, sync = paired_models(size, device)
     e = cfg.embedding_size
     rng = np.random.default_rng(0)
     x = {"image_embed": rng.normal(size=(batch, e, e, 256)), "s0": rng.normal(size=(batch, 4 * e, 4 * e, 32)),
@@ -167,6 +219,7 @@ def torch_vs_jax_rows(size, batch, repeats, device):
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default="sam2.1_hiera_t", help="base model of the overhead rows (part 1)")
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--train-image-size", type=int, default=512)
     p.add_argument("--train-batch", type=int, default=8)
@@ -175,9 +228,10 @@ def main():
     p.add_argument("--torch-device", default=None)
     p.add_argument("--name", default="safeclick")
     a = p.parse_args()
-    rows = overhead_rows(a.image_size, a.repeats, a.dtype) if a.image_size else []
-    rows2 = torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats, a.torch_device) if a.train_batch else []
-    cols = ["measure", "sam2_ms", "safeclick_ms", "safeclick/sam2", "jax_ms", "torch_ms", "torch/jax speed-up",
+    rows = overhead_rows(a.image_size, a.repeats, a.dtype, a.model) if a.image_size else []
+    rows2 = [head_vs_torch_row(a.image_size, a.repeats, a.torch_device)] if a.image_size and a.train_batch else []
+    rows2 += torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats, a.torch_device) if a.train_batch else []
+    cols = ["measure", "sam2_ms", "safeclick_ms", "safeclick/sam2", "head_ms", "e2e_from_parts", "jax_ms", "torch_ms", "torch/jax speed-up",
             "jax_images_per_s", "torch_images_per_s", "jax_compile_s"]
     write(a.name, rows + rows2, cols, vars(a))
 

@@ -27,7 +27,7 @@ def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
 
 
 def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Like time_fn for several functions, called in turn (a, b, a, b, ...) so that each round sees
+    """Like time_fn for several functions, called in turn (a, b, b, a, ...) so that each round sees
     the same machine state: on a shared 2-core VM the speed drifts by 10-20 % over a minute, which
     would bias back-to-back blocks of runs. Returns {name: time_fn-style dict}; each dict also has
     `round_s`, the per-round times, from which `ratio` computes a median of per-round ratios."""
@@ -39,8 +39,12 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
     for _ in range(max(warmup - 1, 0)):
         for fn in fns.values():
             fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        # Odd rounds run in reverse order (a b, b a, ...): a call can leave the machine warmer or
+        # colder (caches, allocator state) for the next one; alternating cancels that bias.
+        for name in (names if i % 2 == 0 else names[::-1]):
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             out[name]["round_s"].append(time.perf_counter() - t0)

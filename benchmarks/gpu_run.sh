@@ -47,6 +47,9 @@ run_one() {
   train_l_fp32) step 130 "train large fp32" python3 $B/bench_train.py --model sam2.1_hiera_l --image-size 1024 --batch 8 --steps 10 --dtype float32 --features random --no-encoder-step ;;
   train_l_bf16) step 130 "train large bf16" python3 $B/bench_train.py --model sam2.1_hiera_l --image-size 1024 --batch 8 --steps 10 --dtype bfloat16 --features random --no-encoder-step ;;
   train_t_chunked) step 150 "train tiny bf16, chunked attention 2^26" env SAFECLICK_ATTENTION=chunked SAFECLICK_ATTENTION_MAX_SCORES=67108864 python3 $B/bench_train.py --image-size 1024 --batch 8 --steps 10 --dtype bfloat16 --features random --no-encoder-step ;;
+  train_t_cudnn) step 110 "train tiny bf16, cuDNN flash attention" env SAFECLICK_ATTENTION=cudnn python3 $B/bench_train.py --image-size 1024 --batch 8 --steps 10 --dtype bfloat16 --features random --no-encoder-step ;;
+  train_l_cudnn) step 130 "train large bf16, cuDNN flash attention" env SAFECLICK_ATTENTION=cudnn python3 $B/bench_train.py --model sam2.1_hiera_l --image-size 1024 --batch 8 --steps 10 --dtype bfloat16 --features random --no-encoder-step ;;
+  overhead_cudnn) step 120 "safeclick overhead bf16, cuDNN flash attention" env SAFECLICK_ATTENTION=cudnn python3 $B/bench_safeclick.py --image-size 1024 --train-batch 0 --repeats 10 --dtype bfloat16 --name safeclick_overhead_gpu_bf16_cudnn ;;
   step_memory) step 200 "step memory (XLA buffer assignment on the GPU)" python3 $B/step_memory.py ;;
   safeclick_fp32) step 200 "safeclick fp32" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 $B/bench_safeclick.py --image-size 1024 --train-image-size 1024 --train-batch 8 --repeats 10 --name safeclick_gpu ;;
   overhead_fp32) step 120 "safeclick overhead fp32" python3 $B/bench_safeclick.py --image-size 1024 --train-batch 0 --repeats 10 --name safeclick_overhead_gpu ;;

@@ -51,10 +51,11 @@ def test_chunk_plan():
     assert plan_chunks(64, 100, 1000, max_scores=10) == (1, 1)  # never zero
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["key_mask", "no_mask"])
 @pytest.mark.parametrize("max_scores", [3 * 70 * 90, 16 * 90], ids=["whole_problems", "query_chunks"])
-def test_chunked_gradients_equal_one_shot(max_scores):
+def test_chunked_gradients_equal_one_shot(max_scores, masked):
     q, k, v = qkv(2, 2, 70, 90, 16, seed=5)
-    key_mask = jnp.asarray(np.arange(90)[None] < np.array([[80], [90]]))
+    key_mask = jnp.asarray(np.arange(90)[None] < np.array([[80], [90]])) if masked else None
 
     def grads(chunk):
         def f(q, k, v):
@@ -65,8 +66,8 @@ def test_chunked_gradients_equal_one_shot(max_scores):
     for a, b in zip(grads(True), grads(False)):  # hand-written backward vs autodiff of the one-shot form
         scale = float(jnp.abs(b).max())
         assert scale > 0 and float(jnp.abs(a - b).max()) <= 1e-5 * scale
-    # masked keys get no gradient through the values
-    assert float(jnp.abs(grads(True)[2][0, :, 80:]).max()) == 0.0
+    if masked:  # masked keys get no gradient through the values
+        assert float(jnp.abs(grads(True)[2][0, :, 80:]).max()) == 0.0
 
 
 def test_bf16_inputs_keep_fp32_statistics():
@@ -98,3 +99,30 @@ def test_environment_override(monkeypatch):
     monkeypatch.setenv("SAFECLICK_ATTENTION_MAX_SCORES", "0")
     with pytest.raises(ValueError, match="SAFECLICK_ATTENTION_MAX_SCORES='0'"):
         f(q, k, v)
+
+
+def test_fused_library_path_layout_and_gradients():
+    """fused_attention (the SAFECLICK_ATTENTION=cudnn path, [B,H,N,d] <-> the library's [B,N,H,d])
+    run with implementation="xla" equals torch's SDPA and the one-shot form's gradients; only the
+    implementation string differs on a GPU. Asking for cudnn without a GPU names the variable."""
+    from safeclick_jax.models.attention import fused_attention
+    q, k, v = qkv(2, 3, 50, 70, 16, seed=7)
+    want = torch_sdpa(q, k, v)
+    qs = jnp.asarray(q) / np.sqrt(16)  # fused_attention takes q already scaled, as the caller has it
+    got = np.asarray(fused_attention(qs, jnp.asarray(k), jnp.asarray(v), implementation="xla"))
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
+    loss = lambda f: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    ga = loss(lambda q, k, v: fused_attention(q / np.sqrt(16), k, v, implementation="xla"))
+    gb = loss(lambda q, k, v: dot_product_attention(q, k, v, chunk_queries=False))
+    for a, b in zip(ga, gb):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
+
+
+def test_cudnn_mode_needs_a_gpu(monkeypatch):
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the cudnn mode is valid")
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in qkv(1, 2, 16, 16, 8))
+    monkeypatch.setenv("SAFECLICK_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="SAFECLICK_ATTENTION=cudnn needs a GPU"):
+        dot_product_attention(q, k, v)

@@ -21,7 +21,12 @@ keeps the whole [B, H, Nq, Nk] probabilities for the backward pass, though: on a
 SafeClick train step (1024 px, batch 8) needed 13.9 GB against torch's 5.0 GB. The environment
 variable SAFECLICK_ATTENTION=chunked (or full) overrides the choice on any backend, and
 SAFECLICK_ATTENTION_MAX_SCORES sets the piece size, so a GPU user can trade speed for memory;
-which is faster on a GPU has not been measured.
+which is faster on a GPU has not been measured. SAFECLICK_ATTENTION=cudnn (GPU only) sends every
+unmasked bf16/fp16 attention (Hiera's global blocks, E1, E2, the two-way transformer's token->image
+attention) to cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation=
+"cudnn")`), which never stores the [Nq, Nk] probabilities, as torch's SDPA does; masked or fp32
+calls keep the one-shot path (cuDNN's flash kernels take 16-bit inputs only). Not yet measured on a
+GPU (`benchmarks/gpu_run.sh train_t_cudnn`), so it is opt-in.
 
 Numerics: scale 1/sqrt(d) applied to q, scores and softmax statistics in fp32 (also for bf16
 inputs), the max subtracted as a constant (softmax is invariant to it, so its gradient is not
@@ -63,15 +68,30 @@ def plan_chunks(groups: int, nq: int, nk: int, max_scores: int = MAX_SCORES) -> 
     return 1, (rows - rows % 8 if rows >= 8 else rows)
 
 
-def _env_choice() -> tuple[bool | None, int]:
-    """(chunk_queries or None for 'by backend', max_scores) from SAFECLICK_ATTENTION[_MAX_SCORES]."""
+MODES = ("auto", "chunked", "full", "cudnn")
+
+
+def _env_choice() -> tuple[str, int]:
+    """(mode, max_scores) from SAFECLICK_ATTENTION[_MAX_SCORES] (module docstring)."""
     mode = os.environ.get("SAFECLICK_ATTENTION", "auto")
-    if mode not in ("auto", "chunked", "full"):
-        raise ValueError(f"SAFECLICK_ATTENTION={mode!r}: expected 'auto', 'chunked' or 'full'")
+    if mode not in MODES:
+        raise ValueError(f"SAFECLICK_ATTENTION={mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"SAFECLICK_ATTENTION=cudnn needs a GPU (cuDNN); the backend is "
+                         f"{jax.default_backend()!r}")
     raw = os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES", str(MAX_SCORES))
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"SAFECLICK_ATTENTION_MAX_SCORES={raw!r}: expected a positive integer")
-    return (None if mode == "auto" else mode == "chunked"), int(raw)
+    return mode, int(raw)
+
+
+def fused_attention(q, k, v, implementation: str = "cudnn"):
+    """Unmasked attention through jax.nn.dot_product_attention (q already scaled): [B, H, N, d]
+    in and out, the library's [B, N, H, d] layout inside. implementation="xla" runs the same
+    plumbing anywhere (the CPU test checks it against `_attend`)."""
+    t = lambda a: a.transpose(0, 2, 1, 3)
+    out = jax.nn.dot_product_attention(t(q), t(k), t(v), scale=1.0, implementation=implementation)
+    return t(out)
 
 
 def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = None,
@@ -82,10 +102,12 @@ def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = N
     b, h, nq, d = q.shape
     nk = k.shape[2]
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    env_chunk, env_max = _env_choice()
+    mode, env_max = _env_choice()
     max_scores = env_max if max_scores is None else max_scores
     if chunk_queries is None:
-        chunk_queries = env_chunk if env_chunk is not None else jax.default_backend() == "cpu"
+        if mode == "cudnn" and key_mask is None and q.dtype in (jnp.bfloat16, jnp.float16):
+            return fused_attention(q, k, v)
+        chunk_queries = {"chunked": True, "full": False}.get(mode, jax.default_backend() == "cpu")
     if not chunk_queries:
         return _attend(q, k, v, key_mask)
     groups = b * h
@@ -96,13 +118,16 @@ def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = N
     qf = jnp.pad(q.reshape(groups, nq, d), ((0, pad_g), (0, pad_q), (0, 0)))
     kf, vf = (jnp.pad(a.reshape(groups, nk, d), ((0, pad_g), (0, 0), (0, 0))) for a in (k, v))
     if key_mask is None:
+        # An all-True mask rather than none: the select it adds keeps XLA:CPU from fusing the
+        # q k^T dot with the max/exp into one YNNPACK fusion, which ran slower (SafeClick's E1 + E2
+        # at 1024 px: 3-4 % slower without the mask, two interleaved runs).
         mask = jnp.ones((n_pieces * per, nk), bool)
     else:
         mask = jnp.broadcast_to(key_mask[:, None, :], (b, h, nk)).reshape(groups, nk)
         mask = jnp.pad(mask, ((0, pad_g), (0, 0)), constant_values=True)
+    mask = mask.reshape(n_pieces, per, nk)
     qc = qf.reshape(n_pieces, per, n_chunks, chunk, d).transpose(0, 2, 1, 3, 4)
     kf, vf = kf.reshape(n_pieces, per, nk, d), vf.reshape(n_pieces, per, nk, d)
-    mask = mask.reshape(n_pieces, per, nk)
     out = jax.lax.map(lambda a: _chunked_attention(*a), (qc, kf, vf, mask))  # [pieces, chunks, per, c, d]
     out = out.transpose(0, 2, 1, 3, 4).reshape(n_pieces * per, n_chunks * chunk, d)
     return out[:groups, :nq].reshape(b, h, nq, d)
