@@ -126,3 +126,32 @@ def test_cudnn_mode_needs_a_gpu(monkeypatch):
     monkeypatch.setenv("SAFECLICK_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="SAFECLICK_ATTENTION=cudnn needs a GPU"):
         dot_product_attention(q, k, v)
+
+
+def test_cudnn_mode_routes_only_unmasked_16bit_calls(monkeypatch):
+    """Routing of SAFECLICK_ATTENTION=cudnn, checked on the CPU with the backend reported as "gpu"
+    and the fused call spied on (run with implementation="xla"): unmasked bf16 goes to the fused
+    kernel, masked or fp32 calls to the one-shot form; both give the same values."""
+    from safeclick_jax.models import attention
+    calls = []
+
+    def spy(q, k, v, implementation="cudnn"):
+        calls.append(q.dtype)
+        return attention.fused_attention.__wrapped__(q, k, v, implementation="xla")
+
+    spy.__wrapped__ = attention.fused_attention
+    monkeypatch.setattr(attention, "fused_attention", spy)
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("SAFECLICK_ATTENTION", "cudnn")
+    q, k, v = qkv(1, 2, 32, 40, 16, seed=8)
+    mask = jnp.asarray(np.arange(40)[None] < 30)
+    bf = [jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)]
+    fused = dot_product_attention(*bf)
+    assert calls == [jnp.bfloat16]
+    dot_product_attention(*bf, mask)  # masked: one-shot
+    dot_product_attention(*(jnp.asarray(t) for t in (q, k, v)))  # fp32: one-shot
+    assert len(calls) == 1
+    monkeypatch.setenv("SAFECLICK_ATTENTION", "full")
+    ref = dot_product_attention(*bf)
+    err = np.abs(np.asarray(fused, np.float32) - np.asarray(ref, np.float32)).max()
+    assert err <= 0.03, err  # bf16 rounding only
