@@ -188,5 +188,8 @@ def _safe(name: str) -> str:
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import use_huge_pages
+
+    use_huge_pages()  # re-executes once with huge-page malloc (safeclick_jax/host_memory.py)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     app.run(main)

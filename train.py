@@ -31,4 +31,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import use_huge_pages
+
+    use_huge_pages()  # re-executes once with huge-page malloc (safeclick_jax/host_memory.py)
     app.run(main)

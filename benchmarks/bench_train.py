@@ -2,7 +2,7 @@
 step (convert/safeclick_torch.py) on the same batch, plus the embedding cache's speed-up.
 
     python benchmarks/bench_train.py [--model sam2.1_hiera_t] [--image-size 128] [--batch 8] [--steps 10]
-                                     [--dtype float32|bfloat16] [--no-encoder-step]
+                                     [--dtype float32|bfloat16] [--no-encoder-step] [--rounds 1]
 
 Both sides train the same parts (SafeClick head + SAM 2 mask decoder; encoder, prompt encoder and
 conv_s0/s1 frozen) with the same loss (SAM 2's focal 20 + dice 1 + IoU MSE 1 + object BCE 1, masks
@@ -17,7 +17,9 @@ state, batch and activations), `device_peak_mb`, the allocator's peak over the w
 JAX it includes the encoder pass that made the features; for torch it is
 torch.cuda.max_memory_allocated over the timed steps, weights included). `--dtype bfloat16`: JAX with train.compute_dtype = bfloat16 (float32
 master weights), torch under autocast(bfloat16). Writes benchmarks/results/train_<size>px[_<model>]
-[_<dtype>].{json,md} ($BENCH_RESULTS overrides the folder).
+[_<dtype>].{json,md} ($BENCH_RESULTS overrides the folder). Both sides run with glibc's
+huge-page malloc, as train.py (`safeclick_jax/host_memory.py`; SAFECLICK_SYSTEM_MALLOC=1: glibc's defaults).
+`--rounds N` runs N processes per side alternately (a b b a ...) and reports each side's median.
 """
 from __future__ import annotations
 
@@ -226,6 +228,8 @@ def main():
     p.add_argument("--no-encoder-step", dest="encoder_step", action="store_false",
                    help="skip the 'encoder in the step' row")
     p.add_argument("--torch-device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per side, run alternately (a b b a ...); rows are the median rounds")
     p.add_argument("--features", choices=("encoder", "random"), default="encoder",
                    help="JAX's cached features: from the encoder, or random of the same shapes (no encoder compile)")
     args = p.parse_args()
@@ -233,22 +237,38 @@ def main():
         res = run_jax(args) if args.which == "jax" else run_torch(args)
         print("RESULT " + json.dumps(res))
         return
+    # One process per side and round, in the order a b b a a b ...: the machine's speed drifts by
+    # 10-20 % over minutes, and alternating cancels most of it. Each impl's row is its median round.
+    runs, errors = {}, []
+    for r in range(args.rounds):
+        for which in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+            if r > 0 and which == "jax":
+                args_enc = ["--no-encoder-step"]  # the cache-less row is measured in round 1 only
+            else:
+                args_enc = [] if args.encoder_step else ["--no-encoder-step"]
+            cmd = [sys.executable, __file__, "--which", which, "--model", args.model, "--image-size",
+                   str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
+            cmd += ["--features", args.features] + args_enc + (
+                ["--torch-device", args.torch_device] if args.torch_device else [])
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: progress, live
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                print(out.stdout[-2000:], file=sys.stderr)
+                errors.append({"impl": which, "error": f"exit {out.returncode}"})
+                continue
+            for row in json.loads(line[0][7:])["rows"]:
+                runs.setdefault(row["impl"], []).append(row)
     rows = []
-    for which in ("jax", "torch"):
-        cmd = [sys.executable, __file__, "--which", which, "--model", args.model, "--image-size",
-               str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
-        cmd += ["--features", args.features] + ([] if args.encoder_step else ["--no-encoder-step"]) + (
-            ["--torch-device", args.torch_device] if args.torch_device else [])
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: progress, live
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(out.stdout[-2000:], file=sys.stderr)
-            rows.append({"impl": which, "error": f"exit {out.returncode}"})
-            continue
-        rows.extend(json.loads(line[0][7:])["rows"])
+    for impl, rs in runs.items():
+        rs = sorted(rs, key=lambda x: x["step_s"])
+        row = dict(rs[(len(rs) - 1) // 2])
+        row["round_step_s"] = [x["step_s"] for x in rs]
+        rows.append(row)
+    rows += errors
     by = {r["impl"].split(" ")[0].rstrip(",") + (" enc" if "encoder" in r["impl"] else ""): r
           for r in rows if "step_s" in r}
     meta = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
+            "rounds": args.rounds, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "dtype": args.dtype, "attention": os.environ.get("SAFECLICK_ATTENTION", "auto"),
             "attention_max_scores": os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES")}
     if "jax" in by and "torch" in by:
@@ -266,4 +286,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import use_huge_pages
+
+    use_huge_pages()  # as train.py: huge-page malloc, for both frameworks (safeclick_jax/host_memory.py)
     main()

@@ -92,4 +92,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import use_huge_pages
+
+    use_huge_pages()  # as train.py: huge-page malloc, for both frameworks (safeclick_jax/host_memory.py)
     main()

@@ -136,4 +136,7 @@ def _progress(done: int, total: int) -> None:
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import use_huge_pages
+
+    use_huge_pages()  # re-executes once with huge-page malloc (safeclick_jax/host_memory.py)
     sys.exit(main())
