@@ -33,11 +33,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _CHECKPOINT = flags.DEFINE_multi_string(
     "checkpoint",
     None,
-    "model directory (model.json + state/) or training workdir (its export/); " "repeat for several models",
+    "model directory (model.json + state/) or training workdir (its export/); repeat for several models",
     required=True,
 )
 _NAME = flags.DEFINE_multi_string(
-    "name", None, "display name of each --checkpoint, in order " "(default: the directory's name)"
+    "name", None, "display name of each --checkpoint, in order (default: the directory's name)"
 )
 _BASELINE = flags.DEFINE_string("baseline", None, "model name the Improve row compares against")
 _CANDIDATE = flags.DEFINE_multi_string(
@@ -53,16 +53,14 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "model input size (0: config
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size",
     0,
-    "slices per step, a multiple of the device " "count (0: config.data.batch_size rounded up to one)",
+    "slices per step, a multiple of the device count (0: config.data.batch_size rounded up to one)",
 )
 _ROIS_PER_CALL = flags.DEFINE_integer(
-    "rois_per_call", 1, "ROI slots per decoder call (each = " "10 prompts per slice of the batch)"
+    "rois_per_call", 1, "ROI slots per decoder call (each = 10 prompts per slice of the batch)"
 )
 _SEED = flags.DEFINE_integer("seed", None, "prompt seed (default: config.data.eval_seed)")
 _MIN_AREA = flags.DEFINE_integer("min_area", 0, "ROIs with fewer pixels are skipped and counted")
-_MAX_SLICES = flags.DEFINE_integer(
-    "max_slices", None, "evaluate only this many evenly spaced " "slices (smoke runs)"
-)
+_MAX_SLICES = flags.DEFINE_integer("max_slices", None, "evaluate only this many evenly spaced slices (smoke runs)")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "devices of the data mesh (0: all)")
 _NUM_OVERLAYS = flags.DEFINE_integer("num_overlays", 4, "ROIs in the overlay figures")
 _OVERLAY_CONDITIONS = flags.DEFINE_list(
@@ -115,9 +113,7 @@ def main(argv):
     if not (Path(cache_dir) / "rois.npy").exists():
         from safeclick_jax.data import prepare
 
-        print(
-            f"[evaluate] no cache in {cache_dir}: preparing it from {list(data_cfg.roots)}", file=sys.stderr
-        )
+        print(f"[evaluate] no cache in {cache_dir}: preparing it from {list(data_cfg.roots)}", file=sys.stderr)
         prepare.prepare_dataset(list(data_cfg.roots), cache_dir, data_cfg, progress=_PROGRESS.value)
 
     models = []
@@ -129,9 +125,7 @@ def main(argv):
         raise app.UsageError(f"--baseline {_BASELINE.value!r} is none of {[m.name for m in models]}")
 
     t0 = time.perf_counter()
-    rois = protocol.RoiSet(
-        cache_dir, _SPLIT.value, seed=seed, min_area=_MIN_AREA.value, max_slices=_MAX_SLICES.value
-    )
+    rois = protocol.RoiSet(cache_dir, _SPLIT.value, seed=seed, min_area=_MIN_AREA.value, max_slices=_MAX_SLICES.value)
     print(
         f"[evaluate] {len(rois)} ROIs on {len(rois.slices)} slices of {rois.datasets} "
         f"({_SPLIT.value} split), {len(models)} models, image size {image_size}, "

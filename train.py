@@ -7,14 +7,14 @@
 A restart with the same --workdir resumes from its latest checkpoint. Exit codes: 0 done,
 3 the loss diverged (NaN/Inf; the last good checkpoint is kept). See safeclick_jax/training.
 """
+
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sam2_t.py", "training config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, logs and the exported model",
-                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, logs and the exported model", required=True)
 
 
 def main(argv):

@@ -76,13 +76,9 @@ def main():
     }
     sets = {
         # default synthetic volumes: 48 x 48 x 16 at 2 x 2 x 5 mm
-        "synthetic-small (20 vol, 48x48x16)": dict(
-            num_volumes=20, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)
-        ),
+        "synthetic-small (20 vol, 48x48x16)": dict(num_volumes=20, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)),
         # closer to a real CT's in-plane size: 192 x 192 x 32 at 1 x 1 x 4 mm -> 192 x 192 x 128
-        "synthetic-large (6 vol, 192x192x32)": dict(
-            num_volumes=6, shape=(192, 192, 32), spacing=(1.0, 1.0, 4.0)
-        ),
+        "synthetic-large (6 vol, 192x192x32)": dict(num_volumes=6, shape=(192, 192, 32), spacing=(1.0, 1.0, 4.0)),
     }
     caches = {}
     for name, kw in sets.items():
@@ -94,9 +90,7 @@ def main():
             print(results["prepare"][-1], flush=True)
     if CT_SMALL.exists():
         caches["ct_small (real CT, 122x101x30)"] = tmp / "cache-ct"
-        results["prepare"].append(
-            bench_prepare("ct_small (real CT, 122x101x30)", CT_SMALL, tmp / "cache-ct", 1)
-        )
+        results["prepare"].append(bench_prepare("ct_small (real CT, 122x101x30)", CT_SMALL, tmp / "cache-ct", 1))
         print(results["prepare"][-1], flush=True)
 
     for name in list(caches)[:2] + list(caches)[2:]:

@@ -15,6 +15,7 @@ the direct end-to-end ratio when the encoder is large and the machine drifts.
 torch runs on cuda when available (`--torch-device`). Writes benchmarks/results/<name>.{json,md}
 ($BENCH_RESULTS overrides the folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,15 +76,23 @@ def overhead_rows(size, repeats, dtype="float32", model_name="sam2.1_hiera_t"):
     f = {k: f[k].astype(dtype) for k in ("block", "image_embed")}
     st = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
     head_fn = {"head": lambda: jax.block_until_ready(head(st, f["block"], f["image_embed"]))}
-    res = {"decode": time_interleaved(dec_fns, repeats * 6, warmup=3), "e2e": time_interleaved(e2e_fns, repeats),
-           "head": time_interleaved(head_fn, repeats * 2, warmup=2)}
+    res = {
+        "decode": time_interleaved(dec_fns, repeats * 6, warmup=3),
+        "e2e": time_interleaved(e2e_fns, repeats),
+        "head": time_interleaved(head_fn, repeats * 2, warmup=2),
+    }
     for stage in ("decode", "e2e"):
         a, b = res[stage]["sam2"], res[stage]["safeclick"]
-        rows.append({"measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {model_name}, {size} px, {dtype}",
-                     "sam2_ms": a["median_s"] * 1e3, "safeclick_ms": b["median_s"] * 1e3,
-                     "safeclick/sam2": ratio(b, a),
-                     "sam2_round_ms": [t * 1e3 for t in a["round_s"]],
-                     "safeclick_round_ms": [t * 1e3 for t in b["round_s"]]})
+        rows.append(
+            {
+                "measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {model_name}, {size} px, {dtype}",
+                "sam2_ms": a["median_s"] * 1e3,
+                "safeclick_ms": b["median_s"] * 1e3,
+                "safeclick/sam2": ratio(b, a),
+                "sam2_round_ms": [t * 1e3 for t in a["round_s"]],
+                "safeclick_round_ms": [t * 1e3 for t in b["round_s"]],
+            }
+        )
     h = res["head"]["head"]["median_s"]
     extra = h + res["decode"]["safeclick"]["median_s"] - res["decode"]["sam2"]["median_s"]
     rows[-1].update(head_ms=h * 1e3, e2e_from_parts=1 + extra / res["e2e"]["sam2"]["median_s"])
@@ -121,21 +130,30 @@ def head_vs_torch_row(size, repeats, device):
             tmodel.safeclick.image_features(tb, te)
         sync()
 
-    r = time_interleaved({"jax": lambda: jax.block_until_ready(head(st, jb, je)), "torch": t_head},
-                         repeats * 2, warmup=2)
+    r = time_interleaved(
+        {"jax": lambda: jax.block_until_ready(head(st, jb, je)), "torch": t_head}, repeats * 2, warmup=2
+    )
     j, t = r["jax"], r["torch"]
-    return {"measure": f"SafeClick image-level head (F_transform, E1, E2, CRL), batch 1, {size} px",
-            "jax_ms": j["median_s"] * 1e3, "torch_ms": t["median_s"] * 1e3, "torch/jax speed-up": ratio(t, j),
-            "jax_compile_s": j["first_s"] - j["median_s"]}
+    return {
+        "measure": f"SafeClick image-level head (F_transform, E1, E2, CRL), batch 1, {size} px",
+        "jax_ms": j["median_s"] * 1e3,
+        "torch_ms": t["median_s"] * 1e3,
+        "torch/jax speed-up": ratio(t, j),
+        "jax_compile_s": j["first_s"] - j["median_s"],
+    }
 
 
 def torch_vs_jax_rows(size, batch, repeats, device):
     tmodel, fmodel, cfg, dev, sync = paired_models(size, device)
     e = cfg.embedding_size
     rng = np.random.default_rng(0)
-    x = {"image_embed": rng.normal(size=(batch, e, e, 256)), "s0": rng.normal(size=(batch, 4 * e, 4 * e, 32)),
-         "s1": rng.normal(size=(batch, 2 * e, 2 * e, 64)), "block": rng.normal(size=(batch, e, e, 384)),
-         "target": (rng.random((batch, 4 * e, 4 * e)) > 0.5)}
+    x = {
+        "image_embed": rng.normal(size=(batch, e, e, 256)),
+        "s0": rng.normal(size=(batch, 4 * e, 4 * e, 32)),
+        "s1": rng.normal(size=(batch, 2 * e, 2 * e, 64)),
+        "block": rng.normal(size=(batch, e, e, 384)),
+        "target": (rng.random((batch, 4 * e, 4 * e)) > 0.5),
+    }
     x = {k: v.astype(np.float32) for k, v in x.items()}
     coords, labels = prompt(batch)
     m = 4 * e
@@ -146,7 +164,10 @@ def torch_vs_jax_rows(size, batch, repeats, device):
     graphdef, params, rest = nnx.split(fmodel, is_trainable, ...)
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
-    feats = {"image_embed": jnp.asarray(x["image_embed"]), "high_res_feats": (jnp.asarray(x["s0"]), jnp.asarray(x["s1"]))}
+    feats = {
+        "image_embed": jnp.asarray(x["image_embed"]),
+        "high_res_feats": (jnp.asarray(x["s0"]), jnp.asarray(x["s1"])),
+    }
     block, target = jnp.asarray(x["block"]), jnp.asarray(x["target"], jnp.float32)
 
     def forward(params):
@@ -156,7 +177,7 @@ def torch_vs_jax_rows(size, batch, repeats, device):
 
     def loss_fn(params):
         logits, iou, _, _ = forward(params)
-        return optax.sigmoid_binary_cross_entropy(logits[:, 0], target).mean() + jnp.mean(iou ** 2)
+        return optax.sigmoid_binary_cross_entropy(logits[:, 0], target).mean() + jnp.mean(iou**2)
 
     @jax.jit
     def step(params, opt_state):
@@ -171,15 +192,17 @@ def torch_vs_jax_rows(size, batch, repeats, device):
         state["p"], state["o"], loss = step(state["p"], state["o"])
         jax.block_until_ready(loss)
 
-
     # --- torch (same batch; one decode call for the whole batch)
     tmodel = tmodel.to(dev)
     tt = {k: torch.from_numpy(v.transpose(0, 3, 1, 2).copy()).to(dev) for k, v in x.items() if k != "target"}
     ttarget = torch.from_numpy(x["target"].astype(np.float32)).to(dev)
     tc = torch.from_numpy(np.asarray(coords)[:, :1].copy()).to(dev)
     tl = torch.from_numpy(np.asarray(labels)[:, :1].copy()).to(dev)
-    trainable = [p for k, p in tmodel.named_parameters()
-                 if k.startswith(("safeclick.", "sam_mask_decoder.")) and ".conv_s" not in k]
+    trainable = [
+        p
+        for k, p in tmodel.named_parameters()
+        if k.startswith(("safeclick.", "sam_mask_decoder.")) and ".conv_s" not in k
+    ]
     for k, p in tmodel.named_parameters():
         p.requires_grad_(k.startswith(("safeclick.", "sam_mask_decoder.")) and ".conv_s" not in k)
     opt = torch.optim.AdamW(trainable, lr=1e-4)
@@ -197,7 +220,7 @@ def torch_vs_jax_rows(size, batch, repeats, device):
         tmodel.train()
         opt.zero_grad()
         logits, iou, _, _ = t_forward()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], ttarget) + (iou ** 2).mean()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], ttarget) + (iou**2).mean()
         loss.backward()
         opt.step()
         sync()
@@ -207,13 +230,22 @@ def torch_vs_jax_rows(size, batch, repeats, device):
     r = time_interleaved({"jax": jax_step, "torch": t_step}, repeats, warmup=2)
     js, ts = r["jax"], r["torch"]
     return [
-        {"measure": f"decoder forward, batch {batch}, {size} px", "jax_ms": jf["median_s"] * 1e3,
-         "torch_ms": tf["median_s"] * 1e3, "torch/jax speed-up": ratio(tf, jf),
-         "jax_compile_s": jf["first_s"] - jf["median_s"]},
-        {"measure": f"training step (fwd+bwd+AdamW), batch {batch}, {size} px", "jax_ms": js["median_s"] * 1e3,
-         "torch_ms": ts["median_s"] * 1e3, "torch/jax speed-up": ratio(ts, js),
-         "jax_compile_s": js["first_s"] - js["median_s"], "jax_images_per_s": batch / js["median_s"],
-         "torch_images_per_s": batch / ts["median_s"]},
+        {
+            "measure": f"decoder forward, batch {batch}, {size} px",
+            "jax_ms": jf["median_s"] * 1e3,
+            "torch_ms": tf["median_s"] * 1e3,
+            "torch/jax speed-up": ratio(tf, jf),
+            "jax_compile_s": jf["first_s"] - jf["median_s"],
+        },
+        {
+            "measure": f"training step (fwd+bwd+AdamW), batch {batch}, {size} px",
+            "jax_ms": js["median_s"] * 1e3,
+            "torch_ms": ts["median_s"] * 1e3,
+            "torch/jax speed-up": ratio(ts, js),
+            "jax_compile_s": js["first_s"] - js["median_s"],
+            "jax_images_per_s": batch / js["median_s"],
+            "torch_images_per_s": batch / ts["median_s"],
+        },
     ]
 
 
@@ -231,8 +263,20 @@ def main():
     rows = overhead_rows(a.image_size, a.repeats, a.dtype, a.model) if a.image_size else []
     rows2 = [head_vs_torch_row(a.image_size, a.repeats, a.torch_device)] if a.image_size and a.train_batch else []
     rows2 += torch_vs_jax_rows(a.train_image_size, a.train_batch, a.repeats, a.torch_device) if a.train_batch else []
-    cols = ["measure", "sam2_ms", "safeclick_ms", "safeclick/sam2", "head_ms", "e2e_from_parts", "jax_ms", "torch_ms", "torch/jax speed-up",
-            "jax_images_per_s", "torch_images_per_s", "jax_compile_s"]
+    cols = [
+        "measure",
+        "sam2_ms",
+        "safeclick_ms",
+        "safeclick/sam2",
+        "head_ms",
+        "e2e_from_parts",
+        "jax_ms",
+        "torch_ms",
+        "torch/jax speed-up",
+        "jax_images_per_s",
+        "torch_images_per_s",
+        "jax_compile_s",
+    ]
     write(a.name, rows + rows2, cols, vars(a))
 
 

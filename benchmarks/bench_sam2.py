@@ -7,6 +7,7 @@ warm-up, JAX and torch called in turn (the ratio is the median of per-round rati
 time (the first call) is reported separately. Random weights (speed does not
 depend on them). Writes benchmarks/results/sam2_<model>.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,15 @@ def main():
     rows = []
     r = time_interleaved({"jax": jax_encode, "torch": torch_encode}, a.repeats)
     je, te = r["jax"], r["torch"]
-    rows.append({"stage": "image encoder (1024 px, incl. preprocessing in JAX)", "jax_ms": je["median_s"] * 1e3,
-                 "torch_ms": te["median_s"] * 1e3, "jax/torch": ratio(je, te),
-                 "jax_compile_s": je["first_s"] - je["median_s"]})
+    rows.append(
+        {
+            "stage": "image encoder (1024 px, incl. preprocessing in JAX)",
+            "jax_ms": je["median_s"] * 1e3,
+            "torch_ms": te["median_s"] * 1e3,
+            "jax/torch": ratio(je, te),
+            "jax_compile_s": je["first_s"] - je["median_s"],
+        }
+    )
 
     # decoding: one positive click, multimask (the interactive loop's unit of work)
     pts = np.array([[500.0, 400.0]])
@@ -84,11 +91,21 @@ def main():
 
     r = time_interleaved({"jax": jax_decode, "torch": torch_decode}, a.decode_repeats, warmup=3)
     jd, td = r["jax"], r["torch"]
-    rows.append({"stage": "prompt decoding (1 click, multimask, upsampled to 1024)", "jax_ms": jd["median_s"] * 1e3,
-                 "torch_ms": td["median_s"] * 1e3, "jax/torch": ratio(jd, td),
-                 "jax_compile_s": jd["first_s"] - jd["median_s"]})
-    write(f"sam2_{a.model}", rows, ["stage", "jax_ms", "torch_ms", "jax/torch", "jax_compile_s"],
-          {"model": a.model, "repeats": a.repeats, "decode_repeats": a.decode_repeats})
+    rows.append(
+        {
+            "stage": "prompt decoding (1 click, multimask, upsampled to 1024)",
+            "jax_ms": jd["median_s"] * 1e3,
+            "torch_ms": td["median_s"] * 1e3,
+            "jax/torch": ratio(jd, td),
+            "jax_compile_s": jd["first_s"] - jd["median_s"],
+        }
+    )
+    write(
+        f"sam2_{a.model}",
+        rows,
+        ["stage", "jax_ms", "torch_ms", "jax/torch", "jax_compile_s"],
+        {"model": a.model, "repeats": a.repeats, "decode_repeats": a.decode_repeats},
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ master weights), torch under autocast(bfloat16). Writes benchmarks/results/train
 huge-page malloc, as train.py (`safeclick_jax/host_memory.py`; SAFECLICK_SYSTEM_MALLOC=1: glibc's defaults).
 `--rounds N` runs N processes per side alternately (a b b a ...) and reports each side's median.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def _progress(msg):
 def _batch(image_size: int, batch: int, seed: int = 0):
     """A synthetic batch: normalised images, masks (a disc per row), half clicks, half boxes."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     s = image_size
     yy, xx = np.mgrid[:s, :s]
@@ -57,8 +59,13 @@ def _batch(image_size: int, batch: int, seed: int = 0):
         boxes.append([cx - r, cy - r, cx + r, cy + r])
     images = rng.normal(0, 1, (batch, s, s, 3)).astype(np.float32)
     prompt_type = (np.arange(batch) % 2).astype(np.int32)
-    return {"image": images, "mask": np.stack(masks), "point_coords": np.asarray(pts, np.float32),
-            "box": np.asarray(boxes, np.float32), "prompt_type": prompt_type}
+    return {
+        "image": images,
+        "mask": np.stack(masks),
+        "point_coords": np.asarray(pts, np.float32),
+        "box": np.asarray(boxes, np.float32),
+        "prompt_type": prompt_type,
+    }
 
 
 def run_jax(args) -> dict:
@@ -86,8 +93,12 @@ def run_jax(args) -> dict:
     else:  # same shapes, random values: the step's speed does not depend on them (no encoder compile)
         rng = np.random.default_rng(0)
         feats = jax.tree.map(lambda a: rng.normal(size=a.shape), jax.eval_shape(encode, model, raw["image"]))
-    cached = {"feat_image_embed": feats["image_embed"], "feat_high_res_0": feats["high_res_feats"][0],
-              "feat_high_res_1": feats["high_res_feats"][1], "feat_block": feats["block"]}
+    cached = {
+        "feat_image_embed": feats["image_embed"],
+        "feat_high_res_0": feats["high_res_feats"][0],
+        "feat_high_res_1": feats["high_res_feats"][1],
+        "feat_block": feats["block"],
+    }
     cached = {k: np.asarray(v).astype(np.float16) for k, v in cached.items()}
     _progress(f"model built, features ready ({args.features})")
     hb = step_lib.host_batch({**raw}, cache=None)
@@ -109,8 +120,12 @@ def run_jax(args) -> dict:
         t0 = time.perf_counter()
         fn = fn.lower(state, fz, gb).compile()
         ma = fn.memory_analysis()
-        step_mb = None if ma is None else (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                           + ma.temp_size_in_bytes - ma.alias_size_in_bytes) / 2**20
+        step_mb = (
+            None
+            if ma is None
+            else (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+            / 2**20
+        )
         state, m = fn(state, fz, gb)
         jax.block_until_ready(m)
         first = time.perf_counter() - t0
@@ -121,9 +136,18 @@ def run_jax(args) -> dict:
         jax.block_until_ready(m)
         sec = (time.perf_counter() - t0) / args.steps
         mem = jax.devices()[0].memory_stats() or {}
-        rows.append({"impl": f"{name} {args.dtype}", "compile_s": first, "step_s": sec, "steps_per_s": 1 / sec,
-                     "images_per_s": args.batch / sec, "loss": float(m["loss"]), "step_mb": step_mb,
-                     "device_peak_mb": mem.get("peak_bytes_in_use", 0) / 2**20 or None})
+        rows.append(
+            {
+                "impl": f"{name} {args.dtype}",
+                "compile_s": first,
+                "step_s": sec,
+                "steps_per_s": 1 / sec,
+                "images_per_s": args.batch / sec,
+                "loss": float(m["loss"]),
+                "step_mb": step_mb,
+                "device_peak_mb": mem.get("peak_bytes_in_use", 0) / 2**20 or None,
+            }
+        )
         _progress(f"{name}: {sec * 1e3:.1f} ms/step")
     for r in rows:
         r["peak_rss_mb"] = _rss_mb()
@@ -147,7 +171,8 @@ def run_torch(args) -> dict:
     raw = _batch(args.image_size, args.batch)
     store = {}
     h = model.image_encoder.trunk.blocks[model.keep_block].register_forward_hook(
-        lambda m, i, o: store.__setitem__("block", o))
+        lambda m, i, o: store.__setitem__("block", o)
+    )
     with torch.no_grad():
         images = torch.from_numpy(raw["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
         out = model.forward_image(images)
@@ -163,8 +188,13 @@ def run_torch(args) -> dict:
     coords, labels = torch.from_numpy(coords).to(dev), torch.from_numpy(labels).to(dev)
     target = torch.from_numpy(raw["mask"]).float()[:, None].to(dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    frozen = ("image_encoder", "sam_prompt_encoder", "no_mem_embed", "sam_mask_decoder.conv_s0",
-              "sam_mask_decoder.conv_s1")
+    frozen = (
+        "image_encoder",
+        "sam_prompt_encoder",
+        "no_mem_embed",
+        "sam_mask_decoder.conv_s0",
+        "sam_mask_decoder.conv_s1",
+    )
     params = [p for n, p in model.named_parameters() if not n.startswith(frozen)]
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith(frozen))
@@ -188,8 +218,12 @@ def run_torch(args) -> dict:
         with torch.no_grad():
             pm, gm = up > 0, t > 0
             actual = (pm & gm).flatten(2).sum(-1).float() / (pm | gm).flatten(2).sum(-1).float().clamp(min=1)
-        loss = (20 * focal[ar, best].mean() + dice[ar, best].mean() + ((iou - actual) ** 2).mean()
-                + F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj)))
+        loss = (
+            20 * focal[ar, best].mean()
+            + dice[ar, best].mean()
+            + ((iou - actual) ** 2).mean()
+            + F.binary_cross_entropy_with_logits(obj, torch.ones_like(obj))
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.1)
@@ -211,10 +245,20 @@ def run_torch(args) -> dict:
     sec = (time.perf_counter() - t0) / args.steps
     loss = float(loss)
     where = torch.cuda.get_device_name(dev) if cuda else f"{torch.get_num_threads()} threads"
-    return {"rows": [{"impl": f"torch {torch.__version__} ({where}) {args.dtype}",
-                      "compile_s": first, "step_s": sec, "steps_per_s": 1 / sec,
-                      "images_per_s": args.batch / sec, "loss": loss, "peak_rss_mb": _rss_mb(),
-                      "device_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None}]}
+    return {
+        "rows": [
+            {
+                "impl": f"torch {torch.__version__} ({where}) {args.dtype}",
+                "compile_s": first,
+                "step_s": sec,
+                "steps_per_s": 1 / sec,
+                "images_per_s": args.batch / sec,
+                "loss": loss,
+                "peak_rss_mb": _rss_mb(),
+                "device_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
+            }
+        ]
+    }
 
 
 def main():
@@ -225,13 +269,22 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--which", choices=("all", "jax", "torch"), default="all")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--no-encoder-step", dest="encoder_step", action="store_false",
-                   help="skip the 'encoder in the step' row")
+    p.add_argument(
+        "--no-encoder-step", dest="encoder_step", action="store_false", help="skip the 'encoder in the step' row"
+    )
     p.add_argument("--torch-device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="processes per side, run alternately (a b b a ...); rows are the median rounds")
-    p.add_argument("--features", choices=("encoder", "random"), default="encoder",
-                   help="JAX's cached features: from the encoder, or random of the same shapes (no encoder compile)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="processes per side, run alternately (a b b a ...); rows are the median rounds",
+    )
+    p.add_argument(
+        "--features",
+        choices=("encoder", "random"),
+        default="encoder",
+        help="JAX's cached features: from the encoder, or random of the same shapes (no encoder compile)",
+    )
     args = p.parse_args()
     if args.which != "all":
         res = run_jax(args) if args.which == "jax" else run_torch(args)
@@ -241,15 +294,32 @@ def main():
     # 10-20 % over minutes, and alternating cancels most of it. Each impl's row is its median round.
     runs, errors = {}, []
     for r in range(args.rounds):
-        for which in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+        for which in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
             if r > 0 and which == "jax":
                 args_enc = ["--no-encoder-step"]  # the cache-less row is measured in round 1 only
             else:
                 args_enc = [] if args.encoder_step else ["--no-encoder-step"]
-            cmd = [sys.executable, __file__, "--which", which, "--model", args.model, "--image-size",
-                   str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
-            cmd += ["--features", args.features] + args_enc + (
-                ["--torch-device", args.torch_device] if args.torch_device else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--which",
+                which,
+                "--model",
+                args.model,
+                "--image-size",
+                str(args.image_size),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--dtype",
+                args.dtype,
+            ]
+            cmd += (
+                ["--features", args.features]
+                + args_enc
+                + (["--torch-device", args.torch_device] if args.torch_device else [])
+            )
             out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: progress, live
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
@@ -265,23 +335,51 @@ def main():
         row["round_step_s"] = [x["step_s"] for x in rs]
         rows.append(row)
     rows += errors
-    by = {r["impl"].split(" ")[0].rstrip(",") + (" enc" if "encoder" in r["impl"] else ""): r
-          for r in rows if "step_s" in r}
-    meta = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
-            "rounds": args.rounds, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "dtype": args.dtype, "attention": os.environ.get("SAFECLICK_ATTENTION", "auto"),
-            "attention_max_scores": os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES")}
+    by = {
+        r["impl"].split(" ")[0].rstrip(",") + (" enc" if "encoder" in r["impl"] else ""): r
+        for r in rows
+        if "step_s" in r
+    }
+    meta = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "dtype": args.dtype,
+        "attention": os.environ.get("SAFECLICK_ATTENTION", "auto"),
+        "attention_max_scores": os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES"),
+    }
     if "jax" in by and "torch" in by:
         meta["jax_vs_torch_speedup"] = by["torch"]["step_s"] / by["jax"]["step_s"]
     if "jax" in by and "jax enc" in by:
         meta["embedding_cache_speedup"] = by["jax enc"]["step_s"] / by["jax"]["step_s"]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import write
-    name = f"train_{args.image_size}px" + ("" if args.model == "sam2.1_hiera_t" else "_" + args.model) + (
-        "" if args.dtype == "float32" else "_" + args.dtype) + (
-        "" if os.environ.get("SAFECLICK_ATTENTION", "auto") == "auto" else "_" + os.environ["SAFECLICK_ATTENTION"])
-    write(name, rows, ["impl", "steps_per_s", "images_per_s", "step_s", "compile_s", "peak_rss_mb",
-                          "step_mb", "device_peak_mb", "loss"], meta)
+
+    name = (
+        f"train_{args.image_size}px"
+        + ("" if args.model == "sam2.1_hiera_t" else "_" + args.model)
+        + ("" if args.dtype == "float32" else "_" + args.dtype)
+        + ("" if os.environ.get("SAFECLICK_ATTENTION", "auto") == "auto" else "_" + os.environ["SAFECLICK_ATTENTION"])
+    )
+    write(
+        name,
+        rows,
+        [
+            "impl",
+            "steps_per_s",
+            "images_per_s",
+            "step_s",
+            "compile_s",
+            "peak_rss_mb",
+            "step_mb",
+            "device_peak_mb",
+            "loss",
+        ],
+        meta,
+    )
     print(json.dumps(meta, indent=1))
 
 

@@ -8,6 +8,7 @@ propagate() (the first one compiles; the compile time is reported separately); t
 propagate_in_video (both directions), eager fp32. Random weights (speed does not depend on them).
 Writes benchmarks/results/volume.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def main():
 
     version = a.model.split("_hiera_")[0]
     torch.manual_seed(0)
-    tm = build_sam2_video_predictor(f"configs/{version}/{a.model}.yaml", ckpt_path=None, device="cpu",
-                                    hydra_overrides_extra=[f"++model.image_size={a.image_size}"]).eval()
+    tm = build_sam2_video_predictor(
+        f"configs/{version}/{a.model}.yaml",
+        ckpt_path=None,
+        device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={a.image_size}"],
+    ).eval()
     with torch.no_grad():  # object present on every slice, so every step does the full work
         tm.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(20.0)
     tm.fill_hole_area = 0
@@ -72,7 +77,9 @@ def main():
     slices = np.array(jp._slices)
     x = torch.from_numpy(slices).float()[:, None].expand(-1, 3, -1, -1) / 255.0
     x = F.interpolate(x, (a.image_size, a.image_size), mode="bilinear", align_corners=False, antialias=True)
-    frames = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    frames = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     svp.load_video_frames = lambda **kw: (frames, a.hw, a.hw)
     with torch.inference_mode():
         state = tm.init_state(video_path="(frames)")
@@ -83,12 +90,28 @@ def main():
                 pass
         torch_s = time.perf_counter() - t0
 
-    rows = [{"stage": f"propagation, {a.slices} slices of {a.hw}x{a.hw} ({tracked} tracked), {a.model} @ {a.image_size} px",
-             "jax_slices_per_s": tracked / jax_s, "torch_slices_per_s": tracked / torch_s,
-             "jax/torch speed": torch_s / jax_s, "jax_compile_s": first - jax_s}]
-    write("volume", rows, ["stage", "jax_slices_per_s", "torch_slices_per_s", "jax/torch speed", "jax_compile_s"],
-          {"model": a.model, "image_size": a.image_size, "slices": a.slices, "hw": a.hw,
-           "jax_device": str(jax.devices()[0]), "note": "one run; machine shared with other jobs"})
+    rows = [
+        {
+            "stage": f"propagation, {a.slices} slices of {a.hw}x{a.hw} ({tracked} tracked), {a.model} @ {a.image_size} px",
+            "jax_slices_per_s": tracked / jax_s,
+            "torch_slices_per_s": tracked / torch_s,
+            "jax/torch speed": torch_s / jax_s,
+            "jax_compile_s": first - jax_s,
+        }
+    ]
+    write(
+        "volume",
+        rows,
+        ["stage", "jax_slices_per_s", "torch_slices_per_s", "jax/torch speed", "jax_compile_s"],
+        {
+            "model": a.model,
+            "image_size": a.image_size,
+            "slices": a.slices,
+            "hw": a.hw,
+            "jax_device": str(jax.devices()[0]),
+            "note": "one run; machine shared with other jobs",
+        },
+    )
 
 
 if __name__ == "__main__":

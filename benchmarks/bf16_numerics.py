@@ -8,6 +8,7 @@ IoU predictions, and the IoU between the binarised masks (logit > 0) and the ref
 
 Meant for a GPU (on a CPU the default precision is already full fp32). Writes <name>.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def main():
     # conv, which would hide their rounding).
     leaves, tdef = jax.tree.flatten(st)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-              for x, k in zip(leaves, keys)]
+    leaves = [
+        x + 0.02 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        for x, k in zip(leaves, keys)
+    ]
     st = jax.tree.unflatten(tdef, leaves)
     img = np.random.default_rng(0).normal(size=(1, a.image_size, a.image_size, 3)).astype(np.float32)
     coords, labels = prompts(a.image_size)
@@ -89,8 +92,21 @@ def main():
         row["ref_logit_abs_mean"] = float(np.abs(ref[0]).mean())
         rows.append(row)
         print(row, flush=True)
-    write(a.name, rows, ["variant", "logits_rel_l2", "logits_max_abs", "iou_rel_l2", "iou_max_abs",
-                         "mask_iou_min", "mask_iou_mean", "ref_logit_abs_mean"], vars(a))
+    write(
+        a.name,
+        rows,
+        [
+            "variant",
+            "logits_rel_l2",
+            "logits_max_abs",
+            "iou_rel_l2",
+            "iou_max_abs",
+            "mask_iou_min",
+            "mask_iou_mean",
+            "ref_logit_abs_mean",
+        ],
+        vars(a),
+    )
 
 
 if __name__ == "__main__":

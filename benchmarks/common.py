@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmark scripts: median of repeated runs after warm-up,
 compile time (first call) reported separately, results written as JSON + markdown."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
     for i in range(repeats):
         # Odd rounds run in reverse order (a b, b a, ...): a call can leave the machine warmer or
         # colder (caches, allocator state) for the next one; alternating cancels that bias.
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()
@@ -61,11 +62,16 @@ def ratio(a: dict, b: dict) -> float:
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "jax_devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()], "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def results_dir() -> str:
@@ -83,8 +89,10 @@ def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> str:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     m = machine()
     where = f"{m['jax_devices'][0]}" if m["jax_backend"] != "cpu" else f"{m['cpu']}, {m['cores']} cores"
-    md = "\n".join(lines) + f"\n\nMachine: {where}, jax {m['jax']} ({m['jax_backend']}), " \
-                            f"torch {m['torch']} ({m['torch_cuda'] or str(m['torch_threads']) + ' threads'}).\n"
+    md = (
+        "\n".join(lines) + f"\n\nMachine: {where}, jax {m['jax']} ({m['jax_backend']}), "
+        f"torch {m['torch']} ({m['torch_cuda'] or str(m['torch_threads']) + ' threads'}).\n"
+    )
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)

@@ -10,6 +10,7 @@ carries over at least there. Attention paths: `full` = one-shot (the GPU/TPU def
 `chunked` = pieces of <= 2^20 scores (the CPU default), `chunked 2^26` = 64M-score pieces (a
 GPU-sized setting: 16 pieces for SafeClick's E1/E2 at 1024 px). Writes step_memory.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,19 +52,30 @@ def step_mb(size, batch, dtype, mode, max_scores) -> dict:
     f = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float16), shapes)
     b = step_lib.host_batch(raw, cache=None)
     b.pop("image")
-    b.update({"feat_image_embed": f["image_embed"], "feat_high_res_0": f["high_res_feats"][0],
-              "feat_high_res_1": f["high_res_feats"][1], "feat_block": f["block"]})
+    b.update(
+        {
+            "feat_image_embed": f["image_embed"],
+            "feat_high_res_0": f["high_res_feats"][0],
+            "feat_high_res_1": f["high_res_feats"][1],
+            "feat_block": f["block"],
+        }
+    )
     opt = ts.make_optimizer(config, 1000)
     state = ts.init_state(params, opt, 0)
     fn = step_lib.make_train_step(graphdef, opt, ts.learning_rate(config, 1000), config, mesh, keep)
     t0 = time.perf_counter()
     ma = fn.lower(state, frozen, ts.global_batch(b, mesh)).compile().memory_analysis()
     mb = lambda n: n / 2**20
-    return {"attention": mode + (f" 2^{max_scores.bit_length() - 1}" if max_scores else ""), "dtype": dtype,
-            "step_mb": mb(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                          - ma.alias_size_in_bytes),
-            "temp_mb": mb(ma.temp_size_in_bytes), "arguments_mb": mb(ma.argument_size_in_bytes),
-            "compile_s": time.perf_counter() - t0}
+    return {
+        "attention": mode + (f" 2^{max_scores.bit_length() - 1}" if max_scores else ""),
+        "dtype": dtype,
+        "step_mb": mb(
+            ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+        ),
+        "temp_mb": mb(ma.temp_size_in_bytes),
+        "arguments_mb": mb(ma.argument_size_in_bytes),
+        "compile_s": time.perf_counter() - t0,
+    }
 
 
 def main():
@@ -76,8 +88,12 @@ def main():
         for mode, max_scores in VARIANTS:
             rows.append(step_mb(a.image_size, a.batch, dtype, mode, max_scores))
             print(rows[-1], flush=True)
-    write("step_memory", rows, ["attention", "dtype", "step_mb", "temp_mb", "arguments_mb", "compile_s"],
-          {"image_size": a.image_size, "batch": a.batch, "backend": jax.default_backend()})
+    write(
+        "step_memory",
+        rows,
+        ["attention", "dtype", "step_mb", "temp_mb", "arguments_mb", "compile_s"],
+        {"image_size": a.image_size, "batch": a.batch, "backend": jax.default_backend()},
+    )
 
 
 if __name__ == "__main__":

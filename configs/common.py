@@ -16,6 +16,7 @@ GPU/TPU, `data.cpu_image_size` (128) on a CPU, so `make train` finishes on a lap
 printed at start; set `--config.data.image_size=1024` to force one. Likewise `train.epochs = -1`
 means 20 (paper) on accelerators and `train.cpu_epochs` (4) on a CPU.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -26,8 +27,9 @@ from safeclick_jax.models.config import get_config as get_sam2_config
 VARIANTS = ("baseline", "no_e1", "no_e2", "no_crl", "smoke", "paper")
 
 
-def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
-         checkpoint: str | None = None) -> ml_collections.ConfigDict:
+def make(
+    model_name: str, arg: str | None = None, cpu_image_size: int = 128, checkpoint: str | None = None
+) -> ml_collections.ConfigDict:
     variants = [v for v in (arg or "").split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -37,40 +39,49 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     c.variant = ",".join(variants) or "safeclick"
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = model_name           # a key of safeclick_jax.models.config.CONFIGS
+    c.model.name = model_name  # a key of safeclick_jax.models.config.CONFIGS
     c.model.kind = "sam2" if "baseline" in variants else "safeclick"
     c.model.arch = ml_collections.ConfigDict(type_safe=False)  # SAM2Config overrides (smoke only)
-    c.model.safeclick = ml_collections.ConfigDict(dict(
-        intermediate_block=-1, channels=256, num_heads=8, mlp_dim=1024, alpha_init=1.0,
-        leaky_slope=0.01, use_e1="no_e1" not in variants, use_e2="no_e2" not in variants,
-        use_crl="no_crl" not in variants))
+    c.model.safeclick = ml_collections.ConfigDict(
+        dict(
+            intermediate_block=-1,
+            channels=256,
+            num_heads=8,
+            mlp_dim=1024,
+            alpha_init=1.0,
+            leaky_slope=0.01,
+            use_e1="no_e1" not in variants,
+            use_e2="no_e2" not in variants,
+            use_crl="no_crl" not in variants,
+        )
+    )
 
     c.init = ml_collections.ConfigDict()
     # A converted SAM 2 / MedSAM 2 model directory (python -m convert.sam2_to_flax). None: random
     # weights everywhere (a loud warning; fine for tests and the CPU demo, useless for research).
     c.init.checkpoint = ml_collections.FieldReference(checkpoint, field_type=str)
-    c.init.seed = 0                     # the SafeClick head's init (and everything without checkpoint)
+    c.init.seed = 0  # the SafeClick head's init (and everything without checkpoint)
 
     data = default_data_config().to_dict()
     data["roots"] = tuple(data["roots"])  # a tuple: overridable as --config.data.roots='("a", "b")'
     c.data = ml_collections.ConfigDict(data, type_safe=False)
-    c.data.image_size = -1              # -1: auto (see module docstring)
+    c.data.image_size = -1  # -1: auto (see module docstring)
     c.data.cpu_image_size = cpu_image_size
     c.data.synthetic_root = "data/synthetic"  # generated (+ prepared) when a root equals it and is missing
     c.data.synthetic_volumes = 10
     c.data.num_threads = 2
 
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = -1                 # -1: auto, 20 (paper) on a GPU/TPU, cpu_epochs on a CPU
+    c.train.epochs = -1  # -1: auto, 20 (paper) on a GPU/TPU, cpu_epochs on a CPU
     c.train.cpu_epochs = 4
-    c.train.steps_per_epoch = -1        # -1: train ROIs // global batch
-    c.train.total_steps = -1            # -1: epochs * steps_per_epoch
+    c.train.steps_per_epoch = -1  # -1: train ROIs // global batch
+    c.train.total_steps = -1  # -1: epochs * steps_per_epoch
     c.train.log_every = 10
-    c.train.seed = 0                    # the train state's PRNG key
-    c.train.multimask = True            # SAM 2: three masks for a single click, loss on the best
+    c.train.seed = 0  # the train state's PRNG key
+    c.train.multimask = True  # SAM 2: three masks for a single click, loss on the best
     c.train.train_prompt_encoder = False
-    c.train.nan_at_step = -1            # testing: make the loss NaN at this step (-1: never)
-    c.train.step_delay_s = 0.0          # testing: sleep after each step (to kill a run mid-way)
+    c.train.nan_at_step = -1  # testing: make the loss NaN at this step (-1: never)
+    c.train.step_delay_s = 0.0  # testing: sleep after each step (to kill a run mid-way)
     c.train.progress = True
     # FSDP: split weights and Adam moments of at least fsdp_min_size elements over the `data` axis
     # (memory per device ~1/N for the large sizes) instead of replicating them.
@@ -81,14 +92,14 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     c.train.fsdp_min_size = 1 << 16
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-4                   # paper
-    c.optim.schedule = "cosine"         # paper: cosine annealing to min_lr_ratio * lr
+    c.optim.lr = 1e-4  # paper
+    c.optim.schedule = "cosine"  # paper: cosine annealing to min_lr_ratio * lr
     c.optim.min_lr_ratio = 0.0
     c.optim.warmup_steps = 0
-    c.optim.weight_decay = 0.01         # AdamW; SAM 2's fine-tuning recipe
+    c.optim.weight_decay = 0.01  # AdamW; SAM 2's fine-tuning recipe
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
-    c.optim.grad_clip = 0.1             # SAM 2's recipe clips the global norm at 0.1; 0 disables
+    c.optim.grad_clip = 0.1  # SAM 2's recipe clips the global norm at 0.1; 0 disables
 
     c.loss = ml_collections.ConfigDict()  # SAM 2's training weights (see training/losses.py)
     c.loss.mask_weight = 20.0
@@ -97,25 +108,25 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
     c.loss.class_weight = 1.0
     c.loss.focal_alpha = 0.25
     c.loss.focal_gamma = 2.0
-    c.loss.iou_loss = "mse"             # 'mse' (issue, SAM) or 'l1' (SAM 2.1's yaml)
+    c.loss.iou_loss = "mse"  # 'mse' (issue, SAM) or 'l1' (SAM 2.1's yaml)
     c.loss.supervise_all_iou = True
-    c.loss.resolution = "input"         # 'input': logits upsampled to S x S as SAM 2; 'low_res'
+    c.loss.resolution = "input"  # 'input': logits upsampled to S x S as SAM 2; 'low_res'
 
     c.embed = ml_collections.ConfigDict()
-    c.embed.enabled = True              # False: run the frozen encoder inside every step
+    c.embed.enabled = True  # False: run the frozen encoder inside every step
     c.embed.root = ml_collections.FieldReference(None, field_type=str)  # None: DATA_CACHE/embeddings
     c.embed.dtype = "float16"
     c.embed.batch_size = 8
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1
-    c.eval.max_rois = -1                # -1: every val ROI (x 10 prompt conditions)
+    c.eval.max_rois = -1  # -1: every val ROI (x 10 prompt conditions)
     c.eval.seed = 0
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = -1       # -1: at every evaluation (each epoch)
-    c.checkpoint.keep = 3               # last K, plus the best by val Dice
-    c.checkpoint.export_best = True     # WORKDIR/best: the best model as a model directory
+    c.checkpoint.every_steps = -1  # -1: at every evaluation (each epoch)
+    c.checkpoint.keep = 3  # last K, plus the best by val Dice
+    c.checkpoint.export_best = True  # WORKDIR/best: the best model as a model directory
 
     c.compilation_cache_dir = "~/.cache/safeclick_jax/xla"  # persistent XLA cache; '' disables
     c.plot = True
@@ -130,12 +141,24 @@ def make(model_name: str, arg: str | None = None, cpu_image_size: int = 128,
 
 def _smoke(c):
     """Miniature model and data: the whole pipeline in seconds (tests)."""
-    c.model.arch = ml_collections.ConfigDict(dict(
-        d_model=32, transformer_mlp_dim=64, transformer_num_heads=2, iou_head_hidden_dim=32,
-        mask_in_chans=4,
-        hiera=dict(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(2,),
-                   window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4))),
-        type_safe=False)
+    c.model.arch = ml_collections.ConfigDict(
+        dict(
+            d_model=32,
+            transformer_mlp_dim=64,
+            transformer_num_heads=2,
+            iou_head_hidden_dim=32,
+            mask_in_chans=4,
+            hiera=dict(
+                embed_dim=8,
+                num_heads=1,
+                stages=(1, 1, 2, 1),
+                global_att_blocks=(2,),
+                window_spec=(8, 4, 4, 2),
+                window_pos_embed_bkg_spatial_size=(4, 4),
+            ),
+        ),
+        type_safe=False,
+    )
     c.model.safeclick.update(channels=32, num_heads=2, mlp_dim=64)
     c.init.checkpoint = None
     c.data.image_size = 64
@@ -143,7 +166,7 @@ def _smoke(c):
     c.data.roots = ("data/synthetic_smoke",)
     c.data.synthetic_root = "data/synthetic_smoke"
     c.data.cache_dir = "data/cache/synthetic_smoke"
-    c.data.synthetic_volumes = 5        # split 3 / 1 / 1
+    c.data.synthetic_volumes = 5  # split 3 / 1 / 1
     c.train.epochs = 2
     c.train.steps_per_epoch = 4
     c.train.log_every = 1

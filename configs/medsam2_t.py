@@ -1,4 +1,5 @@
 """SafeClick on medsam2_t (python train.py --config configs/medsam2_t.py[:variant,...]); see configs/common.py."""
+
 from configs import common
 
 

@@ -1,4 +1,5 @@
 """SafeClick on sam2.1_hiera_b+ (python train.py --config configs/sam2_bp.py[:variant,...]); see configs/common.py."""
+
 from configs import common
 
 

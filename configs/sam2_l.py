@@ -1,4 +1,5 @@
 """SafeClick on sam2.1_hiera_l (python train.py --config configs/sam2_l.py[:variant,...]); see configs/common.py."""
+
 from configs import common
 
 

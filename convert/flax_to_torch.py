@@ -6,6 +6,7 @@ The image path comes from the Flax weights (inverse of the generic map in conver
 the memory/video tensors from the directory's `extra` item, so a converted official checkpoint
 round-trips bit-exactly.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ directions: `SafeClickTorch.state_dict()` keys == the Flax model's torch keys. P
 (tests/test_safeclick_parity.py) compare forward outputs and gradients. Equation numbers refer
 to the paper (sec. 2); the design choices are documented in the Flax module.
 """
+
 from __future__ import annotations
 
 
@@ -141,7 +142,7 @@ class SafeClickTorch(nn.Module):
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
         feat_s0, feat_s1 = high_res_feats
         up = act2(dc2(act1(ln1(dc1(src) + feat_s1))) + feat_s0)
-        mask_tokens_out = hs[:, s + 1:s + 1 + dec.num_mask_tokens]
+        mask_tokens_out = hs[:, s + 1 : s + 1 + dec.num_mask_tokens]
         hyper = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
         masks = (hyper @ up.flatten(2)).view(b, -1, up.shape[2], up.shape[3])
         iou = dec.iou_prediction_head(hs[:, s])
@@ -152,8 +153,11 @@ class SafeClickTorch(nn.Module):
             masks, iou = dec._dynamic_multimask_via_stability(masks, iou)
         else:
             masks, iou = masks[:, 0:1], iou[:, 0:1]
-        tokens_out = mask_tokens_out[:, 1:] if multimask_output and dec.use_multimask_token_for_obj_ptr \
+        tokens_out = (
+            mask_tokens_out[:, 1:]
+            if multimask_output and dec.use_multimask_token_for_obj_ptr
             else mask_tokens_out[:, 0:1]
+        )
         return masks, iou, tokens_out, obj
 
 
@@ -170,8 +174,7 @@ def build_safeclick_torch(sam2_name: str, sc: SafeClickConfig, image_size: int |
         overrides = [f"++model.image_size={image_size}"]
     version = sam2_name.split("_hiera_")[0]
     torch.manual_seed(seed)
-    base = build_sam2(f"configs/{version}/{sam2_name}.yaml", ckpt_path=None, device="cpu",
-                      hydra_overrides_extra=overrides)
+    base = build_sam2(
+        f"configs/{version}/{sam2_name}.yaml", ckpt_path=None, device="cpu", hydra_overrides_extra=overrides
+    )
     return SafeClickTorch(base, cfg, sc).eval(), cfg
-
-

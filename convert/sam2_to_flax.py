@@ -7,6 +7,7 @@ key in the file must be used, and the memory/video keys of the detected version 
 they are carried into the output's `extra` item untouched. Anything else exits non-zero naming
 every offending key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ from safeclick_jax.models.sam2 import IMAGE_PATH_PREFIXES, SAM2Image
 
 # Top-level torch modules of SAM2Base's memory/video path, per checkpoint version.
 MEMORY_PREFIXES = {
-    "sam2": ("memory_attention.", "memory_encoder.", "obj_ptr_proj.", "mask_downsample.",
-             "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr"),
+    "sam2": (
+        "memory_attention.",
+        "memory_encoder.",
+        "obj_ptr_proj.",
+        "mask_downsample.",
+        "maskmem_tpos_enc",
+        "no_mem_pos_enc",
+        "no_obj_ptr",
+    ),
 }
 MEMORY_PREFIXES["sam2.1"] = MEMORY_PREFIXES["sam2"] + ("no_obj_embed_spatial", "obj_ptr_tpos_proj.")
 # (embed_dim, number of Hiera blocks) -> size, from the sam2 configs.
@@ -63,8 +71,9 @@ def convert_state_dict(sd, cfg) -> tuple[SAM2Image, dict]:
     try:
         load_state_dict(model, image_sd, strict=True, where=f"({cfg.name})")
     except WeightMapError as e:
-        raise WeightMapError(e.missing + missing_memory, e.unexpected + unexpected, e.mismatched,
-                             f"({cfg.name})") from None
+        raise WeightMapError(
+            e.missing + missing_memory, e.unexpected + unexpected, e.mismatched, f"({cfg.name})"
+        ) from None
     if unexpected or missing_memory:
         raise WeightMapError(missing_memory, unexpected, (), f"({cfg.name})")
     extra = traverse_util.unflatten_dict({tuple(k.split(".")): np.asarray(v) for k, v in rest.items()})
@@ -72,23 +81,30 @@ def convert_state_dict(sd, cfg) -> tuple[SAM2Image, dict]:
 
 
 def part_counts(model: SAM2Image) -> "OrderedDict[str, int]":
-    return OrderedDict([
-        ("image_encoder.trunk", count_params(model.image_encoder.trunk)),
-        ("image_encoder.neck", count_params(model.image_encoder.neck)),
-        ("sam_prompt_encoder", count_params(model.sam_prompt_encoder)),
-        ("sam_mask_decoder", count_params(model.sam_mask_decoder)),
-        ("no_mem_embed", int(model.no_mem_embed[...].size)),
-    ])
+    return OrderedDict(
+        [
+            ("image_encoder.trunk", count_params(model.image_encoder.trunk)),
+            ("image_encoder.neck", count_params(model.image_encoder.neck)),
+            ("sam_prompt_encoder", count_params(model.sam_prompt_encoder)),
+            ("sam_mask_decoder", count_params(model.sam_mask_decoder)),
+            ("no_mem_embed", int(model.no_mem_embed[...].size)),
+        ]
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="PyTorch .pt file ({'model': state_dict} or bare)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--model", default=None, choices=sorted(model_config.CONFIGS),
-                   help="config name; detected from tensor shapes when absent")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input resolution (default: the config's; MedSAM 2 uses 512)")
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=sorted(model_config.CONFIGS),
+        help="config name; detected from tensor shapes when absent",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="input resolution (default: the config's; MedSAM 2 uses 512)"
+    )
     a = p.parse_args(argv)
     try:
         sd = load_torch_state_dict(a.checkpoint)
@@ -105,9 +121,12 @@ def main(argv=None) -> int:
         return 2
     counts = part_counts(model)
     n_extra = sum(v.size for v in traverse_util.flatten_dict(extra).values())
-    checkpoint.save(a.out, {"kind": "sam2", "sam2": cfg.to_dict(),
-                            "source": os.path.abspath(a.checkpoint), "param_counts": counts},
-                    checkpoint.model_params(model), extra)
+    checkpoint.save(
+        a.out,
+        {"kind": "sam2", "sam2": cfg.to_dict(), "source": os.path.abspath(a.checkpoint), "param_counts": counts},
+        checkpoint.model_params(model),
+        extra,
+    )
     print(f"converted {a.checkpoint}")
     print(f"  model      {cfg.name} (detected {detected}), image size {cfg.image_size}, version {cfg.version}")
     for part, n in counts.items():

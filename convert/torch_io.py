@@ -1,4 +1,5 @@
 """Reading PyTorch checkpoints (official SAM 2 / SAM 2.1 / MedSAM 2 files) into numpy."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,11 @@ def load_torch_state_dict(path: str) -> "OrderedDict[str, np.ndarray]":
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types; name the file and the cause
-        kind = "truncated or corrupt torch file" if zipfile.is_zipfile(path) or _starts_like_zip(path) \
+        kind = (
+            "truncated or corrupt torch file"
+            if zipfile.is_zipfile(path) or _starts_like_zip(path)
             else "not a PyTorch checkpoint"
+        )
         raise CheckpointError(f"{path}: {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     sd = obj
     if isinstance(obj, dict):
@@ -37,13 +41,15 @@ def load_torch_state_dict(path: str) -> "OrderedDict[str, np.ndarray]":
                 sd = obj[k]
                 break
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors "
-                              "(expected {'model': state_dict} or a bare state_dict)")
+        raise CheckpointError(
+            f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors "
+            "(expected {'model': state_dict} or a bare state_dict)"
+        )
     out = OrderedDict()
     for k, v in sd.items():
         for p in ("module.", "model."):
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
         if v.is_floating_point():
             v = v.float()
         out[k] = v.detach().cpu().numpy()

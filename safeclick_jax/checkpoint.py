@@ -9,6 +9,7 @@ Layout of a model directory (written by `convert.sam2_to_flax` and by training's
 `extra` carries checkpoint tensors the Flax model does not use yet (SAM 2's memory/video
 modules), keyed by their torch key split on '.', so nothing from the source file is dropped.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,10 +53,11 @@ def assign_params(model: nnx.Module, params: dict, where: str = "checkpoint") ->
         new[path] = jax.numpy.asarray(v, dtype=var.dtype)
     unexpected = sorted("/".join(k) for k in set(given) - {tuple(str(p) for p in p_) for p_ in flat})
     if missing or mismatched or unexpected:
-        raise ValueError(f"{where}: parameters do not fit the model: missing={missing} "
-                         f"mis-shaped={mismatched} unexpected={unexpected}")
-    state.replace_by_pure_dict(traverse_util.unflatten_dict(new),
-                               replace_fn=lambda var, val: var.replace(val))
+        raise ValueError(
+            f"{where}: parameters do not fit the model: missing={missing} "
+            f"mis-shaped={mismatched} unexpected={unexpected}"
+        )
+    state.replace_by_pure_dict(traverse_util.unflatten_dict(new), replace_fn=lambda var, val: var.replace(val))
     nnx.update(model, state)
 
 
@@ -75,8 +77,9 @@ def save(directory: str, description: dict[str, Any], params: dict, extra: dict 
 
 def resolve(directory: str) -> str:
     """A model directory, or a training workdir whose `export/` holds the latest exported model."""
-    if not os.path.isfile(os.path.join(directory, "model.json")) and \
-            os.path.isfile(os.path.join(directory, "export", "model.json")):
+    if not os.path.isfile(os.path.join(directory, "model.json")) and os.path.isfile(
+        os.path.join(directory, "export", "model.json")
+    ):
         return os.path.join(directory, "export")
     return directory
 
@@ -85,8 +88,10 @@ def read_description(directory: str) -> dict[str, Any]:
     directory = resolve(directory)
     path = os.path.join(directory, "model.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: not a safeclick-jax model directory (no model.json); "
-                                "convert a PyTorch checkpoint with `python -m convert.sam2_to_flax`")
+        raise FileNotFoundError(
+            f"{directory}: not a safeclick-jax model directory (no model.json); "
+            "convert a PyTorch checkpoint with `python -m convert.sam2_to_flax`"
+        )
     with open(path) as f:
         desc = json.load(f)
     if desc.get("format") != FORMAT:

@@ -19,6 +19,7 @@ user calls in-process. It does nothing when SAFECLICK_SYSTEM_MALLOC=1, when the 
 set, on other systems or C libraries, or when transparent huge pages are off
 (/sys/kernel/mm/transparent_hugepage/enabled = never).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,11 @@ def huge_pages_available() -> bool:
 def use_huge_pages() -> None:
     """Re-executes this program with GLIBC_TUNABLES += glibc.malloc.hugetlb=1 (see module doc)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (os.environ.get("SAFECLICK_SYSTEM_MALLOC", "") not in ("", "0") or TUNABLE in tunables
-            or not huge_pages_available()):
+    if (
+        os.environ.get("SAFECLICK_SYSTEM_MALLOC", "") not in ("", "0")
+        or TUNABLE in tunables
+        or not huge_pages_available()
+    ):
         return
     env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{TUNABLE}" if tunables else TUNABLE)
     sys.stdout.flush()

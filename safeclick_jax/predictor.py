@@ -10,6 +10,7 @@ them, multimask gives 3 masks, otherwise 1 (with SAM 2's stability fallback). Bo
 decoding are jit-compiled; prompts are padded to a fixed length (label -2, masked inside the
 decoder so results equal the unpadded computation), so a new click does not recompile.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -75,8 +76,7 @@ class ImagePredictor:
         return model.encode_image(preprocess(image, self.cfg.image_size))
 
     @partial(jax.jit, static_argnums=(0, 7, 8, 9))
-    def _decode(self, state, features, coords, labels, mask_input, has_mask, multimask_output, hw,
-                return_logits):
+    def _decode(self, state, features, coords, labels, mask_input, has_mask, multimask_output, hw, return_logits):
         """Decoding and SAM 2's post-processing in one program: (masks at the original size,
         thresholded unless return_logits; iou; low-res logits clamped to +-32 as SAM 2 returns them)."""
         model = nnx.merge(self.graphdef, state)
@@ -121,8 +121,10 @@ class ImagePredictor:
             if pc.ndim == 2:
                 pc, pl = pc[None], pl[None]
             if pc.ndim != 3 or pc.shape[-1] != 2 or pl.shape != pc.shape[:2]:
-                raise ValueError(f"point_coords must be (N,2) or (B,N,2) with point_labels (N,) or (B,N); "
-                                 f"got {np.shape(point_coords)} and {np.shape(point_labels)}")
+                raise ValueError(
+                    f"point_coords must be (N,2) or (B,N,2) with point_labels (N,) or (B,N); "
+                    f"got {np.shape(point_coords)} and {np.shape(point_labels)}"
+                )
             if not np.isin(pl, (0, 1)).all():
                 raise ValueError(f"point_labels must be 0 (background) or 1 (foreground); got {np.unique(pl).tolist()}")
             self._check_inside(pc, limit, "point")
@@ -146,11 +148,21 @@ class ImagePredictor:
         bad = (xy < 0) | (xy > limit)
         if bad.any():
             i = np.argwhere(bad.any(-1))[0]
-            raise ValueError(f"{what} at {xy[tuple(i)].tolist()} lies outside the image "
-                             f"(x in [0, {limit[0]:g}], y in [0, {limit[1]:g}])")
+            raise ValueError(
+                f"{what} at {xy[tuple(i)].tolist()} lies outside the image "
+                f"(x in [0, {limit[0]:g}], y in [0, {limit[1]:g}])"
+            )
 
-    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
-                multimask_output: bool = True, return_logits: bool = False, normalize_coords: bool = True):
+    def predict(
+        self,
+        point_coords=None,
+        point_labels=None,
+        box=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        normalize_coords: bool = True,
+    ):
         """Returns numpy (masks [C,H,W], iou_predictions [C], low_res_masks [C,4E,4E]); with a batch of
         B prompts (B>1) the arrays get a leading B axis, as in SAM 2."""
         if self._features is None:
@@ -178,9 +190,17 @@ class ImagePredictor:
                 raise ValueError(f"mask_input has batch {mask_input.shape[0]} but there are {b} prompts")
             mask = np.broadcast_to(mask_input.transpose(0, 2, 3, 1), (b, m, m, 1))
             has_mask = np.ones((b,), bool)
-        out = self._decode(self.state, self._features, jnp.asarray(coords), jnp.asarray(labels),
-                           jnp.asarray(mask), jnp.asarray(has_mask), bool(multimask_output),
-                           tuple(self._orig_hw), bool(return_logits))
+        out = self._decode(
+            self.state,
+            self._features,
+            jnp.asarray(coords),
+            jnp.asarray(labels),
+            jnp.asarray(mask),
+            jnp.asarray(has_mask),
+            bool(multimask_output),
+            tuple(self._orig_hw),
+            bool(return_logits),
+        )
         masks, iou, low_res = (np.asarray(x) for x in out)
         if b == 1:
             return masks[0], iou[0], low_res[0]

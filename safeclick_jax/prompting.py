@@ -6,6 +6,7 @@ with no box SAM 2 appends one (0, 0) "not a point" (label -1). This project pads
 a fixed length with label PAD_LABEL (-2), which the decoder masks out, so a batch can mix prompt
 kinds and a new click does not recompile.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,7 @@ BOX_LABELS = (2, 3)
 NOT_A_POINT = -1
 
 
-def sam2_tokens(box=None, points=None, point_labels=None, length: int | None = None,
-                bucket: int = PROMPT_BUCKET):
+def sam2_tokens(box=None, points=None, point_labels=None, length: int | None = None, bucket: int = PROMPT_BUCKET):
     """numpy: box [B,4] (x0,y0,x1,y1) and/or points [B,N,2] with labels [B,N], already in input
     pixels -> (coords float32 [B,P,2], labels int32 [B,P]): box corners, clicks, the (0,0) pad
     point, then PAD_LABEL tokens up to `length` (default: the next multiple of `bucket`).
@@ -55,5 +55,7 @@ def click_or_box_tokens(points, boxes, is_box):
     pc, pl = sam2_tokens(points=points, point_labels=np.ones(points.shape[:2], np.int32), length=3)
     bc, bl = sam2_tokens(box=boxes, length=3)
     is_box = np.asarray(is_box, bool)
-    return (np.where(is_box[:, None, None], bc, pc).astype(np.float32),
-            np.where(is_box[:, None], bl, pl).astype(np.int32))
+    return (
+        np.where(is_box[:, None, None], bc, pc).astype(np.float32),
+        np.where(is_box[:, None], bl, pl).astype(np.int32),
+    )

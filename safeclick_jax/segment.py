@@ -14,6 +14,7 @@ The output has the input's voxel grid, affine and orientation (header copied), u
 the value of --label. Any orientation, anisotropic spacing, integer or float input; a 4D file
 needs --volume-index. Exit status 2 with a message for unusable input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,18 @@ def parse_box(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m safeclick_jax.segment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m safeclick_jax.segment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--image", required=True, help="input NIfTI (.nii / .nii.gz)")
     p.add_argument("--checkpoint", required=True, help="model directory (convert.sam2_to_flax or a training export)")
-    p.add_argument("--memory-checkpoint", default=None,
-                   help="model directory to take SAM 2's memory path from, when --checkpoint has none")
+    p.add_argument(
+        "--memory-checkpoint",
+        default=None,
+        help="model directory to take SAM 2's memory path from, when --checkpoint has none",
+    )
     p.add_argument("--out", required=True, help="output NIfTI label map")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--point", type=parse_point, action="append", metavar="X,Y,Z[,L]")
@@ -59,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", default="2", help="slicing axis of the input's voxel grid: 0, 1 or 2 (default 2)")
     p.add_argument("--label", type=int, default=1, help="value written for the structure (default 1)")
     p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to segment")
-    p.add_argument("--normalization", default="percentile", choices=["percentile", "ct_window"],
-                   help="intensity normalisation to [0,1] (default: 0.5-99.5 percentile clipping)")
+    p.add_argument(
+        "--normalization",
+        default="percentile",
+        choices=["percentile", "ct_window"],
+        help="intensity normalisation to [0,1] (default: 0.5-99.5 percentile clipping)",
+    )
     p.add_argument("--ct-window", default="40,400", help="level,width in HU for --normalization ct_window")
     return p
 
@@ -106,11 +117,14 @@ def main(argv=None) -> int:
         img, shape = volume_shape(a.image, a.volume_index)  # checks before the model loads
         for pt in a.point or []:
             if any(not 0 <= v <= n - 1 for v, n in zip(pt[:3], shape)):
-                raise ValueError(f"--point {','.join(f'{v:g}' for v in pt)} lies outside the volume "
-                                 f"(voxel indices 0..n-1 of shape {shape})")
+                raise ValueError(
+                    f"--point {','.join(f'{v:g}' for v in pt)} lies outside the volume "
+                    f"(voxel indices 0..n-1 of shape {shape})"
+                )
         predictor = VolumePredictor.from_checkpoint(a.checkpoint, memory_checkpoint=a.memory_checkpoint)
-        predictor.set_volume(a.image, axis=axis, volume_index=a.volume_index, normalization=a.normalization,
-                             ct_window=ct_window)
+        predictor.set_volume(
+            a.image, axis=axis, volume_index=a.volume_index, normalization=a.normalization, ct_window=ct_window
+        )
         prompts = prompts_by_slice(predictor, a.point, a.box, axis)
         for s, pr in sorted(prompts.items()):
             predictor.add_prompt(s, points=pr["points"] or None, labels=pr["labels"] or None, box=pr["box"])

@@ -25,6 +25,7 @@ benchmark went from 1.42x to 1.12x torch's time with this (CPU).
 Every image model works: SAM2Image and SafeClickModel (whose consensus layer then reads the
 memory-conditioned features, the input SAM 2's decoder reads when tracking).
 """
+
 from __future__ import annotations
 
 import jax
@@ -53,8 +54,11 @@ def encode_frame(model, image) -> dict:
     decoder's high-res features, and SafeClick's intermediate block when the model has one."""
     out = model.image_encoder(image)
     fpn = out["backbone_fpn"]
-    feats = {"pix": fpn[-1], "pos": out["vision_pos_enc"][-1],
-             "high_res": model.sam_mask_decoder.project_high_res(fpn[0], fpn[1])}
+    feats = {
+        "pix": fpn[-1],
+        "pos": out["vision_pos_enc"][-1],
+        "high_res": model.sam_mask_decoder.project_high_res(fpn[0], fpn[1]),
+    }
     if hasattr(model, "safeclick"):
         feats["block"] = out["blocks"][model.keep_block]
     return feats
@@ -121,8 +125,9 @@ def condition_features(model, mem, feats: dict, bank: dict, t, reverse, cond_idx
     """Memory attention on slice t's features -> [1,E,E,d] (the decoder's image embedding)."""
     b, e, _, d = feats["pix"].shape
     memory, pos, mask, n_ptr = gather_memory(mem, bank, t, reverse, cond_idx, cond_valid, prev)
-    x = mem.memory_attention(feats["pix"].reshape(b, e * e, d), feats["pos"].reshape(b, e * e, d),
-                             memory, pos, n_ptr, mask)
+    x = mem.memory_attention(
+        feats["pix"].reshape(b, e * e, d), feats["pos"].reshape(b, e * e, d), memory, pos, n_ptr, mask
+    )
     return x.reshape(b, e, e, d)
 
 
@@ -143,8 +148,7 @@ def sam_heads(model, mem, feats: dict, pix, coords, labels, mask_input, has_mask
     if multimask:
         best = jnp.argmax(iou, axis=-1)  # [1]
         low = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)[:, 0]
-        token = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0] if tokens.shape[1] > 1 \
-            else tokens[:, 0]
+        token = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0] if tokens.shape[1] > 1 else tokens[:, 0]
     else:
         low, token = masks[:, 0], tokens[:, 0]
     return low, mem.object_pointer(token, obj), obj
@@ -163,9 +167,13 @@ def encode_memory(mem, feats: dict, low, obj, binarize, size: int):
 
 
 def write(bank: dict, t, feats_bf16, ptr, kind: int, low, obj) -> dict:
-    return {"feats": bank["feats"].at[t].set(feats_bf16[0]), "ptr": bank["ptr"].at[t].set(ptr[0]),
-            "kind": bank["kind"].at[t].set(kind), "masks": bank["masks"].at[t].set(low[0]),
-            "score": bank["score"].at[t].set(obj[0, 0])}
+    return {
+        "feats": bank["feats"].at[t].set(feats_bf16[0]),
+        "ptr": bank["ptr"].at[t].set(ptr[0]),
+        "kind": bank["kind"].at[t].set(kind),
+        "masks": bank["masks"].at[t].set(low[0]),
+        "score": bank["score"].at[t].set(obj[0, 0]),
+    }
 
 
 def no_prompt(batch: int = 1):

@@ -27,6 +27,7 @@ Compilation: the per-slice step is compiled per volume shape (the memory bank ho
 per slice, see safeclick_jax/video.py) and per memory-slot bucket (2, 4 or 6 previous slices:
 at most three variants); the prompt decoder once per prompt-length bucket.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,10 @@ def volume_shape(path, volume_index: int | None = None) -> tuple[nib.Nifti1Image
     img = nifti.read_header(path)
     shape = nifti._squeeze_trailing(img.shape)
     if len(shape) == 4 and volume_index is None:
-        raise nifti.VolumeError(f"{path}: 4D file of shape {tuple(img.shape)} holds {shape[3]} volumes; "
-                                "choose one with volume_index (CLI: --volume-index)")
+        raise nifti.VolumeError(
+            f"{path}: 4D file of shape {tuple(img.shape)} holds {shape[3]} volumes; "
+            "choose one with volume_index (CLI: --volume-index)"
+        )
     if len(shape) == 4 and not 0 <= volume_index < shape[3]:
         raise nifti.VolumeError(f"{path}: volume index {volume_index} outside 0..{shape[3] - 1}")
     if len(shape) == 3 and volume_index not in (None, 0):
@@ -89,8 +92,7 @@ def read_volume(path, volume_index: int | None = None):
 
 
 class VolumePredictor:
-    def __init__(self, model: nnx.Module, memory: SAM2Memory, description: dict | None = None,
-                 fill_hole_area: int = 8):
+    def __init__(self, model: nnx.Module, memory: SAM2Memory, description: dict | None = None, fill_hole_area: int = 8):
         self.model, self.memory = model, memory
         self.description = description or {}
         self.cfg = model.cfg
@@ -111,8 +113,14 @@ class VolumePredictor:
 
     # --- volume ---------------------------------------------------------------------------------
 
-    def set_volume(self, volume, axis=2, volume_index: int | None = None, normalization: str = "percentile",
-                   ct_window=(40.0, 400.0)) -> None:
+    def set_volume(
+        self,
+        volume,
+        axis=2,
+        volume_index: int | None = None,
+        normalization: str = "percentile",
+        ct_window=(40.0, 400.0),
+    ) -> None:
         """volume: a 3D array (any numeric dtype) or a NIfTI path. axis: slicing axis of the input's
         voxel grid (0/1/2). normalization: 'percentile' (0.5-99.5 %) or 'ct_window' (level, width)."""
         if isinstance(volume, (str, os.PathLike)):
@@ -150,8 +158,9 @@ class VolumePredictor:
             raise ValueError(f"a voxel index needs 3 values (i, j, k), got {ijk.tolist()}")
         bad = (ijk < 0) | (ijk > np.asarray(self._in_shape) - 1)
         if bad.any():
-            raise ValueError(f"point {ijk.tolist()} lies outside the volume (voxel indices 0..n-1 of "
-                             f"shape {self._in_shape})")
+            raise ValueError(
+                f"point {ijk.tolist()} lies outside the volume (voxel indices 0..n-1 of shape {self._in_shape})"
+            )
         ras = np.empty(3)
         for a, (out, flip) in enumerate(self._ornt):
             ras[int(out)] = ijk[a] if flip > 0 else self._in_shape[a] - 1 - ijk[a]
@@ -176,18 +185,33 @@ class VolumePredictor:
     def _encode(self, state, slices, t):
         model, _ = nnx.merge(self.graphdef, state)
         sl = jax.lax.dynamic_index_in_dim(slices, t, 0, keepdims=False)
-        return video.encode_frame(model, preprocess(jnp.broadcast_to(sl[..., None], sl.shape + (3,)),
-                                                    self.cfg.image_size))
+        return video.encode_frame(
+            model, preprocess(jnp.broadcast_to(sl[..., None], sl.shape + (3,)), self.cfg.image_size)
+        )
 
     @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
     def _track(self, state, bank, feats, t, reverse, cond_idx, cond_valid, prev):
         model, mem = nnx.merge(self.graphdef, state)
-        return video.track_step(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev,
-                                self.cfg.image_size)
+        return video.track_step(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev, self.cfg.image_size)
 
     @partial(jax.jit, static_argnums=(0, 13, 14))
-    def _prompt(self, state, bank, feats, t, reverse, cond_idx, cond_valid, prev, coords, labels, mask_in,
-                has_mask, use_memory: bool, multimask: bool):
+    def _prompt(
+        self,
+        state,
+        bank,
+        feats,
+        t,
+        reverse,
+        cond_idx,
+        cond_valid,
+        prev,
+        coords,
+        labels,
+        mask_in,
+        has_mask,
+        use_memory: bool,
+        multimask: bool,
+    ):
         model, mem = nnx.merge(self.graphdef, state)
         if use_memory:
             pix = video.condition_features(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev)
@@ -220,8 +244,9 @@ class VolumePredictor:
 
     # --- prompting ------------------------------------------------------------------------------
 
-    def add_prompt(self, slice_index: int, points=None, labels=None, box=None, clear: bool = False,
-                   return_logits: bool = False) -> np.ndarray:
+    def add_prompt(
+        self, slice_index: int, points=None, labels=None, box=None, clear: bool = False, return_logits: bool = False
+    ) -> np.ndarray:
         """Prompts one slice; returns its mask [H, W] (bool, or logits). points [P,2] (x, y) with
         labels [P] (1 foreground, 0 background); box (x0, y0, x1, y1) replaces the slice's earlier
         prompts (SAM 2 puts a box first); points add to them unless `clear`."""
@@ -255,8 +280,9 @@ class VolumePredictor:
         coords, labs = np.concatenate(new_c), np.concatenate(new_l)
         bad = ((coords < 0) | (coords > limit)).any(-1)
         if bad.any():
-            raise ValueError(f"prompt at {coords[bad][0].tolist()} lies outside slice {t} "
-                             f"(x in [0, {w}], y in [0, {h}])")
+            raise ValueError(
+                f"prompt at {coords[bad][0].tolist()} lies outside slice {t} (x in [0, {w}], y in [0, {h}])"
+            )
         if box is None and not clear and t in self._points:
             old_c, old_l = self._points[t]
             coords, labs = np.concatenate([old_c, coords]), np.concatenate([old_l, labs])
@@ -277,9 +303,22 @@ class VolumePredictor:
         mask_in = np.zeros((1, m, m, 1), np.float32) if prev is None else np.clip(prev, -32, 32)[None, :, :, None]
         cond_idx, cond_valid = self._cond_slots()
         feats = self._features(t)
-        low, ptr, obj = self._prompt(self.state, self._bank, feats, jnp.int32(t), jnp.asarray(reverse),
-                                     cond_idx, cond_valid, self._memory_slots(t, reverse), jnp.asarray(c), jnp.asarray(lab), jnp.asarray(mask_in),
-                                     jnp.asarray([prev is not None]), not is_init, coords.shape[0] <= 1)
+        low, ptr, obj = self._prompt(
+            self.state,
+            self._bank,
+            feats,
+            jnp.int32(t),
+            jnp.asarray(reverse),
+            cond_idx,
+            cond_valid,
+            self._memory_slots(t, reverse),
+            jnp.asarray(c),
+            jnp.asarray(lab),
+            jnp.asarray(mask_in),
+            jnp.asarray([prev is not None]),
+            not is_init,
+            coords.shape[0] <= 1,
+        )
         low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
         self._pending[t] = (low, ptr, obj, feats)
         out = np.asarray(self._resize(low, self.slice_hw))[0]
@@ -325,8 +364,16 @@ class VolumePredictor:
             order += [(t, True) for t in range(start, -1, -1)]
         for i, (t, reverse) in enumerate(order):
             if t not in self._cond:
-                self._bank = self._track(self.state, self._bank, self._features(t), jnp.int32(t),
-                                         jnp.asarray(reverse), cond_idx, cond_valid, self._memory_slots(t, reverse))
+                self._bank = self._track(
+                    self.state,
+                    self._bank,
+                    self._features(t),
+                    jnp.int32(t),
+                    jnp.asarray(reverse),
+                    cond_idx,
+                    cond_valid,
+                    self._memory_slots(t, reverse),
+                )
                 self._kind[t] = 1
             self._tracked[t] = reverse
             if progress is not None:
@@ -347,8 +394,10 @@ class VolumePredictor:
         low[untouched] = video.NO_OBJ_SCORE
         out = np.empty((self.num_slices,) + self.slice_hw, np.float32)
         for i in range(0, self.num_slices, chunk):
-            part = low[i:i + chunk]
+            part = low[i : i + chunk]
             if part.shape[0] < chunk:  # one compiled shape
                 part = np.concatenate([part, np.zeros((chunk - part.shape[0],) + part.shape[1:], np.float32)])
-            out[i:i + chunk] = np.asarray(self._resize(jnp.asarray(part), self.slice_hw))[: min(chunk, self.num_slices - i)]
+            out[i : i + chunk] = np.asarray(self._resize(jnp.asarray(part), self.slice_hw))[
+                : min(chunk, self.num_slices - i)
+            ]
         return out

@@ -1,5 +1,6 @@
 """Torch-side fixtures for parity tests: SAM 2 models from the `sam2` package with random,
 perturbed weights, so a swapped or missing mapping cannot hide behind ones and zeros."""
+
 from __future__ import annotations
 
 import functools

@@ -1,5 +1,6 @@
 """attention.py: the chunked CPU path equals the one-shot softmax and torch's SDPA, values and
 gradients, with and without a key mask, for query counts that do and do not divide the chunk."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +37,11 @@ def test_matches_torch_sdpa_chunked_and_not(nq, masked):
     # 4 whole problems per piece (6 problems: the last piece is padded), or query chunks of 40
     # (49 and 200 queries need padding), or everything at once
     for chunk, max_scores in ((True, 4 * 200 * 196), (True, 40 * 196), (False, 0)):
-        got = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), km,
-                                               chunk_queries=chunk, max_scores=max_scores))
+        got = np.asarray(
+            dot_product_attention(
+                jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), km, chunk_queries=chunk, max_scores=max_scores
+            )
+        )
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-5, (chunk, max_scores, np.abs(got - want).max())
 
@@ -61,6 +65,7 @@ def test_chunked_gradients_equal_one_shot(max_scores, masked):
         def f(q, k, v):
             o = dot_product_attention(q, k, v, key_mask, chunk_queries=chunk, max_scores=max_scores)
             return jnp.sum(jnp.sin(o))
+
         return jax.grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
 
     for a, b in zip(grads(True), grads(False)):  # hand-written backward vs autodiff of the one-shot form
@@ -106,13 +111,15 @@ def test_fused_library_path_layout_and_gradients():
     run with implementation="xla" equals torch's SDPA and the one-shot form's gradients; only the
     implementation string differs on a GPU. Asking for cudnn without a GPU names the variable."""
     from safeclick_jax.models.attention import fused_attention
+
     q, k, v = qkv(2, 3, 50, 70, 16, seed=7)
     want = torch_sdpa(q, k, v)
     qs = jnp.asarray(q) / np.sqrt(16)  # fused_attention takes q already scaled, as the caller has it
     got = np.asarray(fused_attention(qs, jnp.asarray(k), jnp.asarray(v), implementation="xla"))
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
     loss = lambda f: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(
-        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    )
     ga = loss(lambda q, k, v: fused_attention(q / np.sqrt(16), k, v, implementation="xla"))
     gb = loss(lambda q, k, v: dot_product_attention(q, k, v, chunk_queries=False))
     for a, b in zip(ga, gb):
@@ -133,6 +140,7 @@ def test_cudnn_mode_routes_only_unmasked_16bit_calls(monkeypatch):
     and the fused call spied on (run with implementation="xla"): unmasked bf16 goes to the fused
     kernel, masked or fp32 calls to the one-shot form; both give the same values."""
     from safeclick_jax.models import attention
+
     calls = []
 
     def spy(q, k, v, implementation="cudnn"):

@@ -1,4 +1,5 @@
 """The converter CLI: strictness, size detection, carried memory keys, bit-exact round trip."""
+
 import json
 import os
 
@@ -44,6 +45,7 @@ def test_round_trip_bit_exact(sam2_tiny_pt, sam2_tiny_dir, tmp_path):
         assert np.array_equal(exported[k], v), k
     # and through the CLI + torch.save
     from convert.flax_to_torch import main as export_main
+
     out = str(tmp_path / "rt.pt")
     assert export_main(["--model-dir", sam2_tiny_dir, "--out", out]) == 0
     again = load_torch_state_dict(out)
@@ -57,11 +59,13 @@ def test_memory_keys_carried(sam2_tiny_pt, sam2_tiny_dir):
     _, _, extra = load(sam2_tiny_dir)
     flat = {".".join(k): v for k, v in traverse_util.flatten_dict(extra).items()}
     sd = load_torch_state_dict(sam2_tiny_pt[1])
-    memory = {k for k in sd if k.startswith(("memory_", "obj_ptr", "mask_downsample", "maskmem",
-                                             "no_mem_pos", "no_obj"))}
+    memory = {
+        k for k in sd if k.startswith(("memory_", "obj_ptr", "mask_downsample", "maskmem", "no_mem_pos", "no_obj"))
+    }
     assert set(flat) == memory and len(memory) > 100
-    assert np.array_equal(flat["memory_attention.layers.0.linear1.weight"],
-                          sd["memory_attention.layers.0.linear1.weight"])
+    assert np.array_equal(
+        flat["memory_attention.layers.0.linear1.weight"], sd["memory_attention.layers.0.linear1.weight"]
+    )
 
 
 def test_prefixes_and_bare_state_dict(sam2_tiny_pt, tmp_path):
@@ -106,21 +110,34 @@ def test_missing_unexpected_misshaped_keys_named(sam2_tiny_pt, tmp_path, capsys)
     save_torch_state_dict(sd, p)
     rc, out = _run(["--checkpoint", p, "--out", str(tmp_path / "o")], capsys)
     assert rc == 2
-    for key in ["sam_mask_decoder.iou_token.weight", "sam_mask_decoder.conv_s0.weight",
-                "sam_mask_decoder.surprise.weight", "totally_unknown"]:
+    for key in [
+        "sam_mask_decoder.iou_token.weight",
+        "sam_mask_decoder.conv_s0.weight",
+        "sam_mask_decoder.surprise.weight",
+        "totally_unknown",
+    ]:
         assert key in out, key
     assert "(31, 256, 1, 1)" in out
 
 
 def test_wrong_size_requested(sam2_tiny_pt, tmp_path, capsys):
-    rc, out = _run(["--checkpoint", sam2_tiny_pt[1], "--out", str(tmp_path / "o"),
-                    "--model", "sam2.1_hiera_s"], capsys)
+    rc, out = _run(["--checkpoint", sam2_tiny_pt[1], "--out", str(tmp_path / "o"), "--model", "sam2.1_hiera_s"], capsys)
     assert rc == 2 and "missing keys" in out and "image_encoder.trunk.blocks.15" in out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l",
-                                  "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sam2_hiera_t",
+        "sam2_hiera_s",
+        "sam2_hiera_b+",
+        "sam2_hiera_l",
+        "sam2.1_hiera_s",
+        "sam2.1_hiera_b+",
+        "sam2.1_hiera_l",
+    ],
+)
 def test_detect_every_size(name, tmp_path, capsys):
     model = build_torch_sam2(name)
     p = str(tmp_path / "m.pt")

@@ -57,9 +57,7 @@ def test_prompts_mapped_to_input_pixels(cache):
     prompt["param"] = 1.0
     out = pipeline._model_sample(sample, prompt, 128)
     x0, y0, x1, y1 = prompts.tight_box(sample["mask"])
-    np.testing.assert_allclose(
-        out["box"], [x0 * 128 / w, y0 * 128 / h, x1 * 128 / w, y1 * 128 / h], rtol=1e-6
-    )
+    np.testing.assert_allclose(out["box"], [x0 * 128 / w, y0 * 128 / h, x1 * 128 / w, y1 * 128 / h], rtol=1e-6)
     cx, cy = prompts.center_point(sample["mask"])
     np.testing.assert_allclose(out["point_coords"][0], [cx * 128 / w, cy * 128 / h], rtol=1e-6)
     # the ground truth at input resolution lies within the (scaled) tight box, up to a pixel
@@ -125,9 +123,7 @@ def test_process_shards_are_disjoint(cache, count):
     assert len(set(union)) == len(union) == n // count * count
     # default shard is this JAX process
     assert jax.process_count() == 1
-    ds = pipeline.make_dataset(
-        cache, "train", image_size=16, batch_size=5, num_epochs=1, drop_remainder=False
-    )
+    ds = pipeline.make_dataset(cache, "train", image_size=16, batch_size=5, num_epochs=1, drop_remainder=False)
     assert sum(len(b["roi_id"]) for b in ds) == n
 
 

@@ -221,14 +221,9 @@ def test_plain_layout_pairs_by_name(tmp_path):
         "lonely_ct.nii.gz",
     ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(
-            nib.Nifti1Image(lab if "seg" in name or "labels" in name else img, aff), str(tmp_path / name)
-        )
+        nib.save(nib.Nifti1Image(lab if "seg" in name or "labels" in name else img, aff), str(tmp_path / name))
     cases = layouts.discover(tmp_path)
-    pairs = {
-        (c.image and c.image.split(str(tmp_path))[1], c.label and c.label.split(str(tmp_path))[1])
-        for c in cases
-    }
+    pairs = {(c.image and c.image.split(str(tmp_path))[1], c.label and c.label.split(str(tmp_path))[1]) for c in cases}
     assert ("/case1.nii.gz", "/case1_seg.nii.gz") in pairs
     assert ("/b/ct.nii.gz", "/b/seg.nii.gz") in pairs
     assert ("/images/x_0000.nii.gz", "/labels/x.nii.gz") in pairs
@@ -287,10 +282,7 @@ def test_real_ct(tmp_path):
     seg = np.asarray(nib.as_closest_canonical(seg).dataobj)
     # ROI count recomputed independently from the NIfTI (no resampling: already isotropic).
     expected = sum(
-        int(((seg[:, :, k] == v).sum()) >= 20)
-        for k in range(seg.shape[2])
-        for v in np.unique(seg[:, :, k])
-        if v
+        int(((seg[:, :, k] == v).sum()) >= 20) for k in range(seg.shape[2]) for v in np.unique(seg[:, :, k]) if v
     )
     assert len(rois) == s["rois_total"] == expected
     # label 13 has a single voxel: never an ROI at min area 20, but an ROI at min area 1

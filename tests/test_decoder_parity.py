@@ -15,6 +15,7 @@ transformer_tokens / heads / select_outputs), plus one repeat_image batch B with
 (decoded through MaskDecoder.__call__). Torch runs each case on its own, unpadded, as SAM 2's
 predictor does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,13 +48,22 @@ PROMPTS = {
     "box": ([[[210.0, 200.0], [640.0, 790.0]]], [[2, 3]]),
     "box + point": ([[[210.0, 200.0], [640.0, 790.0], [400.0, 410.0]]], [[2, 3, 0]]),
     "mask + point": ([[[500.0, 375.0]]], [[1]]),
-    "batch of 3": ([[[500.0, 375.0], [10.0, 1000.0]], [[100.0, 700.0], [800.0, 800.0]],
-                    [[210.0, 200.0], [640.0, 790.0]]], [[1, 0], [1, 1], [2, 3]]),
+    "batch of 3": (
+        [[[500.0, 375.0], [10.0, 1000.0]], [[100.0, 700.0], [800.0, 800.0]], [[210.0, 200.0], [640.0, 790.0]]],
+        [[1, 0], [1, 1], [2, 3]],
+    ),
 }
 # Flax batch A: (case, element of the case's batch, image index, has_mask)
-LAYOUT = [("1 point", 0, 0, False), ("3 points", 0, 0, False), ("box", 0, 1, False),
-          ("box + point", 0, 2, False), ("mask + point", 0, 1, True),
-          ("batch of 3", 0, 0, False), ("batch of 3", 1, 1, False), ("batch of 3", 2, 2, False)]
+LAYOUT = [
+    ("1 point", 0, 0, False),
+    ("3 points", 0, 0, False),
+    ("box", 0, 1, False),
+    ("box + point", 0, 2, False),
+    ("mask + point", 0, 1, True),
+    ("batch of 3", 0, 0, False),
+    ("batch of 3", 1, 1, False),
+    ("batch of 3", 2, 2, False),
+]
 IMAGE_OF = {"1 point": 0, "3 points": 0, "box": 1, "box + point": 2, "mask + point": 1}
 # Element 8 repeats element 1 with other padding coordinates and a mask that has_mask switches off.
 GARBAGE = 8
@@ -79,8 +89,7 @@ def with_sam_pad(coords, labels, n_tokens=None, pad_xy=317.0):
 
 
 @nnx.jit(static_argnames=("repeat_image", "via_call"))
-def run_flax(pe, md, coords, labels, mask, has_mask, emb, feat_s0, feat_s1, repeat_image,
-             via_call):
+def run_flax(pe, md, coords, labels, mask, has_mask, emb, feat_s0, feat_s1, repeat_image, via_call):
     """Prompt encoder + decoder -> (sparse, dense, raw heads (all 4 masks) or None, {multimask:
     selected outputs}, dense PE). via_call: through MaskDecoder.__call__ (two decoder copies in the
     program); else through transformer_tokens / heads / select_outputs (one copy, faster compile)."""
@@ -89,8 +98,7 @@ def run_flax(pe, md, coords, labels, mask, has_mask, emb, feat_s0, feat_s1, repe
     image_pe = pe.get_dense_pe()
     high_res = (feat_s0, feat_s1)
     if via_call:
-        out = {m: md(emb, image_pe, sparse, dense, m, repeat_image, high_res, token_mask)
-               for m in (True, False)}
+        out = {m: md(emb, image_pe, sparse, dense, m, repeat_image, high_res, token_mask) for m in (True, False)}
         return sparse, dense, None, out, image_pe
     hs, src = md.transformer_tokens(emb, image_pe, sparse, dense, token_mask, repeat_image)
     raw = md.heads(hs, src, high_res)
@@ -115,9 +123,11 @@ def torch_at(tm, cfg):
 def torch_prompt(s, coords, labels, mask=None):
     pe = s["tm"].sam_prompt_encoder
     with torch.no_grad(), torch_at(s["tm"], s["cfg"]):
-        sparse, dense = pe(points=(torch.tensor(coords, dtype=torch.float32),
-                                   torch.tensor(labels, dtype=torch.int32)),
-                           boxes=None, masks=None if mask is None else torch.as_tensor(mask))
+        sparse, dense = pe(
+            points=(torch.tensor(coords, dtype=torch.float32), torch.tensor(labels, dtype=torch.int32)),
+            boxes=None,
+            masks=None if mask is None else torch.as_tensor(mask),
+        )
         return sparse, dense, pe.get_dense_pe()
 
 
@@ -126,15 +136,20 @@ def torch_decode(s, coords, labels, image_idx, mask=None, multimask=True, repeat
     sparse, dense, image_pe = torch_prompt(s, coords, labels, mask)
     with torch.no_grad():
         out = s["tm"].sam_mask_decoder(
-            image_embeddings=emb, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=multimask, repeat_image=repeat_image,
-            high_res_features=[s0, s1])
+            image_embeddings=emb,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            repeat_image=repeat_image,
+            high_res_features=[s0, s1],
+        )
     res = (sparse, dense.permute(0, 2, 3, 1)) + tuple(out)
     return tuple(t.detach().numpy() for t in res)
 
 
 def prompt(s, case):
-    coords, labels = (REPEAT if case == "repeat" else PROMPTS[case])
+    coords, labels = REPEAT if case == "repeat" else PROMPTS[case]
     return np.asarray(coords, np.float32) * s["cfg"].image_size / 1024, np.asarray(labels)
 
 
@@ -152,27 +167,38 @@ def setup(request):
     assert load_state_dict(md, sd, prefix="sam_mask_decoder.") == []
 
     g = torch.Generator().manual_seed(123)
-    feats = (torch.randn(3, 256, e, e, generator=g),
-             0.5 * torch.randn(3, 32, 4 * e, 4 * e, generator=g),
-             0.5 * torch.randn(3, 64, 2 * e, 2 * e, generator=g))
+    feats = (
+        torch.randn(3, 256, e, e, generator=g),
+        0.5 * torch.randn(3, 32, 4 * e, 4 * e, generator=g),
+        0.5 * torch.randn(3, 64, 2 * e, 2 * e, generator=g),
+    )
     masks = 4.0 * torch.randn(len(LAYOUT) + 1, 1, 4 * e, 4 * e, generator=g)
     s = dict(tm=tm, cfg=cfg, pe=pe, md=md, feats=feats, masks=masks.numpy())
     nhwc = [jnp.asarray(nchw_to_nhwc(f)) for f in feats]
 
     # batch A: every case, padded to N_TOKENS
-    rows = [with_sam_pad(*(x[i:i + 1] for x in prompt(s, c)), N_TOKENS) for c, i, _, _ in LAYOUT]
+    rows = [with_sam_pad(*(x[i : i + 1] for x in prompt(s, c)), N_TOKENS) for c, i, _, _ in LAYOUT]
     rows.append(with_sam_pad(*prompt(s, "3 points"), N_TOKENS, pad_xy=12.0))
     coords = np.concatenate([r[0] for r in rows])
     labels = np.concatenate([r[1] for r in rows])
     img = np.array([im for _, _, im, _ in LAYOUT] + [IMAGE_OF["3 points"]])
     has_mask = np.array([hm for *_, hm in LAYOUT] + [False])
-    a = run_flax(pe, md, jnp.asarray(coords), jnp.asarray(labels),
-                 jnp.asarray(nchw_to_nhwc(masks)), jnp.asarray(has_mask),
-                 *(f[img] for f in nhwc), repeat_image=False, via_call=False)
+    a = run_flax(
+        pe,
+        md,
+        jnp.asarray(coords),
+        jnp.asarray(labels),
+        jnp.asarray(nchw_to_nhwc(masks)),
+        jnp.asarray(has_mask),
+        *(f[img] for f in nhwc),
+        repeat_image=False,
+        via_call=False,
+    )
     # batch B: one image, two prompts, no padding
     c, l = with_sam_pad(*prompt(s, "repeat"))
-    b = run_flax(pe, md, jnp.asarray(c), jnp.asarray(l), None, None,
-                 *(f[:1] for f in nhwc), repeat_image=True, via_call=True)
+    b = run_flax(
+        pe, md, jnp.asarray(c), jnp.asarray(l), None, None, *(f[:1] for f in nhwc), repeat_image=True, via_call=True
+    )
     print(f"\n  config {cfg.name}: image {cfg.image_size} px, embedding {e}x{e}")
     return dict(s, a=a, b=b)
 
@@ -194,20 +220,28 @@ def compare(label, got, ref):
     print(f"  [{label}]")
     for name, g, r in zip(OUTPUTS, got, ref):
         if name == "sparse":
-            g = g[:, :r.shape[1]]  # project padding tokens are never read
+            g = g[:, : r.shape[1]]  # project padding tokens are never read
         check(name, g, r)
 
 
 # ------------------------------------------------------------------------------------------------
 
 # SAM 2's predictor uses multimask for ambiguous prompts (one click), single masks otherwise.
-CASES = [("1 point", True), ("1 point", False), ("3 points", True), ("3 points", False),
-         ("box", False), ("box + point", False), ("mask + point", True), ("mask + point", False),
-         ("batch of 3", True), ("batch of 3", False)]
+CASES = [
+    ("1 point", True),
+    ("1 point", False),
+    ("3 points", True),
+    ("3 points", False),
+    ("box", False),
+    ("box + point", False),
+    ("mask + point", True),
+    ("mask + point", False),
+    ("batch of 3", True),
+    ("batch of 3", False),
+]
 
 
-@pytest.mark.parametrize("case,multimask", CASES, ids=[f"{c}-{'multi' if m else 'single'}"
-                                                        for c, m in CASES])
+@pytest.mark.parametrize("case,multimask", CASES, ids=[f"{c}-{'multi' if m else 'single'}" for c, m in CASES])
 def test_prompt_parity(setup, case, multimask):
     rows = [k for k, (c, *_) in enumerate(LAYOUT) if c == case]
     coords, labels = prompt(setup, case)
@@ -222,8 +256,7 @@ def test_prompt_parity(setup, case, multimask):
 
 @pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
 def test_repeat_image(setup, multimask):
-    ref = torch_decode(setup, *prompt(setup, "repeat"), slice(0, 1), None, multimask,
-                       repeat_image=True)
+    ref = torch_decode(setup, *prompt(setup, "repeat"), slice(0, 1), None, multimask, repeat_image=True)
     compare(f"repeat_image, multimask={multimask}", flax_case(setup["b"], [0, 1], multimask), ref)
 
 
@@ -266,11 +299,9 @@ def test_dynamic_multimask_both_paths(setup, monkeypatch):
     emb, s0, s1 = (f[0:1] for f in setup["feats"])
     sparse, dense, image_pe = torch_prompt(setup, *prompt(setup, "3 points"))
     with torch.no_grad():
-        ref = tmd.predict_masks(emb, image_pe, sparse, dense, repeat_image=False,
-                                high_res_features=[s0, s1])
+        ref = tmd.predict_masks(emb, image_pe, sparse, dense, repeat_image=False, high_res_features=[s0, s1])
     print("  [raw heads, 3 points]")
-    for name, g, r in zip(("all masks", "all iou", "mask tokens", "object score"),
-                          (masks, iou, tokens, obj), ref):
+    for name, g, r in zip(("all masks", "all iou", "mask tokens", "object score"), (masks, iou, tokens, obj), ref):
         check(name, _np(g)[row], r.numpy())
 
     stab = float(md.stability_scores(masks[row, 0:1])[0, 0])

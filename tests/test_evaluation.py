@@ -131,9 +131,7 @@ def _cells(md: str, row_name: str) -> list[str]:
 
 def test_table_layout_bold_underline_and_improve():
     values = _table_values()
-    md = report.markdown_table(
-        values, {m: "ViT-T" for m in values}, baseline="Fine-tuned", candidates=["SafeClick"]
-    )
+    md = report.markdown_table(values, {m: "ViT-T" for m in values}, baseline="Fine-tuned", candidates=["SafeClick"])
     lines = md.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:2] == ["Method", "Model type"]
@@ -308,10 +306,7 @@ def test_base_architecture_is_safeclick_without_its_head():
     assert type(base).__name__ == "SAM2Image" and not hasattr(base, "safeclick")
     sc_paths = {p for p, _ in nnx.state(model).flat_state() if p[0] != "safeclick"}
     assert {p for p, _ in nnx.state(base).flat_state()} == sc_paths
-    assert (
-        protocol.base_architecture(registry.build({"kind": "sam2", "sam2": cfg.to_dict()}, abstract=True))
-        is None
-    )
+    assert protocol.base_architecture(registry.build({"kind": "sam2", "sam2": cfg.to_dict()}, abstract=True)) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,9 +126,7 @@ def test_evaluate_end_to_end_on_ct_small(ct_cache, tmp_path):
     assert all(int(r["n_rois"]) == n_rois for r in rows)  # every ROI got every condition
     # results.csv summarises per_roi.csv; per-ROI Dice is consistent with its pixel counts
     for r in rows:
-        d = [
-            float(p["dice"]) for p in per_roi if p["model"] == r["model"] and p["condition"] == r["condition"]
-        ]
+        d = [float(p["dice"]) for p in per_roi if p["model"] == r["model"] and p["condition"] == r["condition"]]
         assert float(r["dice_mean"]) == pytest.approx(np.mean(d))
         assert float(r["dice_std"]) == pytest.approx(np.std(d))
     for p in per_roi[:50]:
@@ -212,9 +210,7 @@ def test_evaluate_matches_image_predictor_and_is_device_count_invariant(ct_cache
         for cond in ("point_50", "box_75"):
             p = by[(str(roi_id), cond)]
             if "point" in p:
-                masks, iou, _ = pred.predict(
-                    point_coords=[p["point"]], point_labels=[1], multimask_output=True
-                )
+                masks, iou, _ = pred.predict(point_coords=[p["point"]], point_labels=[1], multimask_output=True)
                 mask = masks[int(np.argmax(iou))]
             else:
                 masks, _, _ = pred.predict(box=p["box"], multimask_output=False)

@@ -5,6 +5,7 @@ relative error ||a-b||/||b|| <= 1e-4 and max-abs <= 1e-3. The fast suite runs sa
 (small, yet window padding still happens: 16x16 tokens with window 14 and 8x8 with window 7); the
 slow suite runs every size of sam2 and sam2.1 at 1024 px.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,8 +69,10 @@ def run_encoder_parity(name: str, image_size: int, seed: int = 0) -> list[tuple]
 
     x = np.random.RandomState(seed).randn(1, 3, image_size, image_size).astype(np.float32)
     blocks_t = []
-    hooks = [b.register_forward_hook(lambda m, i, o: blocks_t.append(o.detach().numpy()))
-             for b in tm.image_encoder.trunk.blocks]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: blocks_t.append(o.detach().numpy()))
+        for b in tm.image_encoder.trunk.blocks
+    ]
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
@@ -143,8 +146,9 @@ def test_trunk_loads_with_trunk_prefix():
     n_params = sum(int(np.prod(v.shape)) for _, v in nnx.state(trunk).flat_state())
     assert n_params == 26_849_472  # porting notes, sec. 1
     np.testing.assert_array_equal(np.asarray(trunk.pos_embed[...]), sd["image_encoder.trunk.pos_embed"])
-    np.testing.assert_array_equal(np.asarray(trunk.blocks[1].attn.qkv.kernel[...]),
-                                  sd["image_encoder.trunk.blocks.1.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(trunk.blocks[1].attn.qkv.kernel[...]), sd["image_encoder.trunk.blocks.1.attn.qkv.weight"].T
+    )
     assert not hasattr(trunk.blocks[0], "proj") and trunk.blocks[1].proj.kernel.shape == (96, 192)
 
 
@@ -152,11 +156,19 @@ def test_structure_matches_torch():
     """Per block: window size (with the one-block lag), q-pool, dims, heads, as torch builds them."""
     tm, _, trunk = tiny()
     for bj, bt in zip(trunk.blocks, tm.image_encoder.trunk.blocks, strict=True):
-        assert (bj.window_size, bj.dim, bj.dim_out, bj.attn.num_heads, bj.q_stride) == \
-            (bt.window_size, bt.dim, bt.dim_out, bt.attn.num_heads, bt.q_stride)
+        assert (bj.window_size, bj.dim, bj.dim_out, bj.attn.num_heads, bj.q_stride) == (
+            bt.window_size,
+            bt.dim,
+            bt.dim_out,
+            bt.attn.num_heads,
+            bt.q_stride,
+        )
     # Other sizes against the porting notes (sec. 1); the slow parity tests check them against torch.
-    notes = {"sam2.1_hiera_s": ([1, 3, 14], [8, 4, 14]), "sam2.1_hiera_b+": ([2, 5, 21], [8, 4, 14]),
-             "sam2.1_hiera_l": ([2, 8, 44], [8, 4, 16])}
+    notes = {
+        "sam2.1_hiera_s": ([1, 3, 14], [8, 4, 14]),
+        "sam2.1_hiera_b+": ([2, 5, 21], [8, 4, 14]),
+        "sam2.1_hiera_l": ([2, 8, 44], [8, 4, 16]),
+    }
     for name, (qpool, lag_windows) in notes.items():
         specs = fh.block_specs(get_config(name).hiera)
         assert [i for i, b in enumerate(specs) if b.q_stride] == qpool, name
@@ -197,8 +209,9 @@ def test_trunk_pos_embed_matches_torch():
         trunk.get_pos_embed((60, 60))
 
 
-@pytest.mark.parametrize("hw,window", [((16, 16), 14), ((64, 64), 14), ((32, 32), 7), ((35, 21), 8),
-                                       ((64, 64), 8), ((8, 8), 7)])
+@pytest.mark.parametrize(
+    "hw,window", [((16, 16), 14), ((64, 64), 14), ((32, 32), 7), ((35, 21), 8), ((64, 64), 8), ((8, 8), 7)]
+)
 def test_window_partition_unpartition_with_padding(hw, window):
     from sam2.modeling.backbones.utils import window_partition, window_unpartition
 
@@ -210,7 +223,7 @@ def test_window_partition_unpartition_with_padding(hw, window):
     # padding is zeros, appended bottom/right
     if pad_j != hw:
         full = np.asarray(fh.window_unpartition(wj, window, pad_j, pad_j))
-        assert not full[:, hw[0]:].any() and not full[:, :, hw[1]:].any()
+        assert not full[:, hw[0] :].any() and not full[:, :, hw[1] :].any()
     back_t = window_unpartition(wt, window, pad_t, hw).numpy()
     back_j = np.asarray(fh.window_unpartition(wj, window, pad_j, hw))
     np.testing.assert_array_equal(back_j, back_t)

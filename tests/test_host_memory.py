@@ -1,5 +1,6 @@
 """use_huge_pages(): the program re-executes itself once with glibc's huge-page malloc, and an
 XLA:CPU call with large temporary buffers then stops faulting them in 4 KB at a time."""
+
 import os
 import subprocess
 import sys
@@ -36,8 +37,7 @@ def run_child(system_malloc: bool) -> tuple[str, int, float]:
     """(GLIBC_TUNABLES seen by the program, times it started, faults of the median call)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", SAFECLICK_SYSTEM_MALLOC="1" if system_malloc else "0")
     env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     words = out.stdout.split()
     return words[words.index("tunables") + 1], words.count("start"), float(words[words.index("faults") + 1])

@@ -3,6 +3,7 @@ modules: memory encoder (through SAM2Base._encode_new_memory), memory attention 
 object-pointer tokens, object pointers and their temporal encoding. sam2.1_hiera_t with random,
 perturbed weights (tests/sam2_torch.py), fp32. The memory path does not depend on the model size
 or on the image size beyond its E x E grid, so the inputs are small (E = 16, i.e. 256 px)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,17 @@ REL_TOL = 1e-4
 def pair():
     tm = build_torch_sam2(MODEL)
     sd = numpy_state_dict(tm)
-    prefixes = ("memory_attention.", "memory_encoder.", "obj_ptr_proj.", "mask_downsample.", "maskmem_tpos_enc",
-                "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial", "obj_ptr_tpos_proj.")
+    prefixes = (
+        "memory_attention.",
+        "memory_encoder.",
+        "obj_ptr_proj.",
+        "mask_downsample.",
+        "maskmem_tpos_enc",
+        "no_mem_pos_enc",
+        "no_obj_ptr",
+        "no_obj_embed_spatial",
+        "obj_ptr_tpos_proj.",
+    )
     extra = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in sd.items() if k.startswith(prefixes)})
     return tm, SAM2Memory.from_extra(get_config(MODEL), extra)
 
@@ -39,11 +49,16 @@ def seq_first(x_nhwc):
 
 def test_loads_every_memory_key(pair):
     tm, mem = pair
-    n = sum(int(np.prod(v.shape)) for k, v in numpy_state_dict(tm).items()
-            if k.startswith(("memory_attention.", "memory_encoder.")))
+    n = sum(
+        int(np.prod(v.shape))
+        for k, v in numpy_state_dict(tm).items()
+        if k.startswith(("memory_attention.", "memory_encoder."))
+    )
     assert n == 5_922_304 + 1_384_608  # porting notes, sec. 1
-    np.testing.assert_array_equal(np.asarray(mem.memory_encoder.fuser.layers[1].dwconv.kernel[...]),
-                                  tm.memory_encoder.fuser.layers[1].dwconv.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(mem.memory_encoder.fuser.layers[1].dwconv.kernel[...]),
+        tm.memory_encoder.fuser.layers[1].dwconv.weight.detach().numpy().transpose(2, 3, 1, 0),
+    )
 
 
 def test_missing_memory_keys_are_an_error():
@@ -65,15 +80,21 @@ def test_memory_encoder(pair, binarize, present):
     tm.binarize_mask_from_pts_for_mem_enc = True  # as build_sam2_video_predictor sets it
     try:
         with torch.no_grad():
-            tf, tp = tm._encode_new_memory([seq_first(pix)], [(E, E)],
-                                           torch.from_numpy(logits.transpose(0, 3, 1, 2)),
-                                           torch.from_numpy(score), is_mask_from_pts=binarize)
+            tf, tp = tm._encode_new_memory(
+                [seq_first(pix)],
+                [(E, E)],
+                torch.from_numpy(logits.transpose(0, 3, 1, 2)),
+                torch.from_numpy(score),
+                is_mask_from_pts=binarize,
+            )
     finally:
         tm.binarize_mask_from_pts_for_mem_enc = old
     jf, jp = mem.encode_memory(jnp.asarray(pix), jnp.asarray(logits), jnp.asarray(score), binarize)
     tf, tp = tf.numpy().transpose(0, 2, 3, 1), tp[0].numpy().transpose(0, 2, 3, 1)
-    print(f"memory encoder binarize={binarize} present={present}: rel {rel_err(jf, tf):.2e} "
-          f"max-abs {max_abs(jf, tf):.2e}, pos max-abs {max_abs(jp, tp):.2e}")
+    print(
+        f"memory encoder binarize={binarize} present={present}: rel {rel_err(jf, tf):.2e} "
+        f"max-abs {max_abs(jf, tf):.2e}, pos max-abs {max_abs(jp, tp):.2e}"
+    )
     assert rel_err(jf, tf) <= REL_TOL and max_abs(jp, tp) <= 1e-6
 
 
@@ -97,25 +118,54 @@ def test_memory_attention(pair, n_frames, n_ptrs):
     memory_pos = rng.standard_normal((1, m, 64)).astype(np.float32)
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(1, 0, 2)))
     with torch.no_grad():
-        out = tm.memory_attention(curr=[tt(curr)], curr_pos=[tt(curr_pos)], memory=tt(memory),
-                                  memory_pos=tt(memory_pos), num_obj_ptr_tokens=4 * n_ptrs)
+        out = tm.memory_attention(
+            curr=[tt(curr)],
+            curr_pos=[tt(curr_pos)],
+            memory=tt(memory),
+            memory_pos=tt(memory_pos),
+            num_obj_ptr_tokens=4 * n_ptrs,
+        )
     out = out.numpy().transpose(1, 0, 2)
-    got = mem.memory_attention(jnp.asarray(curr), jnp.asarray(curr_pos), jnp.asarray(memory),
-                               jnp.asarray(memory_pos), 4 * n_ptrs)
-    print(f"memory attention {n_frames} frames + {n_ptrs} pointers: rel {rel_err(got, out):.2e} "
-          f"max-abs {max_abs(got, out):.2e}")
+    got = mem.memory_attention(
+        jnp.asarray(curr), jnp.asarray(curr_pos), jnp.asarray(memory), jnp.asarray(memory_pos), 4 * n_ptrs
+    )
+    print(
+        f"memory attention {n_frames} frames + {n_ptrs} pointers: rel {rel_err(got, out):.2e} "
+        f"max-abs {max_abs(got, out):.2e}"
+    )
     assert rel_err(got, out) <= REL_TOL
 
     # Padding: extra frame slots and pointer tokens with key_mask False change nothing.
     pad_f, pad_p = 2, 3
-    mem_p = np.concatenate([memory[:, :n_frames * n], rng.standard_normal((1, pad_f * n, 64)),
-                            memory[:, n_frames * n:], rng.standard_normal((1, 4 * pad_p, 64))], 1)
-    pos_p = np.concatenate([memory_pos[:, :n_frames * n], rng.standard_normal((1, pad_f * n, 64)),
-                            memory_pos[:, n_frames * n:], rng.standard_normal((1, 4 * pad_p, 64))], 1)
-    mask = np.concatenate([np.ones(n_frames * n, bool), np.zeros(pad_f * n, bool),
-                           np.ones(4 * n_ptrs, bool), np.zeros(4 * pad_p, bool)])[None]
-    padded = mem.memory_attention(jnp.asarray(curr), jnp.asarray(curr_pos), jnp.asarray(mem_p, jnp.float32),
-                                  jnp.asarray(pos_p, jnp.float32), 4 * (n_ptrs + pad_p), jnp.asarray(mask))
+    mem_p = np.concatenate(
+        [
+            memory[:, : n_frames * n],
+            rng.standard_normal((1, pad_f * n, 64)),
+            memory[:, n_frames * n :],
+            rng.standard_normal((1, 4 * pad_p, 64)),
+        ],
+        1,
+    )
+    pos_p = np.concatenate(
+        [
+            memory_pos[:, : n_frames * n],
+            rng.standard_normal((1, pad_f * n, 64)),
+            memory_pos[:, n_frames * n :],
+            rng.standard_normal((1, 4 * pad_p, 64)),
+        ],
+        1,
+    )
+    mask = np.concatenate(
+        [np.ones(n_frames * n, bool), np.zeros(pad_f * n, bool), np.ones(4 * n_ptrs, bool), np.zeros(4 * pad_p, bool)]
+    )[None]
+    padded = mem.memory_attention(
+        jnp.asarray(curr),
+        jnp.asarray(curr_pos),
+        jnp.asarray(mem_p, jnp.float32),
+        jnp.asarray(pos_p, jnp.float32),
+        4 * (n_ptrs + pad_p),
+        jnp.asarray(mask),
+    )
     print(f"  padded (+{pad_f} frames, +{pad_p} pointers, masked): rel {rel_err(padded, out):.2e}")
     assert rel_err(padded, out) <= REL_TOL
 
@@ -139,8 +189,10 @@ def test_object_pointer_and_tpos(pair):
     print(f"object pointer rel {rel_err(got, ptr.numpy()):.2e}, pointer tpos rel {rel_err(got_pos, tpos.numpy()):.2e}")
     assert rel_err(got, ptr.numpy()) <= REL_TOL and rel_err(got_pos, tpos.numpy()) <= REL_TOL
     np.testing.assert_allclose(np.asarray(got[1]), tm.no_obj_ptr.detach().numpy()[0], rtol=0, atol=0)
-    np.testing.assert_allclose(np.asarray(get_1d_sine_pe(jnp.asarray([0.5, 2.0]), 8)),
-                               t_sine(torch.tensor([0.5, 2.0]), 8).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(get_1d_sine_pe(jnp.asarray([0.5, 2.0]), 8)), t_sine(torch.tensor([0.5, 2.0]), 8).numpy(), atol=1e-6
+    )
     for t_pos in range(7):
-        np.testing.assert_array_equal(np.asarray(mem.tpos_enc(t_pos)),
-                                      tm.maskmem_tpos_enc[7 - t_pos - 1].detach().numpy().reshape(-1))
+        np.testing.assert_array_equal(
+            np.asarray(mem.tpos_enc(t_pos)), tm.maskmem_tpos_enc[7 - t_pos - 1].detach().numpy().reshape(-1)
+        )

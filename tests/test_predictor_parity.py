@@ -1,6 +1,7 @@
 """ImagePredictor end to end against the same steps in torch (SAM2ImagePredictor's code path;
 its transforms import torchvision, which does not import beside torch 2.13, so the steps are
 spelled out with torch.nn.functional, equal to torchvision's Resize(antialias=True))."""
+
 import numpy as np
 import pytest
 
@@ -40,8 +41,10 @@ class TorchSteps:
         scale = torch.tensor([s / w, s / h])
         concat = None
         if points is not None:
-            concat = (torch.tensor(points, dtype=torch.float)[None] * scale,
-                      torch.tensor(labels, dtype=torch.int)[None])
+            concat = (
+                torch.tensor(points, dtype=torch.float)[None] * scale,
+                torch.tensor(labels, dtype=torch.int)[None],
+            )
         if box is not None:
             bc = torch.tensor(box, dtype=torch.float).reshape(-1, 2, 2) * scale
             bl = torch.tensor([[2, 3]], dtype=torch.int)
@@ -50,9 +53,14 @@ class TorchSteps:
         pe = self.model.sam_prompt_encoder
         sparse, dense = pe(points=concat, boxes=None, masks=mi)
         low, iou, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=self.image_embed, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=multimask, repeat_image=False,
-            high_res_features=self.high_res)
+            image_embeddings=self.image_embed,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            repeat_image=False,
+            high_res_features=self.high_res,
+        )
         masks = F.interpolate(low, (h, w), mode="bilinear", align_corners=False)
         return masks[0].numpy(), iou[0].numpy(), torch.clamp(low, -32, 32)[0].numpy()
 
@@ -63,7 +71,7 @@ def pair(sam2_tiny_pt, sam2_tiny_dir):
     image = rng.integers(0, 256, (217, 181, 3), dtype=np.uint8)
     # a smooth bright blob so the masks are not pure noise
     yy, xx = np.mgrid[:217, :181]
-    image[(yy - 100) ** 2 + (xx - 90) ** 2 < 40 ** 2] = 230
+    image[(yy - 100) ** 2 + (xx - 90) ** 2 < 40**2] = 230
     t = TorchSteps(sam2_tiny_pt[0])
     t.set_image(image)
     p = ImagePredictor.from_checkpoint(sam2_tiny_dir)
@@ -85,16 +93,24 @@ def test_predict_parity(pair, case, multimask):
     t, p = pair
     kw = CASES[case]
     tm, ti, tl = t.predict(kw.get("points"), kw.get("labels"), kw.get("box"), multimask=multimask)
-    jm, ji, jl = p.predict(point_coords=kw.get("points"), point_labels=kw.get("labels"), box=kw.get("box"),
-                           multimask_output=multimask, return_logits=True)
+    jm, ji, jl = p.predict(
+        point_coords=kw.get("points"),
+        point_labels=kw.get("labels"),
+        box=kw.get("box"),
+        multimask_output=multimask,
+        return_logits=True,
+    )
     assert jm.shape == tm.shape and ji.shape == ti.shape and jl.shape == tl.shape
     errs = (rel_err(jm, tm), max_abs(jm, tm), max_abs(ji, ti), rel_err(jl, tl))
-    print(f"{case} multimask={multimask}: mask rel {errs[0]:.2e} max-abs {errs[1]:.2e} "
-          f"iou max-abs {errs[2]:.2e} low-res rel {errs[3]:.2e}")
+    print(
+        f"{case} multimask={multimask}: mask rel {errs[0]:.2e} max-abs {errs[1]:.2e} "
+        f"iou max-abs {errs[2]:.2e} low-res rel {errs[3]:.2e}"
+    )
     assert errs[0] <= 1e-4 and errs[1] <= 1e-3 and errs[2] <= 1e-4 and errs[3] <= 1e-4
     # thresholded masks agree except where torch's logit is within float noise of 0
-    binary, _, _ = p.predict(point_coords=kw.get("points"), point_labels=kw.get("labels"), box=kw.get("box"),
-                             multimask_output=multimask)
+    binary, _, _ = p.predict(
+        point_coords=kw.get("points"), point_labels=kw.get("labels"), box=kw.get("box"), multimask_output=multimask
+    )
     assert binary.dtype == bool and ((binary != (tm > 0)) & (np.abs(tm) > 1e-3)).sum() == 0
 
 
@@ -102,8 +118,13 @@ def test_mask_prompt_parity(pair):
     t, p = pair
     _, _, low = t.predict([[90.0, 100.0]], [1], multimask=False)
     tm, ti, _ = t.predict([[90.0, 100.0], [60.0, 70.0]], [1, 0], mask_input=low, multimask=False)
-    jm, ji, _ = p.predict(point_coords=[[90.0, 100.0], [60.0, 70.0]], point_labels=[1, 0], mask_input=low,
-                          multimask_output=False, return_logits=True)
+    jm, ji, _ = p.predict(
+        point_coords=[[90.0, 100.0], [60.0, 70.0]],
+        point_labels=[1, 0],
+        mask_input=low,
+        multimask_output=False,
+        return_logits=True,
+    )
     print(f"mask prompt: rel {rel_err(jm, tm):.2e} max-abs {max_abs(jm, tm):.2e}")
     assert rel_err(jm, tm) <= 1e-4 and max_abs(jm, tm) <= 1e-3 and max_abs(ji, ti) <= 1e-4
     # mask only (no sparse tokens at all, as in SAM 2)
@@ -124,15 +145,18 @@ def test_new_click_does_not_recompile(pair):
     assert p._decode._cache_size() == before
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (dict(point_coords=[[500.0, 10.0]], point_labels=[1]), "outside the image"),
-    (dict(point_coords=[[-1.0, 10.0]], point_labels=[1]), "outside the image"),
-    (dict(box=[100.0, 10.0, 50.0, 80.0]), "x1 >= x0"),
-    (dict(point_coords=[[5.0, 5.0]], point_labels=[7]), "point_labels"),
-    (dict(point_coords=[[5.0, 5.0]]), "point_labels must be given"),
-    (dict(), "at least one prompt"),
-    (dict(mask_input=np.zeros((1, 64, 64), np.float32)), "mask_input"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (dict(point_coords=[[500.0, 10.0]], point_labels=[1]), "outside the image"),
+        (dict(point_coords=[[-1.0, 10.0]], point_labels=[1]), "outside the image"),
+        (dict(box=[100.0, 10.0, 50.0, 80.0]), "x1 >= x0"),
+        (dict(point_coords=[[5.0, 5.0]], point_labels=[7]), "point_labels"),
+        (dict(point_coords=[[5.0, 5.0]]), "point_labels must be given"),
+        (dict(), "at least one prompt"),
+        (dict(mask_input=np.zeros((1, 64, 64), np.float32)), "mask_input"),
+    ],
+)
 def test_bad_prompts(pair, bad, msg):
     _, p = pair
     with pytest.raises(ValueError, match=msg):

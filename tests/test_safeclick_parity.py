@@ -1,6 +1,7 @@
 """SafeClick decoder: Flax vs the PyTorch reference (convert/safeclick_torch.py), every ablation
 variant, random perturbed weights, fp32 CPU: forward outputs and gradients of a loss w.r.t. the
 trainable parameters; plus the weight map in both directions."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +42,10 @@ def _inputs(cfg, seed=0, batch=2):
         "s1": rng.normal(size=(batch, 64, 2 * e, 2 * e)).astype(np.float32),
         "block": rng.normal(size=(batch, 384, e, e)).astype(np.float32),
         # one click + SAM's pad point; second prompt: box corners + click + pad
-        "coords": np.array([[[100.0, 120.0], [0, 0], [0, 0], [0, 0]],
-                            [[40.0, 50.0], [200.0, 210.0], [120.0, 130.0], [0, 0]]], np.float32)[:batch],
+        "coords": np.array(
+            [[[100.0, 120.0], [0, 0], [0, 0], [0, 0]], [[40.0, 50.0], [200.0, 210.0], [120.0, 130.0], [0, 0]]],
+            np.float32,
+        )[:batch],
         "labels": np.array([[1, -1, -2, -2], [2, 3, 1, -1]], np.int32)[:batch],
     }
 
@@ -59,8 +62,17 @@ def _torch_forward(tmodel, x, multimask):
         keep = x["labels"][i] >= 0  # torch's prompt encoder appends SAM's (0,0,-1) pad point itself
         c = torch.from_numpy(x["coords"][i][keep])[None]
         l = torch.from_numpy(x["labels"][i][keep])[None]
-        outs.append(tmodel.decode(it("image_embed")[i:i + 1], (it("s0")[i:i + 1], it("s1")[i:i + 1]),
-                                  refined[i:i + 1], c, l, None, multimask))
+        outs.append(
+            tmodel.decode(
+                it("image_embed")[i : i + 1],
+                (it("s0")[i : i + 1], it("s1")[i : i + 1]),
+                refined[i : i + 1],
+                c,
+                l,
+                None,
+                multimask,
+            )
+        )
     return [torch.cat([o[j] for o in outs]) for j in range(4)]
 
 
@@ -75,8 +87,14 @@ def _flax_apply(fmodel, x, multimask):
     feats = {"image_embed": _nhwc(x["image_embed"]), "high_res_feats": (_nhwc(x["s0"]), _nhwc(x["s1"]))}
     feats["refined"] = fmodel.safeclick.image_features(_nhwc(x["block"]), feats["image_embed"])
     e4 = 4 * fmodel.cfg.embedding_size
-    return fmodel.decode(feats, jnp.asarray(x["coords"]), jnp.asarray(x["labels"]), jnp.zeros((b, e4, e4, 1)),
-                         jnp.zeros((b,), bool), multimask)
+    return fmodel.decode(
+        feats,
+        jnp.asarray(x["coords"]),
+        jnp.asarray(x["labels"]),
+        jnp.zeros((b, e4, e4, 1)),
+        jnp.zeros((b,), bool),
+        multimask,
+    )
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -94,8 +112,10 @@ def test_forward_parity(pair, multimask):
         tm, ti, _, to = _torch_forward(tmodel, x, multimask)
     fm, fi, _, fo = _flax_forward(fmodel, x, multimask)
     r, a, ri = rel_err(fm, tm.numpy()), max_abs(fm, tm.numpy()), rel_err(fi, ti.numpy())
-    print(f"{variant} multimask={multimask}: masks rel {r:.2e} max-abs {a:.2e}; iou rel {ri:.2e}; "
-          f"obj rel {rel_err(fo, to.numpy()):.2e}")
+    print(
+        f"{variant} multimask={multimask}: masks rel {r:.2e} max-abs {a:.2e}; iou rel {ri:.2e}; "
+        f"obj rel {rel_err(fo, to.numpy()):.2e}"
+    )
     assert r <= 1e-4 and a <= 1e-3 and ri <= 1e-4 and rel_err(fo, to.numpy()) <= 1e-4
 
 
@@ -127,8 +147,10 @@ def check_gradients(variant, pair):
     (torch.sum(tm * torch.from_numpy(wm)) / tm.numel() + torch.sum(ti * torch.from_numpy(wi))).backward()
     tmodel.eval()
     # a parameter the loss does not reach (the object-score head) has grad None in torch, 0 in JAX
-    tgrads = {k: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape, np.float32))
-              for k, p in tmodel.named_parameters()}
+    tgrads = {
+        k: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape, np.float32))
+        for k, p in tmodel.named_parameters()
+    }
 
     graphdef, params, rest = nnx.split(fmodel, is_trainable, ...)
 
@@ -155,24 +177,35 @@ def check_gradients(variant, pair):
             worst, worst_key = e, k
     flat_f = np.concatenate([g.ravel() for g in fgrads.values()])
     flat_t = np.concatenate([tgrads[k].ravel() for k in fgrads])
-    print(f"{variant}: {len(fgrads)} trainable tensors, global grad rel {rel_err(flat_f, flat_t):.2e}, "
-          f"worst tensor {worst_key} rel {worst:.2e}")
+    print(
+        f"{variant}: {len(fgrads)} trainable tensors, global grad rel {rel_err(flat_f, flat_t):.2e}, "
+        f"worst tensor {worst_key} rel {worst:.2e}"
+    )
     assert rel_err(flat_f, flat_t) <= 1e-4
     assert worst <= 1e-3
     # trainable set: SafeClick head + mask decoder minus conv_s0/s1; torch saw gradients for those only
-    trained_in_torch = {k for k in tgrads if k.startswith(("safeclick.", "sam_mask_decoder."))
-                        and not k.startswith("sam_mask_decoder.pred_obj_score_head")
-                        and not k.startswith(("sam_mask_decoder.conv_s0", "sam_mask_decoder.conv_s1"))}
-    assert set(fgrads) - {k for k in fgrads if k.startswith("sam_mask_decoder.pred_obj_score_head")} \
-        == trained_in_torch
+    trained_in_torch = {
+        k
+        for k in tgrads
+        if k.startswith(("safeclick.", "sam_mask_decoder."))
+        and not k.startswith("sam_mask_decoder.pred_obj_score_head")
+        and not k.startswith(("sam_mask_decoder.conv_s0", "sam_mask_decoder.conv_s1"))
+    }
+    assert set(fgrads) - {k for k in fgrads if k.startswith("sam_mask_decoder.pred_obj_score_head")} == trained_in_torch
 
 
 def state_dict_of(grads_state):
     """torch-layout dict of a State of gradients (same transforms as the weight map)."""
     from convert.weights import to_torch_layout, torch_key
 
-    return {torch_key(p): np.asarray(to_torch_layout(str(p[-1]), np.asarray(v[...] if hasattr(v, "__getitem__") and not isinstance(v, jax.Array) else v)))
-            for p, v in grads_state.flat_state()}
+    return {
+        torch_key(p): np.asarray(
+            to_torch_layout(
+                str(p[-1]), np.asarray(v[...] if hasattr(v, "__getitem__") and not isinstance(v, jax.Array) else v)
+            )
+        )
+        for p, v in grads_state.flat_state()
+    }
 
 
 def test_flax_to_torch_direction():
@@ -181,10 +214,14 @@ def test_flax_to_torch_direction():
     tmodel, cfg = build_safeclick_torch("sam2.1_hiera_t", sc, image_size=IMAGE_SIZE, seed=5)
     fmodel = SafeClickModel(cfg, sc, nnx.Rngs(11))
     # give the zero-initialised F_conv and alpha non-trivial values, as after training
-    fmodel.safeclick.crl.conv.kernel[...] = 0.05 * jax.random.normal(jax.random.key(0), fmodel.safeclick.crl.conv.kernel.shape)
+    fmodel.safeclick.crl.conv.kernel[...] = 0.05 * jax.random.normal(
+        jax.random.key(0), fmodel.safeclick.crl.conv.kernel.shape
+    )
     fmodel.safeclick.crl.alpha[...] = jnp.asarray(0.3)
     sd = state_dict(fmodel)
-    missing, unexpected = tmodel.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
+    missing, unexpected = tmodel.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False
+    )
     assert not unexpected
     assert all(not k.startswith(IMAGE_PATH) for k in missing), missing  # only memory/video keys remain
     x = _inputs(cfg, seed=2)

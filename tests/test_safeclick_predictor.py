@@ -1,5 +1,6 @@
 """ImagePredictor on a SafeClick model directory, end to end against the PyTorch reference
 (512 px tiny model: the same code path as 1024, a quarter of the encoder cost)."""
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,7 +20,8 @@ class TorchSafeClickSteps(TorchSteps):
     def set_image(self, image):
         blocks = {}
         hook = self.model.image_encoder.trunk.blocks[self.model.keep_block].register_forward_hook(
-            lambda m, i, o: blocks.setdefault("x", o))
+            lambda m, i, o: blocks.setdefault("x", o)
+        )
         super().set_image(image)
         hook.remove()
         with torch.no_grad():  # Hiera blocks are NHWC in torch too
@@ -30,8 +32,15 @@ class TorchSafeClickSteps(TorchSteps):
         h, w = self.hw
         s = self.model.image_size
         c = torch.tensor(points, dtype=torch.float)[None] * torch.tensor([s / w, s / h])
-        low, iou, _, _ = self.model.decode(self.image_embed, self.high_res, self.refined, c,
-                                           torch.tensor(labels, dtype=torch.int)[None], None, multimask)
+        low, iou, _, _ = self.model.decode(
+            self.image_embed,
+            self.high_res,
+            self.refined,
+            c,
+            torch.tensor(labels, dtype=torch.int)[None],
+            None,
+            multimask,
+        )
         masks = torch.nn.functional.interpolate(low, (h, w), mode="bilinear", align_corners=False)
         return masks[0].numpy(), iou[0].numpy()
 
@@ -73,8 +82,10 @@ def test_from_sam2_copies_base_and_checks_block(sam2_tiny_dir):
 
     base, _, _ = load_model(sam2_tiny_dir)
     model = from_sam2(sam2_tiny_dir, SafeClickConfig(), seed=0)
-    assert np.array_equal(np.asarray(model.sam_mask_decoder.transformer.layers[0].self_attn.q_proj.kernel[...]),
-                          np.asarray(base.sam_mask_decoder.transformer.layers[0].self_attn.q_proj.kernel[...]))
+    assert np.array_equal(
+        np.asarray(model.sam_mask_decoder.transformer.layers[0].self_attn.q_proj.kernel[...]),
+        np.asarray(base.sam_mask_decoder.transformer.layers[0].self_attn.q_proj.kernel[...]),
+    )
     assert model.keep_block == 5  # tiny: 12 blocks, the m/2-th (1-based) is index 5
     assert float(np.abs(np.asarray(model.safeclick.crl.conv.kernel[...])).max()) == 0.0  # zero-init F_conv
     with pytest.raises(ValueError, match="outside the sam2.1_hiera_t trunk"):

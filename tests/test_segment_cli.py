@@ -1,6 +1,7 @@
 """`python -m safeclick_jax.segment`: voxel-space geometry, output format, errors. No torch: the
 model directory is a randomly initialised Flax SAM 2 (tiny, 128 px) with its memory path in
 `extra`, as the converter writes it."""
+
 from __future__ import annotations
 
 import nibabel as nib
@@ -77,8 +78,22 @@ def test_voxel_geometry_round_trip(tmp_path, predictor, axis):
 def test_segment_end_to_end(tmp_path, ckpt, capsys):
     data, affine = oblique_nifti(tmp_path / "in.nii.gz")
     out = tmp_path / "out.nii.gz"
-    rc = main(["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(out),
-               "--point", "15,13,3", "--point", "10,5,3,0", "--label", "7"])
+    rc = main(
+        [
+            "--image",
+            str(tmp_path / "in.nii.gz"),
+            "--checkpoint",
+            ckpt,
+            "--out",
+            str(out),
+            "--point",
+            "15,13,3",
+            "--point",
+            "10,5,3,0",
+            "--label",
+            "7",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = nib.load(str(out))
     assert res.shape == data.shape and np.allclose(res.affine, affine)
@@ -86,8 +101,20 @@ def test_segment_end_to_end(tmp_path, ckpt, capsys):
     got = np.asarray(res.dataobj)
     assert got.dtype == np.uint8 and set(np.unique(got).tolist()) <= {0, 7}
 
-    rc = main(["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(out),
-               "--box", "2,1,20,4,17", "--axis", "1"])  # box on slice y=17, in-plane axes x and z
+    rc = main(
+        [
+            "--image",
+            str(tmp_path / "in.nii.gz"),
+            "--checkpoint",
+            ckpt,
+            "--out",
+            str(out),
+            "--box",
+            "2,1,20,4,17",
+            "--axis",
+            "1",
+        ]
+    )  # box on slice y=17, in-plane axes x and z
     assert rc == 0, capsys.readouterr().err
     assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1}
 

@@ -1,5 +1,6 @@
 """Embedding cache: values equal the encoder's, reuse across calls, a new key when the encoder
 weights, the image size or the data cache change. Miniature model (smoke config), in-process."""
+
 import json
 
 import jax
@@ -28,8 +29,7 @@ def setup(tmp_path_factory):
 def test_values_reuse_and_lookup(setup):
     d, config, model = setup
     logs = []
-    c1 = ec.build(model, config.data.cache_dir, 64, model.keep_block, root=d / "emb", batch_size=4,
-                  log=logs.append)
+    c1 = ec.build(model, config.data.cache_dir, 64, model.keep_block, root=d / "emb", batch_size=4, log=logs.append)
     assert "computing" in logs[0]
     slices = ec.slices_of(config.data.cache_dir, ("train", "val"))
     assert len(c1) == len(slices) > 0
@@ -37,19 +37,21 @@ def test_values_reuse_and_lookup(setup):
     data = pipeline.Cache(config.data.cache_dir)
     n_rois = len(data.split_rois("train")) + len(data.split_rois("val"))
     assert len(c1) < n_rois
-    c2 = ec.build(model, config.data.cache_dir, 64, model.keep_block, root=d / "emb", batch_size=4,
-                  log=logs.append)
+    c2 = ec.build(model, config.data.cache_dir, 64, model.keep_block, root=d / "emb", batch_size=4, log=logs.append)
     assert "reusing" in logs[-1] and c2.directory == c1.directory
     # features of two ROIs equal the encoder run on their slices (float16 storage)
     rois = data.split_rois("train")[[0, 5]]
     got = c2.features(rois["roi_id"])
     imgs = np.stack([pipeline.sam2_image(data.roi(r)["image"], 64) for r in rois])
     ref = jax.jit(lambda m, x: encode_image(m, x, keep_block=model.keep_block))(model, imgs)
-    for name, want in (("image_embed", ref["image_embed"]), ("high_res_0", ref["high_res_feats"][0]),
-                       ("high_res_1", ref["high_res_feats"][1]), ("block", ref["block"])):
+    for name, want in (
+        ("image_embed", ref["image_embed"]),
+        ("high_res_0", ref["high_res_feats"][0]),
+        ("high_res_1", ref["high_res_feats"][1]),
+        ("block", ref["block"]),
+    ):
         assert got[name].dtype == np.float16
-        np.testing.assert_allclose(got[name].astype(np.float32), np.asarray(want), rtol=2e-3, atol=2e-3,
-                                   err_msg=name)
+        np.testing.assert_allclose(got[name].astype(np.float32), np.asarray(want), rtol=2e-3, atol=2e-3, err_msg=name)
     test_roi = data.split_rois("test")["roi_id"][:1]
     with pytest.raises(KeyError, match="no cached embedding"):
         c2.features(test_roi)

@@ -1,6 +1,7 @@
 """train.compute_dtype = "bfloat16": one train step of the smoke model in bf16 against float32 on
 the same batch and weights. The master weights and optimizer state must stay float32, and the
 loss, gradient norm and update direction must agree within bf16 rounding (8-bit mantissa)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +16,13 @@ def _batch(size, n, seed=0):
     yy, xx = np.mgrid[:size, :size]
     cx, cy, r = rng.uniform(0.3 * size, 0.7 * size, n), rng.uniform(0.3 * size, 0.7 * size, n), 0.15 * size
     mask = ((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2 < r * r).astype(np.uint8)
-    return {"image": rng.normal(0, 1, (n, size, size, 3)).astype(np.float32), "mask": mask,
-            "point_coords": np.stack([cx, cy], -1)[:, None].astype(np.float32),
-            "box": np.stack([cx - r, cy - r, cx + r, cy + r], -1).astype(np.float32),
-            "prompt_type": (np.arange(n) % 2).astype(np.int32)}
+    return {
+        "image": rng.normal(0, 1, (n, size, size, 3)).astype(np.float32),
+        "mask": mask,
+        "point_coords": np.stack([cx, cy], -1)[:, None].astype(np.float32),
+        "box": np.stack([cx - r, cy - r, cx + r, cy + r], -1).astype(np.float32),
+        "prompt_type": (np.arange(n) % 2).astype(np.int32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,11 @@ def steps():
 
 def test_master_weights_and_moments_stay_float32(steps):
     _, new, metrics = steps["bfloat16"]
-    dtypes = {x.dtype for x in jax.tree.leaves(new["params"]) + jax.tree.leaves(new["opt_state"])
-              if jnp.issubdtype(x.dtype, jnp.floating)}
+    dtypes = {
+        x.dtype
+        for x in jax.tree.leaves(new["params"]) + jax.tree.leaves(new["opt_state"])
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    }
     assert dtypes == {jnp.dtype(jnp.float32)}
     assert bool(metrics["finite"])
 

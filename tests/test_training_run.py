@@ -1,5 +1,6 @@
 """End-to-end training runs of the smoke config (miniature model, synthetic data) in subprocesses:
 outputs of a run, exact resume after SIGKILL, 4 devices == 1 device, NaN stop."""
+
 import json
 import os
 import re
@@ -21,10 +22,18 @@ def data_dir(tmp_path_factory):
 
 
 def _cmd(workdir, data_dir, *extra):
-    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/sam2_t.py") + ":smoke",
-            "--workdir", str(workdir),
-            f"--config.data.roots=('{data_dir / 'synth'}',)", f"--config.data.synthetic_root={data_dir / 'synth'}",
-            f"--config.data.cache_dir={data_dir / 'cache'}", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs/sam2_t.py") + ":smoke",
+        "--workdir",
+        str(workdir),
+        f"--config.data.roots=('{data_dir / 'synth'}',)",
+        f"--config.data.synthetic_root={data_dir / 'synth'}",
+        f"--config.data.cache_dir={data_dir / 'cache'}",
+        *extra,
+    ]
 
 
 def _env(devices: int = 1):
@@ -34,20 +43,24 @@ def _env(devices: int = 1):
 
 
 def _run(workdir, data_dir, *extra, devices=1, timeout=600):
-    p = subprocess.run(_cmd(workdir, data_dir, *extra), cwd=ROOT, env=_env(devices), capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        _cmd(workdir, data_dir, *extra), cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout
+    )
     return p
 
 
 def _metrics(workdir):
     rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
-            {r["step"]: r["val_dice"] for r in rows if "val_dice" in r})
+    return (
+        {r["step"]: r["loss"] for r in rows if "loss" in r},
+        {r["step"]: r["val_dice"] for r in rows if "val_dice" in r},
+    )
 
 
 def _trainable(workdir):
     from safeclick_jax import checkpoint
     from flax import traverse_util
+
     _, params, _ = checkpoint.load(str(workdir))
     flat = traverse_util.flatten_dict(params)
     return {k: v for k, v in flat.items() if k[0] in ("safeclick", "sam_mask_decoder")}
@@ -64,7 +77,7 @@ def reference(tmp_path_factory, data_dir):
 def test_smoke_run_writes_everything(reference):
     wd, out = reference
     losses, val = _metrics(wd)
-    assert sorted(losses) == list(range(1, 9))                   # log_every=1, 2 epochs x 4 steps
+    assert sorted(losses) == list(range(1, 9))  # log_every=1, 2 epochs x 4 steps
     assert all(np.isfinite(v) and v > 0 for v in losses.values())
     assert sorted(val) == [4, 8] and all(0.0 <= v <= 1.0 for v in val.values())
     assert "WARNING: config.init.checkpoint is not set" in out  # random init is loud
@@ -78,7 +91,8 @@ def test_smoke_run_writes_everything(reference):
     assert summary["export"]["best"] == str(wd / "best")
 
     from safeclick_jax.predictor import ImagePredictor
-    p = ImagePredictor.from_checkpoint(str(wd))                 # WORKDIR -> WORKDIR/export
+
+    p = ImagePredictor.from_checkpoint(str(wd))  # WORKDIR -> WORKDIR/export
     assert p.cfg.image_size == 64 and p.description["kind"] == "safeclick"
     p.set_image(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     masks, iou, low = p.predict(point_coords=[[20, 20]], point_labels=[1])
@@ -94,14 +108,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data
     ref_wd, _ = reference
     wd = tmp_path / "killed"
     args = ["--config.train.step_delay_s=1.0"]
-    proc = subprocess.Popen(_cmd(wd, data_dir, *args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cmd(wd, data_dir, *args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 500
     try:
         while time.time() < deadline:  # kill once step 5 is logged and checkpoint 4 is committed
             m = wd / "metrics.jsonl"
-            if ((wd / "checkpoints" / "4").is_dir() and m.exists()
-                    and any('"step": 5,' in line for line in m.read_text().splitlines())):
+            if (
+                (wd / "checkpoints" / "4").is_dir()
+                and m.exists()
+                and any('"step": 5,' in line for line in m.read_text().splitlines())
+            ):
                 break
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.05)
@@ -115,11 +133,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data
     assert "resumed from" in p.stdout and "step 4 (best" in p.stdout
     ref_losses, ref_val = _metrics(ref_wd)
     losses, val = _metrics(wd)
-    assert sorted(losses) == sorted(ref_losses)                 # no duplicated / missing step
-    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                               [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-6)
-    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)],
-                               rtol=1e-6)
+    assert sorted(losses) == sorted(ref_losses)  # no duplicated / missing step
+    np.testing.assert_allclose(
+        [losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-6
+    )
+    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)], rtol=1e-6)
     a, b = _trainable(ref_wd), _trainable(wd)
     assert a.keys() == b.keys()
     for k in a:
@@ -140,10 +158,10 @@ def test_four_devices_equal_one_device(reference, tmp_path, data_dir, fsdp):
         assert int(m.group(1)) >= 10 and int(m.group(3)) < 60, m.group(0)
     ref_losses, ref_val = _metrics(ref_wd)
     losses, val = _metrics(wd)
-    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                               [ref_losses[s] for s in sorted(ref_losses)], rtol=2e-4)
-    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)],
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        [losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)], rtol=2e-4
+    )
+    np.testing.assert_allclose([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)], atol=2e-3)
     a, b = _trainable(ref_wd), _trainable(wd)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg="/".join(k))
@@ -151,7 +169,7 @@ def test_four_devices_equal_one_device(reference, tmp_path, data_dir, fsdp):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, reference):
     wd = tmp_path / "nan"
-    p = _run(wd, data_dir, "--config.train.nan_at_step=5")    # the 6th step (0-based step 5)
+    p = _run(wd, data_dir, "--config.train.nan_at_step=5")  # the 6th step (0-based step 5)
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "loss is nan" in p.stderr and "last good checkpoint is step 4" in p.stderr
     steps = sorted(int(q.name) for q in (wd / "checkpoints").iterdir() if q.name.isdigit())
@@ -161,23 +179,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, refer
     assert max(losses) == 5 and all(np.isfinite(v) for v in losses.values())
     # the kept checkpoint is good: a restart without the fault finishes like the reference
     ref_losses, _ = _metrics(reference[0])
-    np.testing.assert_allclose([losses[s] for s in range(1, 6)], [ref_losses[s] for s in range(1, 6)],
-                               rtol=1e-6)
+    np.testing.assert_allclose([losses[s] for s in range(1, 6)], [ref_losses[s] for s in range(1, 6)], rtol=1e-6)
 
 
 def _run_processes(workdir, data_dir, *extra, processes=2, devices=1, timeout=600):
     """One training job as `processes` JAX processes on this machine (jax.distributed over
     localhost, gloo collectives on CPU), `devices` CPU devices each. Returns [(rc, output)]."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for i in range(processes):
-        env = dict(_env(devices), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen(_cmd(workdir, data_dir, *extra), cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            _env(devices),
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES=str(processes),
+            JAX_PROCESS_ID=str(i),
+        )
+        procs.append(
+            subprocess.Popen(
+                _cmd(workdir, data_dir, *extra),
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     out = []
     try:
         for p in procs:
@@ -196,8 +226,10 @@ def test_two_processes_train_like_one_job(tmp_path, data_dir, reference):
     """2 processes x 2 devices (FSDP: weights split across the processes) == 2 processes x 1 device
     (data parallel): same losses, val Dice and exported weights; the export loads."""
     runs = {}
-    for name, devices, extra in (("p2d1", 1, ()), ("p2d2", 2, ("--config.train.fsdp=True",
-                                                               "--config.train.fsdp_min_size=256"))):
+    for name, devices, extra in (
+        ("p2d1", 1, ()),
+        ("p2d2", 2, ("--config.train.fsdp=True", "--config.train.fsdp_min_size=256")),
+    ):
         wd = tmp_path / name
         res = _run_processes(wd, data_dir, *extra, devices=devices)
         for rc, text in res:

@@ -7,6 +7,7 @@ model, preprocessed the same way. `add_all_frames_to_correct_as_cond=True` (a co
 becomes a conditioning slice, the Flax semantics); hole filling is off on both sides because
 SAM 2 runs it only with its CUDA extension. The checkpoint goes through the project's converter.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def models(tmp_path_factory):
     from convert.torch_io import save_torch_state_dict
 
     torch.manual_seed(0)
-    tm = build_sam2_video_predictor(config_path(MODEL), ckpt_path=None, device="cpu",
-                                    hydra_overrides_extra=[f"++model.image_size={SIZE}"])
+    tm = build_sam2_video_predictor(
+        config_path(MODEL), ckpt_path=None, device="cpu", hydra_overrides_extra=[f"++model.image_size={SIZE}"]
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, t in tm.state_dict().items():
@@ -60,8 +62,7 @@ def models(tmp_path_factory):
     tm.eval()
     d = tmp_path_factory.mktemp("vol")
     save_torch_state_dict(numpy_state_dict(tm), str(d / "model.pt"))
-    assert convert_main(["--checkpoint", str(d / "model.pt"), "--out", str(d / "ckpt"),
-                         "--image-size", str(SIZE)]) == 0
+    assert convert_main(["--checkpoint", str(d / "model.pt"), "--out", str(d / "ckpt"), "--image-size", str(SIZE)]) == 0
     jp = VolumePredictor.from_checkpoint(str(d / "ckpt"), fill_hole_area=0)
     return tm, jp
 
@@ -82,8 +83,9 @@ class TorchVideo:
 
     def prompt(self, t, points=None, labels=None, box=None, clear=True):
         with torch.inference_mode():
-            _, _, m = self.tm.add_new_points_or_box(self.state, t, 1, points=points, labels=labels, box=box,
-                                                    clear_old_points=clear)
+            _, _, m = self.tm.add_new_points_or_box(
+                self.state, t, 1, points=points, labels=labels, box=box, clear_old_points=clear
+            )
         return m[0, 0].numpy()
 
     def propagate(self):
@@ -98,8 +100,9 @@ class TorchVideo:
 def compare(name, got, ref):
     r, a = rel_err(got, ref), max_abs(got, ref)
     agree = float(((got > 0) == (ref > 0)).mean())
-    print(f"{name}: rel {r:.2e} max-abs {a:.2e}, foreground agreement {agree:.5f}, "
-          f"foreground {int((ref > 0).sum())} px")
+    print(
+        f"{name}: rel {r:.2e} max-abs {a:.2e}, foreground agreement {agree:.5f}, foreground {int((ref > 0).sum())} px"
+    )
     assert r <= REL_TOL, f"{name}: relative error {r:.2e} > {REL_TOL}"
     return r
 
@@ -110,8 +113,9 @@ def test_propagation_parity(models, monkeypatch):
     jp.set_volume(synthetic_volume(n=5), axis=2)
     tv = TorchVideo(tm, np.array(jp._slices), monkeypatch)
     pt = [[26.0, 21.0]]
-    compare("prompt slice 2 (point)", jp.add_prompt(2, points=pt, labels=[1], return_logits=True),
-            tv.prompt(2, pt, [1]))
+    compare(
+        "prompt slice 2 (point)", jp.add_prompt(2, points=pt, labels=[1], return_logits=True), tv.prompt(2, pt, [1])
+    )
     ref = tv.propagate()
     # the jit cache lives on the class (other tests' volumes are in it too): count what this adds
     compiled_before = jp._track._cache_size()
@@ -133,8 +137,9 @@ def test_propagation_parity_several_prompts_and_correction(models, monkeypatch):
     jp.set_volume(synthetic_volume(), axis=2)
     tv = TorchVideo(tm, np.array(jp._slices), monkeypatch)
     pt = [[26.0, 21.0]]
-    compare("prompt slice 3 (point)", jp.add_prompt(3, points=pt, labels=[1], return_logits=True),
-            tv.prompt(3, pt, [1]))
+    compare(
+        "prompt slice 3 (point)", jp.add_prompt(3, points=pt, labels=[1], return_logits=True), tv.prompt(3, pt, [1])
+    )
     box = [15.0, 12.0, 38.0, 32.0]
     compare("prompt slice 5 (box)", jp.add_prompt(5, box=box, return_logits=True), tv.prompt(5, box=box))
     ref = tv.propagate()
@@ -144,8 +149,11 @@ def test_propagation_parity_several_prompts_and_correction(models, monkeypatch):
     print(f"propagation: worst slice rel {max(errs):.2e}")
 
     neg = [[30.0, 25.0]]
-    compare("correction slice 1 (tracked, negative click)",
-            jp.add_prompt(1, points=neg, labels=[0], return_logits=True), tv.prompt(1, neg, [0], clear=False))
+    compare(
+        "correction slice 1 (tracked, negative click)",
+        jp.add_prompt(1, points=neg, labels=[0], return_logits=True),
+        tv.prompt(1, neg, [0], clear=False),
+    )
     ref = tv.propagate()
     jp.propagate()
     got = jp.slice_logits()
@@ -165,14 +173,15 @@ def test_memory_slots_pick_existing_tracked_slices():
     """SAM 2's choice of spatial memories for slice t: the tracked (kind 1) slices t -+ 1..6 in the
     direction of travel, at t_pos 7 - distance, padded to 2 / 4 / 6 slots."""
     from safeclick_jax.video import memory_slots
+
     kind = np.zeros(20, np.int32)
     kind[[9, 10, 12]] = 1  # tracked
-    kind[11] = 2           # prompted: a conditioning memory, not a previous-slice one
+    kind[11] = 2  # prompted: a conditioning memory, not a previous-slice one
     idx, tpos, valid = memory_slots(kind, 13, False, 7)  # candidates 7..12
     assert idx[valid].tolist() == [9, 10, 12] and tpos[valid].tolist() == [3, 4, 6] and len(idx) == 4
-    idx, tpos, valid = memory_slots(kind, 8, True, 7)    # reverse: candidates 14..9
+    idx, tpos, valid = memory_slots(kind, 8, True, 7)  # reverse: candidates 14..9
     assert idx[valid].tolist() == [12, 10, 9] and tpos[valid].tolist() == [3, 5, 6] and len(idx) == 4
-    idx, _, valid = memory_slots(kind, 0, False, 7)      # nothing before slice 0
+    idx, _, valid = memory_slots(kind, 0, False, 7)  # nothing before slice 0
     assert len(idx) == 2 and not valid.any()
     kind[:] = 1
     idx, tpos, valid = memory_slots(kind, 10, False, 7)

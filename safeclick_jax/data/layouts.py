@@ -85,7 +85,7 @@ def discover_msd(root: Path, channel: int | None = None, modality: str | None = 
 
     modalities = meta.get("modality") or meta.get("channel_names") or {}
     if not isinstance(modalities, dict):
-        raise DatasetError(f"{path}: key 'modality' must be a dict like {{\"0\": \"CT\"}}")
+        raise DatasetError(f'{path}: key \'modality\' must be a dict like {{"0": "CT"}}')
     multi = len(modalities) > 1
     if multi:
         chosen = 0 if channel is None else int(channel)
@@ -100,9 +100,7 @@ def discover_msd(root: Path, channel: int | None = None, modality: str | None = 
     cases = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DatasetError(
-                f"{path}: training[{i}] must be a dict with keys 'image' and 'label', " f"got {entry!r}"
-            )
+            raise DatasetError(f"{path}: training[{i}] must be a dict with keys 'image' and 'label', got {entry!r}")
         image = (root / entry["image"]).resolve()
         label = (root / entry["label"]).resolve()
         case = Case(str(image), str(label), chosen, modality)
@@ -137,9 +135,7 @@ def discover_plain(root: Path, channel: int | None = None, modality: str | None 
             key, _ = _strip_token(stem, IMAGE_TOKENS)
         table = labels if is_label else images
         if (group, key) in table:
-            raise DatasetError(
-                f"{root}: two files match case {key!r} in {group}: " f"{table[(group, key)]} and {p}"
-            )
+            raise DatasetError(f"{root}: two files match case {key!r} in {group}: {table[(group, key)]} and {p}")
         table[(group, key)] = p
 
     cases = []

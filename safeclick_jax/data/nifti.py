@@ -73,9 +73,7 @@ def load_nifti(path, channel: int | None = None, *, is_label: bool = False) -> V
         # scaling; a truncated .nii.gz fails here (EOFError / zlib.error / ValueError).
         data = np.asanyarray(img.dataobj)
     except Exception as e:
-        raise VolumeError(
-            f"{path}: cannot read voxel data, truncated or corrupt file " f"({type(e).__name__}: {e})"
-        ) from e
+        raise VolumeError(f"{path}: cannot read voxel data, truncated or corrupt file ({type(e).__name__}: {e})") from e
     data = data.reshape(shape)
     if data.ndim == 4:
         data = data[..., channel]
@@ -112,9 +110,7 @@ def _check_labels(data: np.ndarray, path) -> np.ndarray:
         frac = data != np.round(data)
         if frac.any():
             example = float(data[frac].flat[0])
-            raise VolumeError(
-                f"{path}: label map has non-integer values (e.g. {example!r}); " "labels must be integers"
-            )
+            raise VolumeError(f"{path}: label map has non-integer values (e.g. {example!r}); labels must be integers")
     if data.size and data.min() < 0:
         raise VolumeError(f"{path}: label map has negative values (min {data.min()})")
     top = int(data.max()) if data.size else 0
@@ -123,9 +119,7 @@ def _check_labels(data: np.ndarray, path) -> np.ndarray:
     return data.astype(np.uint8 if top <= 255 else np.uint16)
 
 
-def load_pair(
-    image_path, label_path, channel: int | None = None, affine_atol: float = 1e-3
-) -> tuple[Volume, Volume]:
+def load_pair(image_path, label_path, channel: int | None = None, affine_atol: float = 1e-3) -> tuple[Volume, Volume]:
     """Loads an image and its label map and checks that they share one voxel grid."""
     image_header = read_header(image_path)
     label_header = read_header(label_path)
@@ -133,8 +127,7 @@ def load_pair(
     lshape = _squeeze_trailing(label_header.shape)[:3]
     if len(ishape) == 3 and len(lshape) == 3 and ishape != lshape:
         raise VolumeError(
-            f"image/label shape mismatch: {image_path} has {tuple(ishape)}, "
-            f"{label_path} has {tuple(lshape)}"
+            f"image/label shape mismatch: {image_path} has {tuple(ishape)}, {label_path} has {tuple(lshape)}"
         )
     # Compare the affines scaled to the voxel size: a tolerance in mm, not relative.
     if not np.allclose(image_header.affine, label_header.affine, atol=affine_atol):

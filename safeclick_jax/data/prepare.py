@@ -145,9 +145,7 @@ def prepare_dataset(roots, out, cfg=None, workers: int = 1, progress: bool = Tru
     results.sort(key=lambda r: r["index"])
 
     ok = [r for r in results if r["ok"]]
-    failed = [
-        {"image": r["image"], "label": r["label"], "reason": r["reason"]} for r in results if not r["ok"]
-    ]
+    failed = [{"image": r["image"], "label": r["label"], "reason": r["reason"]} for r in results if not r["ok"]]
 
     # Split per dataset root (the paper splits each dataset 7:1:2), by volume.
     split_of = {}
@@ -197,9 +195,7 @@ def prepare_dataset(roots, out, cfg=None, workers: int = 1, progress: bool = Tru
         "rois_total": int(len(rois)),
         "volumes_without_rois": [r["image"] for r in ok if not r["rois"]],
         "rois_per_label": (
-            {str(int(v)): int(n) for v, n in zip(*np.unique(rois["label"], return_counts=True))}
-            if len(rois)
-            else {}
+            {str(int(v)): int(n) for v, n in zip(*np.unique(rois["label"], return_counts=True))} if len(rois) else {}
         ),
         "config": opts,
         "elapsed_s": round(elapsed, 3),
@@ -291,8 +287,7 @@ def main(argv=None) -> int:
         print(f"  failed: {f['image'] or f['label']}: {f['reason']}", file=sys.stderr)
     if summary["volumes_ok"] == 0:
         print(
-            f"error: no usable volume in {', '.join(a.root)} ({n_fail} failed, see "
-            f"{Path(a.out) / 'summary.json'})",
+            f"error: no usable volume in {', '.join(a.root)} ({n_fail} failed, see {Path(a.out) / 'summary.json'})",
             file=sys.stderr,
         )
         return 2

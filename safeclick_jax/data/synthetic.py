@@ -79,9 +79,7 @@ def make_volume(seed: int, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0), noise_hu
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), labels, affine
 
 
-def write_dataset(
-    out, num_volumes: int = 10, seed: int = 0, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)
-) -> Path:
+def write_dataset(out, num_volumes: int = 10, seed: int = 0, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)) -> Path:
     """Writes `num_volumes` volumes and dataset.json in the MSD layout under `out`."""
     out = Path(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)

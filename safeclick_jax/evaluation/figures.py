@@ -34,9 +34,7 @@ def robustness_figure(rows: list[dict], dataset: str, path, key: str = "dice_mea
         ax.axvline(perfect, color="gray", linestyle="--", linewidth=1, label="perfect prompt")
         for m in models:
             pts = sorted(
-                (float(r["param"]) * 100, float(r[key]) * 100)
-                for r in rows
-                if r["model"] == m and r["prompt"] == kind
+                (float(r["param"]) * 100, float(r[key]) * 100) for r in rows if r["model"] == m and r["prompt"] == kind
             )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         ax.set_xlabel(xlabel)
@@ -65,9 +63,7 @@ def _draw_prompt(ax, condition: int, point, box):
     else:
         x0, y0, x1, y1 = box
         ax.add_patch(
-            plt.Rectangle(
-                (x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow", linewidth=1.5
-            )
+            plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow", linewidth=1.5)
         )
 
 
@@ -91,9 +87,7 @@ def overlay_figure(result, condition: int, path, roi_indices=None) -> Path | Non
     if not roi_indices:
         return None
     ncol = 2 + len(names)
-    fig, axes = plt.subplots(
-        len(roi_indices), ncol, figsize=(2.6 * ncol, 2.6 * len(roi_indices)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(roi_indices), ncol, figsize=(2.6 * ncol, 2.6 * len(roi_indices)), squeeze=False)
     cname = CONDITION_NAMES[condition]
     for row, i in enumerate(roi_indices):
         r = rois.rows[i]
@@ -102,9 +96,7 @@ def overlay_figure(result, condition: int, path, roi_indices=None) -> Path | Non
         point = rois.points[i, condition] if condition < NUM_POINT else None
         box = rois.boxes[i, condition - NUM_POINT] if condition >= NUM_POINT else None
         _show(axes[row, 0], image)
-        axes[row, 0].set_ylabel(
-            f"vol {int(r['volume_id'])} sl {int(r['slice'])}\nlabel " f"{int(r['label'])}", fontsize=8
-        )
+        axes[row, 0].set_ylabel(f"vol {int(r['volume_id'])} sl {int(r['slice'])}\nlabel {int(r['label'])}", fontsize=8)
         _show(axes[row, 1], image, gt, color=(0.2, 0.5, 1.0))
         _draw_prompt(axes[row, 1], condition, point, box)
         for j, m in enumerate(names):

@@ -127,16 +127,12 @@ class RoiSet:
     (smoke tests only: 3D Dice then covers only those slices).
     """
 
-    def __init__(
-        self, cache_dir, split: str = "test", seed: int = 0, min_area: int = 0, max_slices: int | None = None
-    ):
+    def __init__(self, cache_dir, split: str = "test", seed: int = 0, min_area: int = 0, max_slices: int | None = None):
         self.cache_dir, self.split, self.seed = str(cache_dir), split, seed
         self.cache = pipeline.Cache(cache_dir)
         rows = self.cache.split_rois(split)
         rows = rows[np.lexsort((rows["label"], rows["slice"], rows["volume_id"]))]
-        self.dataset_of_volume = {
-            i: Path(v["dataset"]).name or v["dataset"] for i, v in enumerate(self.cache.volumes)
-        }
+        self.dataset_of_volume = {i: Path(v["dataset"]).name or v["dataset"] for i, v in enumerate(self.cache.volumes)}
         self.datasets = sorted({self.dataset_of_volume[int(v)] for v in rows["volume_id"]})
         self.skipped = {d: {"empty": 0, "small": 0} for d in self.datasets}
 
@@ -167,9 +163,7 @@ class RoiSet:
         self.rows = np.array(kept, dtype=rows.dtype) if kept else rows[:0]
         n = len(self.rows)
         self.area = np.array(areas, np.int64)  # |G| of each ROI at the slice's resolution
-        self.dataset = np.array(
-            [self.dataset_of_volume[int(v)] for v in self.rows["volume_id"]], dtype=object
-        )
+        self.dataset = np.array([self.dataset_of_volume[int(v)] for v in self.rows["volume_id"]], dtype=object)
         self.points = np.array(points, np.float32).reshape(n, NUM_POINT, 2)
         self.boxes = np.array(boxes, np.float32).reshape(n, NUM_CONDITIONS - NUM_POINT, 4)
         # Slices: (volume, slice) -> ROI indices; the largest groups first so that batches hold
@@ -301,25 +295,17 @@ class ModelFunctions:
             emb = features["image_embed"].shape[1] * 4
             no_mask = jnp.zeros((n, emb, emb, 1), jnp.float32)
             has_mask = jnp.zeros((n,), bool)
-            m3, iou3, _, _ = model.decode(
-                feats, pc.reshape(n, -1, 2), pl.reshape(n, -1), no_mask, has_mask, True
-            )
+            m3, iou3, _, _ = model.decode(feats, pc.reshape(n, -1, 2), pl.reshape(n, -1), no_mask, has_mask, True)
             best = jnp.argmax(iou3, axis=-1)  # highest predicted IoU of the three
             mp = jnp.take_along_axis(m3, best[:, None, None, None], axis=1)[:, 0]
             ip = jnp.take_along_axis(iou3, best[:, None], axis=1)[:, 0]
-            m1, iou1, _, _ = model.decode(
-                feats, bc.reshape(n, -1, 2), bl.reshape(n, -1), no_mask, has_mask, False
-            )
-            logits = jnp.concatenate(
-                [mp.reshape(b, r, npnt, emb, emb), m1[:, 0].reshape(b, r, nbox, emb, emb)], axis=2
-            )
+            m1, iou1, _, _ = model.decode(feats, bc.reshape(n, -1, 2), bl.reshape(n, -1), no_mask, has_mask, False)
+            logits = jnp.concatenate([mp.reshape(b, r, npnt, emb, emb), m1[:, 0].reshape(b, r, nbox, emb, emb)], axis=2)
             iou = jnp.concatenate([ip.reshape(b, r, npnt), iou1[:, 0].reshape(b, r, nbox)], axis=2)
             return logits, iou
 
         self.encode = jax.jit(encode, in_shardings=(rep, data), out_shardings=data)
-        self.decode = jax.jit(
-            decode, in_shardings=(rep, data, data, data, data, data), out_shardings=(data, data)
-        )
+        self.decode = jax.jit(decode, in_shardings=(rep, data, data, data, data, data), out_shardings=(data, data))
 
 
 def _counts(logits, labelmap, roi_label, ry, rx):
@@ -417,9 +403,7 @@ def evaluate(
     overlay_rois = set(overlay_rois)
     overlays = {}
 
-    batches = [
-        list(range(i, min(i + batch_size, len(rois.slices)))) for i in range(0, len(rois.slices), batch_size)
-    ]
+    batches = [list(range(i, min(i + batch_size, len(rois.slices)))) for i in range(0, len(rois.slices), batch_size)]
     # Same slice count per batch on every call: the last batch is padded (valid_slice False).
     make = lambda ids: rois.batch(ids, image_size, batch_size, rois_per_call)
 
@@ -510,9 +494,7 @@ def evaluate(
     return Result(model_info, rois, inter, psum, ioup, overlays, image_size, elapsed)
 
 
-def time_base_overhead(
-    model: EvalModel, image_size: int, mesh, batch_size: int, repeats: int = 10
-) -> dict | None:
+def time_base_overhead(model: EvalModel, image_size: int, mesh, batch_size: int, repeats: int = 10) -> dict | None:
     """Inference time per ROI (encode + one box prompt) of a SafeClick model and of its base
     network (the same SAM 2 without the SafeClick head) on the same random input, median of
     `repeats`; None for a plain SAM 2 model. Used when the run has no plain SAM 2 of the same size."""

@@ -89,8 +89,7 @@ def table_values(rows: list[dict], key: str = "dice_mean") -> dict:
     if by:
         models = list(next(iter(by.values())))
         out[AVERAGE] = {
-            m: _columns([_nanmean([by[ds][m][c] for ds in by]) for c in range(len(CONDITIONS))])
-            for m in models
+            m: _columns([_nanmean([by[ds][m][c] for ds in by]) for c in range(len(CONDITIONS))]) for m in models
         }
     return out
 

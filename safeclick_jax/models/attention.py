@@ -35,6 +35,7 @@ needed), and the normalisation applied to the [Nq, d] output rather than the [Nq
 probabilities (fewer divisions, same value). Masked keys (key_mask False) get the most negative
 finite logit, so exp() gives exactly 0 and no row becomes NaN while one key is visible.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,7 @@ def _env_choice() -> tuple[str, int]:
     if mode not in MODES:
         raise ValueError(f"SAFECLICK_ATTENTION={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"SAFECLICK_ATTENTION=cudnn needs a GPU (cuDNN); the backend is "
-                         f"{jax.default_backend()!r}")
+        raise ValueError(f"SAFECLICK_ATTENTION=cudnn needs a GPU (cuDNN); the backend is {jax.default_backend()!r}")
     raw = os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES", str(MAX_SCORES))
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"SAFECLICK_ATTENTION_MAX_SCORES={raw!r}: expected a positive integer")
@@ -95,8 +95,7 @@ def fused_attention(q, k, v, implementation: str = "cudnn"):
     return t(out)
 
 
-def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = None,
-                          max_scores: int | None = None):
+def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = None, max_scores: int | None = None):
     """softmax(q k^T / sqrt(d)) v for q [B, H, Nq, d], k/v [B, H, Nk, d]; key_mask [B, Nk] bool
     (True = attend) or None. Returns [B, H, Nq, d] in q's dtype. chunk_queries / max_scores None:
     the environment's choice (module docstring), else chunked on CPU only, MAX_SCORES."""
@@ -140,6 +139,7 @@ def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = N
 # 193 ms forward. The backward below recomputes each chunk's probabilities from the saved
 # log-sum-exp and needs five matmuls per chunk and no [Nq, Nk] tensor beyond one chunk.
 # qc: [n, G, chunk, d] (already scaled), k/v [G, Nk, d], key_mask [G, Nk] -> [n, G, chunk, d].
+
 
 def _scores(qq, k, key_mask):
     s = jnp.einsum("gqd,gkd->gqk", qq, k, preferred_element_type=jnp.float32)

@@ -5,6 +5,7 @@ YAML files (configs/sam2{,.1}/*.yaml) and the Hiera defaults (modeling/backbones
 The image path of sam2 and sam2.1 is identical; `version` only changes which memory/video keys a
 checkpoint carries (sam2.1 adds `no_obj_embed_spatial` and `obj_ptr_tpos_proj`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,14 +110,35 @@ class SAM2Config:
 
 
 _HIERA = {
-    "t": HieraConfig(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
-                     window_pos_embed_bkg_spatial_size=(7, 7)),
-    "s": HieraConfig(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), global_att_blocks=(7, 10, 13),
-                     window_pos_embed_bkg_spatial_size=(7, 7)),
-    "b+": HieraConfig(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3), global_att_blocks=(12, 16, 20),
-                      window_pos_embed_bkg_spatial_size=(14, 14)),
-    "l": HieraConfig(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
-                     window_spec=(8, 4, 16, 8), window_pos_embed_bkg_spatial_size=(7, 7)),
+    "t": HieraConfig(
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 7, 2),
+        global_att_blocks=(5, 7, 9),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+    ),
+    "s": HieraConfig(
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 11, 2),
+        global_att_blocks=(7, 10, 13),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+    ),
+    "b+": HieraConfig(
+        embed_dim=112,
+        num_heads=2,
+        stages=(2, 3, 16, 3),
+        global_att_blocks=(12, 16, 20),
+        window_pos_embed_bkg_spatial_size=(14, 14),
+    ),
+    "l": HieraConfig(
+        embed_dim=144,
+        num_heads=2,
+        stages=(2, 6, 36, 4),
+        global_att_blocks=(23, 33, 43),
+        window_spec=(8, 4, 16, 8),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+    ),
 }
 SIZES = tuple(_HIERA)
 
@@ -127,7 +149,8 @@ def model_name(version: str, size: str) -> str:
 
 CONFIGS: dict[str, SAM2Config] = {
     model_name(v, s): SAM2Config(name=model_name(v, s), version=v, hiera=h)
-    for v in ("sam2", "sam2.1") for s, h in _HIERA.items()
+    for v in ("sam2", "sam2.1")
+    for s, h in _HIERA.items()
 }
 # MedSAM 2 ships SAM 2.1-tiny weights fine-tuned at 512 px input.
 CONFIGS["medsam2_t"] = CONFIGS["sam2.1_hiera_t"].replace(name="medsam2_t", image_size=512)

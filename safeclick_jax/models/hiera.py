@@ -16,6 +16,7 @@ Numerical details reproduced on purpose (porting notes, sec. 3):
   previous stage's window, pools q 2x2 inside each window and un-partitions with window // 2.
 - q-pool block shortcut = maxpool2x2(proj(norm1(x))): the projection sees the *normed* input.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -75,8 +76,7 @@ class PatchEmbed(nnx.Module):
 
 
 class MultiScaleAttention(nnx.Module):
-    def __init__(self, dim: int, dim_out: int, num_heads: int, rngs: nnx.Rngs,
-                 q_stride: tuple[int, int] | None = None):
+    def __init__(self, dim: int, dim_out: int, num_heads: int, rngs: nnx.Rngs, q_stride: tuple[int, int] | None = None):
         self.num_heads = num_heads
         self.q_stride = q_stride
         self.qkv = linear(dim, dim_out * 3, rngs)
@@ -99,8 +99,16 @@ class MultiScaleAttention(nnx.Module):
 
 
 class MultiScaleBlock(nnx.Module):
-    def __init__(self, dim: int, dim_out: int, num_heads: int, rngs: nnx.Rngs, mlp_ratio: float = 4.0,
-                 q_stride: tuple[int, int] | None = None, window_size: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_heads: int,
+        rngs: nnx.Rngs,
+        mlp_ratio: float = 4.0,
+        q_stride: tuple[int, int] | None = None,
+        window_size: int = 0,
+    ):
         self.dim, self.dim_out = dim, dim_out
         self.window_size = window_size
         self.q_stride = tuple(q_stride) if q_stride else None
@@ -174,10 +182,20 @@ class Hiera(nnx.Module):
         # Zero-initialised like torch; real values always come from a checkpoint.
         self.pos_embed = nnx.Param(jnp.zeros((1, dim, *cfg.window_pos_embed_bkg_spatial_size), jnp.float32))
         self.pos_embed_window = nnx.Param(jnp.zeros((1, dim, w0, w0), jnp.float32))
-        self.blocks = nnx.List([
-            MultiScaleBlock(b.dim, b.dim_out, b.num_heads, rngs, mlp_ratio=cfg.mlp_ratio,
-                            q_stride=b.q_stride, window_size=b.window_size)
-            for b in block_specs(cfg)])
+        self.blocks = nnx.List(
+            [
+                MultiScaleBlock(
+                    b.dim,
+                    b.dim_out,
+                    b.num_heads,
+                    rngs,
+                    mlp_ratio=cfg.mlp_ratio,
+                    q_stride=b.q_stride,
+                    window_size=b.window_size,
+                )
+                for b in block_specs(cfg)
+            ]
+        )
 
     def get_pos_embed(self, hw: tuple[int, int]):
         """[1, h, w, C]: bicubic(pos_embed -> h x w) + pos_embed_window tiled."""
@@ -185,8 +203,10 @@ class Hiera(nnx.Module):
         win = self.pos_embed_window[...]
         wh, ww = win.shape[2:]
         if h % wh or w % ww:
-            raise ValueError(f"token grid {h}x{w} is not a multiple of the window pos-embed {wh}x{ww}; "
-                             f"the input side must be a multiple of {4 * wh}")
+            raise ValueError(
+                f"token grid {h}x{w} is not a multiple of the window pos-embed {wh}x{ww}; "
+                f"the input side must be a multiple of {4 * wh}"
+            )
         pe = resize_bicubic_nchw(self.pos_embed[...], (h, w))
         pe = pe + jnp.tile(win, (1, 1, h // wh, w // ww))
         return pe.transpose(0, 2, 3, 1)

@@ -3,6 +3,7 @@
 Attribute paths mirror the torch keys under `image_encoder.` (`trunk.*`, `neck.convs.{i}.conv.*`).
 Feature maps are NHWC.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ from safeclick_jax.models.layers import conv
 
 
 @functools.lru_cache(maxsize=32)
-def sine_position_encoding(h: int, w: int, num_pos_feats: int = 256, temperature: float = 10000.0,
-                           scale: float = 2 * math.pi) -> np.ndarray:
+def sine_position_encoding(
+    h: int, w: int, num_pos_feats: int = 256, temperature: float = 10000.0, scale: float = 2 * math.pi
+) -> np.ndarray:
     """PositionEmbeddingSine(num_pos_feats, normalize=True) of an h x w map as [h, w, num_pos_feats].
 
     Parameter-free, so it is computed once in numpy (float32, the same operation order as torch):
@@ -40,8 +42,9 @@ def sine_position_encoding(h: int, w: int, num_pos_feats: int = 256, temperature
         p = p[:, None] / dim_t
         return np.stack((np.sin(p[:, 0::2]), np.cos(p[:, 1::2])), axis=2).reshape(len(p), npf)
 
-    pe = np.concatenate([np.broadcast_to(enc(y)[:, None, :], (h, w, npf)),
-                         np.broadcast_to(enc(x)[None, :, :], (h, w, npf))], axis=-1)
+    pe = np.concatenate(
+        [np.broadcast_to(enc(y)[:, None, :], (h, w, npf)), np.broadcast_to(enc(x)[None, :, :], (h, w, npf))], axis=-1
+    )
     pe = np.ascontiguousarray(pe, dtype=np.float32)
     pe.setflags(write=False)
     return pe

@@ -6,6 +6,7 @@ Naming rule used across the project: every Flax attribute path mirrors the PyTor
 LayerNorm weight -> scale, Embedding weight -> embedding; every other tensor keeps its torch layout.
 Feature maps are NHWC throughout.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -34,16 +35,32 @@ def linear(din: int, dout: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Li
     return nnx.Linear(din, dout, use_bias=use_bias, rngs=rngs)
 
 
-def conv(din: int, dout: int, k: int, rngs: nnx.Rngs, stride: int = 1, padding: int = 0,
-         groups: int = 1, zero_init: bool = False):
+def conv(
+    din: int,
+    dout: int,
+    k: int,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    zero_init: bool = False,
+):
     """torch Conv2d on NHWC. A conv whose kernel equals its stride (1x1 projections, patchify
     convs) becomes PatchConv, the same parameters computed as one matmul."""
     if k == stride and padding == 0 and groups == 1:
         return PatchConv(din, dout, k, rngs, zero_init)
     # Explicit symmetric padding, as torch: 'SAME' would pad asymmetrically for strided convs.
     kw = {"kernel_init": nnx.initializers.zeros} if zero_init else {}
-    return nnx.Conv(din, dout, (k, k), strides=(stride, stride), padding=[(padding, padding)] * 2,
-                    feature_group_count=groups, rngs=rngs, **kw)
+    return nnx.Conv(
+        din,
+        dout,
+        (k, k),
+        strides=(stride, stride),
+        padding=[(padding, padding)] * 2,
+        feature_group_count=groups,
+        rngs=rngs,
+        **kw,
+    )
 
 
 class PatchConv(nnx.Module):
@@ -101,8 +118,16 @@ def conv_transpose2x2(din: int, dout: int, rngs: nnx.Rngs) -> ConvTranspose2x2:
 class MLP(nnx.Module):
     """sam2_utils.MLP: `num_layers` linears with an activation between them (ReLU by default)."""
 
-    def __init__(self, din: int, hidden: int, dout: int, num_layers: int, rngs: nnx.Rngs,
-                 activation: Callable = jax.nn.relu, sigmoid_output: bool = False):
+    def __init__(
+        self,
+        din: int,
+        hidden: int,
+        dout: int,
+        num_layers: int,
+        rngs: nnx.Rngs,
+        activation: Callable = jax.nn.relu,
+        sigmoid_output: bool = False,
+    ):
         dims = [din] + [hidden] * (num_layers - 1) + [dout]
         self.layers = nnx.List([linear(a, b, rngs) for a, b in zip(dims[:-1], dims[1:])])
         self.activation = activation
@@ -164,8 +189,7 @@ def _linear_taps(n_in: int, n_out: int):
     import numpy as np
 
     scale = np.float32(n_in / n_out)
-    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
-                     np.float32(0.0))
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w = (src - i0.astype(np.float32)).astype(np.float32)
@@ -184,7 +208,7 @@ def resize_bilinear_last2(x, hw: tuple[int, int]):
         n_in = x.shape[axis]
         factor = n_out // n_in
         if n_out % n_in or factor & (factor - 1):  # not a power-of-two factor
-            x = jax.image.resize(x, x.shape[:axis] + (n_out,) + x.shape[axis + 1:], "linear", antialias=False)
+            x = jax.image.resize(x, x.shape[:axis] + (n_out,) + x.shape[axis + 1 :], "linear", antialias=False)
             continue
         i0, i1, w = _linear_taps(n_in, n_out)
         shape = [1] * x.ndim

@@ -15,6 +15,7 @@ Prompt padding: sparse tokens whose `token_mask` is False (label -2 in the promp
 masked as keys in the token self-attention and in the image->token cross-attention. As queries they
 compute values that nothing reads, so a padded prompt gives the masks of the unpadded one.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -35,8 +36,14 @@ LAYER_NORM_2D_EPS = 1e-6  # sam2_utils.LayerNorm2d
 class Attention(nnx.Module):
     """sam2 transformer.Attention: projections to `dim // downsample_rate`, multi-head SDPA, out proj."""
 
-    def __init__(self, embedding_dim: int, num_heads: int, rngs: nnx.Rngs, downsample_rate: int = 1,
-                 kv_in_dim: Optional[int] = None):
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        rngs: nnx.Rngs,
+        downsample_rate: int = 1,
+        kv_in_dim: Optional[int] = None,
+    ):
         kv_in_dim = embedding_dim if kv_in_dim is None else kv_in_dim
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
@@ -75,8 +82,15 @@ class Attention(nnx.Module):
 class TwoWayAttentionBlock(nnx.Module):
     """Token self-attn -> token->image cross-attn -> MLP -> image->token cross-attn (post-norm)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, rngs: nnx.Rngs,
-                 downsample_rate: int = 2, skip_first_layer_pe: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        rngs: nnx.Rngs,
+        downsample_rate: int = 2,
+        skip_first_layer_pe: bool = False,
+    ):
         self.self_attn = Attention(dim, num_heads, rngs)
         self.norm1 = layers.layer_norm(dim, TRANSFORMER_LN_EPS, rngs)
         self.cross_attn_token_to_image = Attention(dim, num_heads, rngs, downsample_rate)
@@ -109,12 +123,13 @@ class TwoWayAttentionBlock(nnx.Module):
 
 
 class TwoWayTransformer(nnx.Module):
-    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int, rngs: nnx.Rngs,
-                 downsample_rate: int = 2):
-        self.layers = nnx.List([
-            TwoWayAttentionBlock(dim, num_heads, mlp_dim, rngs, downsample_rate,
-                                 skip_first_layer_pe=(i == 0))
-            for i in range(depth)])
+    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int, rngs: nnx.Rngs, downsample_rate: int = 2):
+        self.layers = nnx.List(
+            [
+                TwoWayAttentionBlock(dim, num_heads, mlp_dim, rngs, downsample_rate, skip_first_layer_pe=(i == 0))
+                for i in range(depth)
+            ]
+        )
         self.final_attn_token_to_image = Attention(dim, num_heads, rngs, downsample_rate)
         self.norm_final_attn = layers.layer_norm(dim, TRANSFORMER_LN_EPS, rngs)
 
@@ -133,9 +148,14 @@ class TwoWayTransformer(nnx.Module):
 class MaskDecoder(nnx.Module):
     def __init__(self, cfg: SAM2Config, rngs: nnx.Rngs):
         d = cfg.d_model
-        self.transformer = TwoWayTransformer(cfg.transformer_depth, d, cfg.transformer_num_heads,
-                                             cfg.transformer_mlp_dim, rngs,
-                                             cfg.attention_downsample_rate)
+        self.transformer = TwoWayTransformer(
+            cfg.transformer_depth,
+            d,
+            cfg.transformer_num_heads,
+            cfg.transformer_mlp_dim,
+            rngs,
+            cfg.attention_downsample_rate,
+        )
         self.num_mask_tokens = cfg.num_multimask_outputs + 1
         self.iou_token = nnx.Embed(1, d, rngs=rngs)
         self.mask_tokens = nnx.Embed(self.num_mask_tokens, d, rngs=rngs)
@@ -146,25 +166,34 @@ class MaskDecoder(nnx.Module):
         self.iou_index = 1 if cfg.pred_obj_scores else 0
         self.num_output_tokens = self.iou_index + 1 + self.num_mask_tokens
 
-        self.output_upscaling = nnx.List([
-            layers.conv_transpose2x2(d, d // 4, rngs),
-            layers.layer_norm(d // 4, LAYER_NORM_2D_EPS, rngs),  # LayerNorm2d
-            Gelu(),
-            layers.conv_transpose2x2(d // 4, d // 8, rngs),
-            Gelu(),
-        ])
+        self.output_upscaling = nnx.List(
+            [
+                layers.conv_transpose2x2(d, d // 4, rngs),
+                layers.layer_norm(d // 4, LAYER_NORM_2D_EPS, rngs),  # LayerNorm2d
+                Gelu(),
+                layers.conv_transpose2x2(d // 4, d // 8, rngs),
+                Gelu(),
+            ]
+        )
         self.use_high_res_features = cfg.use_high_res_features
         if cfg.use_high_res_features:
             self.conv_s0 = layers.conv(d, d // 8, 1, rngs)
             self.conv_s1 = layers.conv(d, d // 4, 1, rngs)
-        self.output_hypernetworks_mlps = nnx.List([
-            layers.MLP(d, d, d // 8, 3, rngs) for _ in range(self.num_mask_tokens)])
-        self.iou_prediction_head = layers.MLP(d, cfg.iou_head_hidden_dim, self.num_mask_tokens,
-                                              cfg.iou_head_depth, rngs,
-                                              sigmoid_output=cfg.iou_prediction_use_sigmoid)
+        self.output_hypernetworks_mlps = nnx.List(
+            [layers.MLP(d, d, d // 8, 3, rngs) for _ in range(self.num_mask_tokens)]
+        )
+        self.iou_prediction_head = layers.MLP(
+            d,
+            cfg.iou_head_hidden_dim,
+            self.num_mask_tokens,
+            cfg.iou_head_depth,
+            rngs,
+            sigmoid_output=cfg.iou_prediction_use_sigmoid,
+        )
         if cfg.pred_obj_scores:
-            self.pred_obj_score_head = (layers.MLP(d, d, 1, 3, rngs) if cfg.pred_obj_scores_mlp
-                                        else layers.linear(d, 1, rngs))
+            self.pred_obj_score_head = (
+                layers.MLP(d, d, 1, 3, rngs) if cfg.pred_obj_scores_mlp else layers.linear(d, 1, rngs)
+            )
         self.use_multimask_token_for_obj_ptr = cfg.use_multimask_token_for_obj_ptr
         self.dynamic_multimask_via_stability = cfg.dynamic_multimask_via_stability
         self.dynamic_multimask_stability_delta = cfg.dynamic_multimask_stability_delta
@@ -185,8 +214,15 @@ class MaskDecoder(nnx.Module):
         toks = jnp.concatenate(toks, axis=0)
         return jnp.broadcast_to(toks[None], (batch,) + toks.shape)
 
-    def transformer_tokens(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                           dense_prompt_embeddings, token_mask=None, repeat_image: bool = False):
+    def transformer_tokens(
+        self,
+        image_embeddings,
+        image_pe,
+        sparse_prompt_embeddings,
+        dense_prompt_embeddings,
+        token_mask=None,
+        repeat_image: bool = False,
+    ):
         """Runs the two-way transformer.
 
         Args:
@@ -203,14 +239,15 @@ class MaskDecoder(nnx.Module):
         tokens = jnp.concatenate([self.output_tokens(b), sparse_prompt_embeddings], axis=1)
         full_mask = None
         if token_mask is not None:
-            full_mask = jnp.concatenate(
-                [jnp.ones((b, self.num_output_tokens), bool), token_mask.astype(bool)], axis=1)
+            full_mask = jnp.concatenate([jnp.ones((b, self.num_output_tokens), bool), token_mask.astype(bool)], axis=1)
         if repeat_image:
             src = jnp.repeat(image_embeddings, b, axis=0)
         else:
             if image_embeddings.shape[0] != b:
-                raise ValueError(f"image batch {image_embeddings.shape[0]} != prompt batch {b}; "
-                                 "pass repeat_image=True for one image with many prompts")
+                raise ValueError(
+                    f"image batch {image_embeddings.shape[0]} != prompt batch {b}; "
+                    "pass repeat_image=True for one image with many prompts"
+                )
             src = image_embeddings
         src = src + dense_prompt_embeddings
         bs, h, w, c = src.shape
@@ -240,10 +277,11 @@ class MaskDecoder(nnx.Module):
         """
         s = self.iou_index
         iou_token_out = hs[:, s]
-        mask_tokens_out = hs[:, s + 1:s + 1 + self.num_mask_tokens]
+        mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens]
         up = self.upscale(src, high_res_features)
-        hyper_in = jnp.stack([mlp(mask_tokens_out[:, i])
-                              for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
+        hyper_in = jnp.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
+        )
         masks = jnp.einsum("bkc,bhwc->bkhw", hyper_in, up)
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.pred_obj_scores:
@@ -276,8 +314,9 @@ class MaskDecoder(nnx.Module):
         iou = jnp.where(is_stable, single_iou, best_iou)
         return masks, iou
 
-    def select_outputs(self, masks, iou_pred, mask_tokens_out, multimask_output: bool,
-                       dynamic_multimask: Optional[bool] = None):
+    def select_outputs(
+        self, masks, iou_pred, mask_tokens_out, multimask_output: bool, dynamic_multimask: Optional[bool] = None
+    ):
         """SAM 2's output selection (MaskDecoder.forward). `dynamic_multimask=None` follows the
         config; torch applies it only in eval mode, so training code passes False."""
         if dynamic_multimask is None:
@@ -295,10 +334,18 @@ class MaskDecoder(nnx.Module):
             sam_tokens_out = mask_tokens_out[:, 0:1]
         return out_masks, out_iou, sam_tokens_out
 
-    def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                 dense_prompt_embeddings, multimask_output: bool, repeat_image: bool,
-                 high_res_features: Optional[Sequence] = None, token_mask=None,
-                 dynamic_multimask: Optional[bool] = None):
+    def __call__(
+        self,
+        image_embeddings,
+        image_pe,
+        sparse_prompt_embeddings,
+        dense_prompt_embeddings,
+        multimask_output: bool,
+        repeat_image: bool,
+        high_res_features: Optional[Sequence] = None,
+        token_mask=None,
+        dynamic_multimask: Optional[bool] = None,
+    ):
         """SAM 2 MaskDecoder.forward in NHWC.
 
         Args:
@@ -312,9 +359,11 @@ class MaskDecoder(nnx.Module):
           masks [B, 3|1, 4E, 4E], iou_pred [B, 3|1], sam_tokens_out [B, 3|1, D],
           object_score_logits [B, 1].
         """
-        hs, src = self.transformer_tokens(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                          dense_prompt_embeddings, token_mask, repeat_image)
+        hs, src = self.transformer_tokens(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, token_mask, repeat_image
+        )
         masks, iou_pred, mask_tokens_out, obj = self.heads(hs, src, high_res_features)
         masks, iou_pred, sam_tokens_out = self.select_outputs(
-            masks, iou_pred, mask_tokens_out, multimask_output, dynamic_multimask)
+            masks, iou_pred, mask_tokens_out, multimask_output, dynamic_multimask
+        )
         return masks, iou_pred, sam_tokens_out, obj

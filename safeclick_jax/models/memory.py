@@ -12,6 +12,7 @@ position_encoding}.py, sam/transformer.py RoPEAttention, sam2_base.py).
 The per-frame logic that uses these modules (which memories a slice sees, the SAM heads with
 memory-conditioned features) lives in safeclick_jax/video.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ ATTN_LN_EPS = 1e-5  # torch nn.LayerNorm default (memory_attention.py)
 class MemoryConfig:
     """The memory-path settings of configs/sam2{,.1}/*.yaml (identical for t/s/b+/l) and the
     video predictor's overrides (build_sam.py: binarize_mask_from_pts_for_mem_enc, fill_hole_area)."""
+
     d_model: int = 256
     mem_dim: int = 64
     num_maskmem: int = 7
@@ -61,12 +63,19 @@ class MemoryConfig:
     @classmethod
     def for_model(cls, cfg: SAM2Config) -> "MemoryConfig":
         v21 = cfg.version == "sam2.1"
-        return cls(d_model=cfg.d_model, mem_dim=cfg.mem_dim, num_maskmem=cfg.num_maskmem,
-                   add_tpos_enc_to_obj_ptrs=v21, proj_tpos_enc_in_obj_ptrs=v21,
-                   use_signed_tpos_enc_to_obj_ptrs=v21, no_obj_embed_spatial=v21)
+        return cls(
+            d_model=cfg.d_model,
+            mem_dim=cfg.mem_dim,
+            num_maskmem=cfg.num_maskmem,
+            add_tpos_enc_to_obj_ptrs=v21,
+            proj_tpos_enc_in_obj_ptrs=v21,
+            use_signed_tpos_enc_to_obj_ptrs=v21,
+            no_obj_embed_spatial=v21,
+        )
 
 
 # --- encodings ---------------------------------------------------------------------------------
+
 
 def get_1d_sine_pe(pos, dim: int, temperature: float = 10000.0):
     """sam2_utils.get_1d_sine_pe: [...] -> [..., dim], *concatenated* [sin, cos] (not interleaved)."""
@@ -82,8 +91,9 @@ def axial_rope(dim: int, end_x: int, end_y: int, theta: float = 10000.0) -> tupl
 
     Token t sits at x = t % end_x, y = t // end_x; the first dim//4 complex channels rotate with x,
     the rest with y, at frequencies theta^(-4i/dim). float32 like torch (angles are large)."""
-    freqs = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 4)[: dim // 4].astype(np.float32)
-                                           / np.float32(dim)))).astype(np.float32)
+    freqs = (
+        1.0 / (np.float32(theta) ** (np.arange(0, dim, 4)[: dim // 4].astype(np.float32) / np.float32(dim)))
+    ).astype(np.float32)
     t = np.arange(end_x * end_y, dtype=np.float32)
     t_x = (t % end_x).astype(np.float32)
     t_y = np.floor(t / end_x).astype(np.float32)
@@ -101,6 +111,7 @@ def apply_rope(x, cos, sin):
 
 # --- memory attention --------------------------------------------------------------------------
 
+
 class RoPEAttention(Attention):
     """transformer.RoPEAttention: SAM's Attention with axial RoPE on q and k (one 256-d head).
 
@@ -108,8 +119,7 @@ class RoPEAttention(Attention):
     frame (`rope_k_repeat`); the last `num_k_exclude_rope` keys (object-pointer tokens) get none.
     `key_mask` [B, Nk] (True = attend) hides padded memory slots."""
 
-    def __init__(self, dim: int, num_heads: int, rngs: nnx.Rngs, kv_in_dim: int | None = None,
-                 theta: float = 10000.0):
+    def __init__(self, dim: int, num_heads: int, rngs: nnx.Rngs, kv_in_dim: int | None = None, theta: float = 10000.0):
         super().__init__(dim, num_heads, rngs, 1, kv_in_dim)
         self.theta = theta
 
@@ -176,6 +186,7 @@ class MemoryAttention(nnx.Module):
 
 # --- memory encoder ----------------------------------------------------------------------------
 
+
 class MaskDownSampler(nnx.Module):
     """4 x (conv 3x3 s2 p1 -> LayerNorm2d -> GELU), 1 -> 4 -> 16 -> 64 -> 256 ch, then a 1x1 conv.
     `encoder` keeps torch's nn.Sequential indices (GELUs at 2, 5, 8, 11)."""
@@ -184,8 +195,11 @@ class MaskDownSampler(nnx.Module):
         mods, cin = [], 1
         for _ in range(int(math.log2(total_stride))):
             cout = cin * 4
-            mods += [layers.conv(cin, cout, 3, rngs, stride=2, padding=1),
-                     layers.layer_norm(cout, LAYER_NORM_2D_EPS, rngs), Gelu()]
+            mods += [
+                layers.conv(cin, cout, 3, rngs, stride=2, padding=1),
+                layers.layer_norm(cout, LAYER_NORM_2D_EPS, rngs),
+                Gelu(),
+            ]
             cin = cout
         mods.append(layers.conv(cin, d, 1, rngs))
         self.encoder = nnx.List(mods)
@@ -242,6 +256,7 @@ class MemoryEncoder(nnx.Module):
 
 # --- the container with SAM2Base's top-level names ---------------------------------------------
 
+
 class SAM2Memory(nnx.Module):
     """Every tensor of SAM 2's memory path, named as SAM2Base's torch keys."""
 
@@ -268,8 +283,10 @@ class SAM2Memory(nnx.Module):
 
         flat = {".".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(extra).items()}
         if not flat:
-            raise ValueError(f"{where or 'checkpoint'}: has no memory/video tensors (empty `extra`); "
-                             "volume propagation needs a converted SAM 2 checkpoint with its memory path")
+            raise ValueError(
+                f"{where or 'checkpoint'}: has no memory/video tensors (empty `extra`); "
+                "volume propagation needs a converted SAM 2 checkpoint with its memory path"
+            )
         mem = nnx.eval_shape(lambda: cls(MemoryConfig.for_model(cfg), nnx.Rngs(0)))
         load_state_dict(mem, flat, strict=True, where=where)
         return mem
@@ -286,8 +303,10 @@ class SAM2Memory(nnx.Module):
         if not self.mc.add_tpos_enc_to_obj_ptrs:
             return jnp.zeros(rel_pos.shape + (self.mc.mem_dim,), jnp.float32)
         t_diff_max = jnp.maximum(max_ptrs - 1, 1).astype(jnp.float32)
-        pe = get_1d_sine_pe(rel_pos.astype(jnp.float32) / t_diff_max,
-                            self.mc.d_model if self.mc.proj_tpos_enc_in_obj_ptrs else self.mc.mem_dim)
+        pe = get_1d_sine_pe(
+            rel_pos.astype(jnp.float32) / t_diff_max,
+            self.mc.d_model if self.mc.proj_tpos_enc_in_obj_ptrs else self.mc.mem_dim,
+        )
         return self.obj_ptr_tpos_proj(pe) if self.mc.proj_tpos_enc_in_obj_ptrs else pe
 
     def object_pointer(self, sam_token, object_score):

@@ -18,6 +18,7 @@ point itself: torch adds it whenever `boxes is None`, which is always the case i
 passed as corner points 2/3). The caller (the predictor) appends it, so that the prompt layout
 (real points, SAM pad, project padding) stays under the caller's control and of fixed length.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,7 @@ class PositionEmbeddingRandom(nnx.Module):
         coords = 2.0 * coords - 1.0
         # HIGHEST: the product is multiplied by 2*pi and fed to sin/cos, which would amplify the
         # reduced-precision (TF32/bf16) matmuls that accelerators use by default.
-        coords = jnp.matmul(coords, self.positional_encoding_gaussian_matrix[...],
-                            precision=jax.lax.Precision.HIGHEST)
+        coords = jnp.matmul(coords, self.positional_encoding_gaussian_matrix[...], precision=jax.lax.Precision.HIGHEST)
         coords = 2.0 * math.pi * coords
         return jnp.concatenate([jnp.sin(coords), jnp.cos(coords)], axis=-1)
 
@@ -80,15 +80,17 @@ class PromptEncoder(nnx.Module):
         self.pe_layer = PositionEmbeddingRandom(d // 2, rngs)
         self.point_embeddings = nnx.List([nnx.Embed(1, d, rngs=rngs) for _ in range(4)])
         self.not_a_point_embed = nnx.Embed(1, d, rngs=rngs)
-        self.mask_downscaling = nnx.List([
-            layers.conv(1, c // 4, 2, rngs, stride=2),
-            layers.layer_norm(c // 4, 1e-6, rngs),  # LayerNorm2d
-            Gelu(),
-            layers.conv(c // 4, c, 2, rngs, stride=2),
-            layers.layer_norm(c, 1e-6, rngs),  # LayerNorm2d
-            Gelu(),
-            layers.conv(c, d, 1, rngs),
-        ])
+        self.mask_downscaling = nnx.List(
+            [
+                layers.conv(1, c // 4, 2, rngs, stride=2),
+                layers.layer_norm(c // 4, 1e-6, rngs),  # LayerNorm2d
+                Gelu(),
+                layers.conv(c // 4, c, 2, rngs, stride=2),
+                layers.layer_norm(c, 1e-6, rngs),  # LayerNorm2d
+                Gelu(),
+                layers.conv(c, d, 1, rngs),
+            ]
+        )
         self.no_mask_embed = nnx.Embed(1, d, rngs=rngs)
 
     def get_dense_pe(self):

@@ -1,4 +1,5 @@
 """Build a model from a checkpoint's description (model.json) and load it from a model directory."""
+
 from __future__ import annotations
 
 from typing import Any

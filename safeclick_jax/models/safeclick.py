@@ -30,6 +30,7 @@ Choices where the paper is silent (all in SafeClickConfig):
   E2, Phi_2 is the untouched x_f; without the CRL the available expert outputs are summed and go
   through the same zero-initialised F_conv, norm and activation: x_enh = phi(N(F_conv(x1 + x2) + x3)).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,10 @@ class SafeClickConfig:
         depth = cfg.hiera.depth
         idx = depth // 2 - 1 if self.intermediate_block == -1 else self.intermediate_block
         if not 0 <= idx < depth:
-            raise ValueError(f"safeclick intermediate_block={self.intermediate_block} is outside the "
-                             f"{cfg.name} trunk (blocks 0..{depth - 1})")
+            raise ValueError(
+                f"safeclick intermediate_block={self.intermediate_block} is outside the "
+                f"{cfg.name} trunk (blocks 0..{depth - 1})"
+            )
         return idx
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,12 +87,14 @@ def block_geometry(cfg: SAM2Config, block: int) -> tuple[int, int]:
     """(channels, stride relative to x_f) of a Hiera block's output."""
     h = cfg.hiera
     stage = next(i for i, end in enumerate(h.stage_ends) if block <= end)
-    dim = int(h.embed_dim * h.dim_mul ** stage)
-    stride_px = 4 * 2 ** stage  # patch embed /4, then /2 per q-pooled stage
+    dim = int(h.embed_dim * h.dim_mul**stage)
+    stride_px = 4 * 2**stage  # patch embed /4, then /2 per q-pooled stage
     ratio = cfg.backbone_stride / stride_px
     if ratio < 1:
-        raise ValueError(f"Hiera block {block} (stride {stride_px}) is coarser than the decoder's "
-                         f"features (stride {cfg.backbone_stride}); choose a block of stages 1-3")
+        raise ValueError(
+            f"Hiera block {block} (stride {stride_px}) is coarser than the decoder's "
+            f"features (stride {cfg.backbone_stride}); choose a block of stages 1-3"
+        )
     return dim, int(ratio)
 
 
@@ -137,8 +142,9 @@ def channel_affinity(phi_a, phi_b):
 class ConsensusLayer(nnx.Module):
     """CRL, eqs. 6-9. alpha is learnable, F_conv (1x1) starts at zero."""
 
-    def __init__(self, c1: int, c: int, alpha_init: float, slope: float, use_crl: bool,
-                 use_cross: bool, rngs: nnx.Rngs):
+    def __init__(
+        self, c1: int, c: int, alpha_init: float, slope: float, use_crl: bool, use_cross: bool, rngs: nnx.Rngs
+    ):
         self.use_crl, self.use_cross, self.slope = use_crl, use_cross, slope
         self.alpha = nnx.Param(jnp.asarray(alpha_init, jnp.float32)) if use_crl and use_cross else None
         self.conv = layers.conv(c1, c, 1, rngs, zero_init=True)
@@ -211,14 +217,32 @@ class SafeClickModel(nnx.Module):
         feats["refined"] = self.safeclick.image_features(feats.pop("block"), feats["image_embed"])
         return feats
 
-    def decode(self, features: dict, coords, labels, mask_input, has_mask, multimask_output: bool,
-               dynamic_multimask: bool | None = None):
+    def decode(
+        self,
+        features: dict,
+        coords,
+        labels,
+        mask_input,
+        has_mask,
+        multimask_output: bool,
+        dynamic_multimask: bool | None = None,
+    ):
         """SAM 2's decoding with the CRL fusing the prompt-dependent x3 (eq. 9) before the heads."""
-        return decode_prompts(self, features, coords, labels, mask_input, has_mask, multimask_output,
-                              dynamic_multimask, fuse=lambda f, x3: self.safeclick.fuse(f["refined"], x3))
+        return decode_prompts(
+            self,
+            features,
+            coords,
+            labels,
+            mask_input,
+            has_mask,
+            multimask_output,
+            dynamic_multimask,
+            fuse=lambda f, x3: self.safeclick.fuse(f["refined"], x3),
+        )
 
 
 # --- building from a SAM 2 checkpoint, and what trains -----------------------------------------
+
 
 def from_sam2(base, sc: SafeClickConfig, seed: int = 0) -> SafeClickModel:
     """A SafeClickModel whose image encoder, prompt encoder and E3 / tokens / upscaling / heads
@@ -231,8 +255,9 @@ def from_sam2(base, sc: SafeClickConfig, seed: int = 0) -> SafeClickModel:
         directory = base
         base, desc, _ = load_model(directory)
         if desc.get("kind") != "sam2":
-            raise ValueError(f"{directory}: a SafeClick model needs a plain SAM 2 base checkpoint, "
-                             f"this one is {desc.get('kind')!r}")
+            raise ValueError(
+                f"{directory}: a SafeClick model needs a plain SAM 2 base checkpoint, this one is {desc.get('kind')!r}"
+            )
     if not isinstance(base, SAM2Image):
         raise TypeError(f"base must be a SAM2Image or a model directory, got {type(base).__name__}")
     # Only the new parts need random values: build the rest as shapes, then fill it from `base`.

@@ -4,6 +4,7 @@ Attribute names equal the top-level torch keys of SAM2Base (`image_encoder`, `sa
 `sam_mask_decoder`, `no_mem_embed`), so the official state_dict maps onto it by the generic rule in
 convert/weights.py. The memory/video modules are not part of the image path.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,10 +35,17 @@ class SAM2Image(nnx.Module):
     def encode_image(self, images) -> dict:
         return encode_image(self, images)
 
-    def decode(self, features: dict, coords, labels, mask_input, has_mask, multimask_output: bool,
-               dynamic_multimask: bool | None = None):
-        return decode_prompts(self, features, coords, labels, mask_input, has_mask, multimask_output,
-                              dynamic_multimask)
+    def decode(
+        self,
+        features: dict,
+        coords,
+        labels,
+        mask_input,
+        has_mask,
+        multimask_output: bool,
+        dynamic_multimask: bool | None = None,
+    ):
+        return decode_prompts(self, features, coords, labels, mask_input, has_mask, multimask_output, dynamic_multimask)
 
 
 def encode_image(model, images, keep_block: int | None = None) -> dict:
@@ -57,8 +65,17 @@ def encode_image(model, images, keep_block: int | None = None) -> dict:
     return res
 
 
-def decode_prompts(model, features: dict, coords, labels, mask_input, has_mask, multimask_output: bool,
-                   dynamic_multimask: bool | None = None, fuse=None):
+def decode_prompts(
+    model,
+    features: dict,
+    coords,
+    labels,
+    mask_input,
+    has_mask,
+    multimask_output: bool,
+    dynamic_multimask: bool | None = None,
+    fuse=None,
+):
     """Prompts -> (mask logits [B,C,4E,4E], iou [B,C], sam tokens [B,C,256], object score [B,1]).
 
     coords [B,N,2] in input pixels, labels [B,N] (-2 = padding, masked out), mask_input
@@ -68,13 +85,13 @@ def decode_prompts(model, features: dict, coords, labels, mask_input, has_mask, 
     dec, pe = model.sam_mask_decoder, model.sam_prompt_encoder
     sparse, dense = pe(coords, labels, mask_input, has_mask)
     b = coords.shape[0]
-    features = {k: jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), v)
-                for k, v in features.items()}
+    features = {k: jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), v) for k, v in features.items()}
     # With bf16 weights and features, prompts are still embedded from float32 coordinates (bf16
     # has no sub-pixel precision at 1024 px), then cast to the features' dtype (no-op in fp32).
     dt = features["image_embed"].dtype
-    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt),
-                                     dense.astype(dt), labels != PAD_LABEL)
+    hs, src = dec.transformer_tokens(
+        features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt), dense.astype(dt), labels != PAD_LABEL
+    )
     if fuse is not None:
         src = fuse(features, src)
     masks, iou, mask_tokens_out, obj = dec.heads(hs, src, features["high_res_feats"])

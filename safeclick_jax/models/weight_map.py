@@ -13,6 +13,7 @@ It lives in the package (numpy + flax only, no torch) because the package itself
 kept in torch layout: the memory/video modules load from a model directory's `extra` item.
 convert/weights.py re-exports it for the converters and tests.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -36,8 +37,10 @@ class WeightMapError(ValueError):
         if self.unexpected:
             lines.append(f"  unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected))
         if self.mismatched:
-            lines.append(f"  mis-shaped keys ({len(self.mismatched)}): " + ", ".join(
-                f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched))
+            lines.append(
+                f"  mis-shaped keys ({len(self.mismatched)}): "
+                + ", ".join(f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched)
+            )
         super().__init__("\n".join(lines))
 
 
@@ -69,8 +72,9 @@ def model_keys(model: nnx.Module, prefix: str = "") -> dict[str, tuple]:
     return {prefix + torch_key(p): p for p, _ in nnx.state(model).flat_state()}
 
 
-def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], prefix: str = "",
-                    strict: bool = True, where: str = "") -> list[str]:
+def load_state_dict(
+    model: nnx.Module, sd: Mapping[str, np.ndarray], prefix: str = "", strict: bool = True, where: str = ""
+) -> list[str]:
     """Copy `sd[prefix + key]` into `model` in place. Returns the keys of `sd` under `prefix` that
     the model does not have (an error when strict). Missing and mis-shaped keys always raise."""
     state = nnx.state(model)
@@ -84,7 +88,9 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], prefix: str
         used.add(key)
         w = to_flax_layout(str(path[-1]), np.asarray(sd[key]))
         if tuple(w.shape) != tuple(var.shape):
-            mismatched.append((key, np.asarray(sd[key]).shape, to_torch_layout(str(path[-1]), np.zeros(var.shape)).shape))
+            mismatched.append(
+                (key, np.asarray(sd[key]).shape, to_torch_layout(str(path[-1]), np.zeros(var.shape)).shape)
+            )
             continue
         new[path] = w.astype(var.dtype)
     unexpected = sorted(k for k in sd if k.startswith(prefix) and k not in used)

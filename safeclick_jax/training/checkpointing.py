@@ -7,6 +7,7 @@ Kept: the last `keep` checkpoints plus the one with the best `val_dice` (orbax p
 policies). orbax writes each step to a temporary folder and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact and the partial one is ignored.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,12 +22,15 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         policies = [pp.LatestN(n=keep)]
         if keep_best:  # BestN sorts ascending and keeps the last n: the highest Dice
-            policies.append(pp.BestN(get_metric_fn=lambda m: m["val_dice"], reverse=False, n=1,
-                                     keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
-                                               cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m["val_dice"], reverse=False, n=1, keep_checkpoints_without_metrics=False
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies), cleanup_tmp_directories=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -36,16 +40,19 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict, val_dice: float | None = None) -> None:
         metrics = {"val_dice": float(val_dice)} if val_dice is not None else None
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics=metrics, force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
 
     def restore(self, step: int, like_state):
         """(state with like_state's structure, shardings and dtypes, meta dict)."""
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                like_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
         return out["state"], out["meta"]
 
     def wait(self):

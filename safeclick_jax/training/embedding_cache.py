@@ -18,6 +18,7 @@ each volume file's size and mtime): a new checkpoint, another resolution or a re
 dataset gives a new key, so a stale cache is never read. Old keys stay on disk until deleted.
 At 1024 px a slice costs ~11 MB (tiny) in float16; at 128 px ~0.2 MB.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,9 @@ NAMES = ("image_embed", "high_res_0", "high_res_1", "block")
 
 def is_frozen_encoder_path(path) -> bool:
     p = tuple(str(x) for x in path)
-    return (p[0] in ("image_encoder", "no_mem_embed")
-            or (p[0] == "sam_mask_decoder" and len(p) > 1 and p[1] in ("conv_s0", "conv_s1")))
+    return p[0] in ("image_encoder", "no_mem_embed") or (
+        p[0] == "sam_mask_decoder" and len(p) > 1 and p[1] in ("conv_s0", "conv_s1")
+    )
 
 
 def encoder_fingerprint(model: nnx.Module) -> str:
@@ -70,8 +72,14 @@ def data_fingerprint(cache_dir) -> str:
 
 
 def cache_key(model, data_cache_dir, image_size: int, keep_block: int | None, dtype: str) -> str:
-    parts = [f"format={FORMAT}", f"size={image_size}", f"block={keep_block}", f"dtype={dtype}",
-             f"encoder={encoder_fingerprint(model)}", f"data={data_fingerprint(data_cache_dir)}"]
+    parts = [
+        f"format={FORMAT}",
+        f"size={image_size}",
+        f"block={keep_block}",
+        f"dtype={dtype}",
+        f"encoder={encoder_fingerprint(model)}",
+        f"data={data_fingerprint(data_cache_dir)}",
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -81,14 +89,16 @@ class EmbeddingCache:
     def __init__(self, directory, data_cache_dir):
         self.directory = Path(directory)
         self.index = json.loads((self.directory / "index.json").read_text())
-        self.arrays = {n: np.load(self.directory / f"{n}.npy", mmap_mode="r")
-                       for n in NAMES if (self.directory / f"{n}.npy").exists()}
+        self.arrays = {
+            n: np.load(self.directory / f"{n}.npy", mmap_mode="r")
+            for n in NAMES
+            if (self.directory / f"{n}.npy").exists()
+        }
         rois = pipeline.Cache(data_cache_dir).rois
         row_of = {(v, s): i for i, (v, s) in enumerate(self.index["slices"])}
         # roi_id -> row (-1: slice not cached, e.g. a test ROI); padding rows of eval batches
         # (roi_id 0, valid False) read row 0 and are masked by the caller.
-        self.row_of_roi = np.array([row_of.get((int(r["volume_id"]), int(r["slice"])), -1)
-                                    for r in rois], np.int64)
+        self.row_of_roi = np.array([row_of.get((int(r["volume_id"]), int(r["slice"])), -1) for r in rois], np.int64)
 
     def __len__(self):
         return len(self.index["slices"])
@@ -113,9 +123,17 @@ def slices_of(data_cache_dir, splits) -> list[tuple[int, int]]:
     return sorted({(int(r["volume_id"]), int(r["slice"])) for r in rois[keep]})
 
 
-def build(model: nnx.Module, data_cache_dir, image_size: int, keep_block: int | None,
-          root=None, splits=("train", "val"), batch_size: int = 8, dtype: str = "float16",
-          log=print) -> EmbeddingCache:
+def build(
+    model: nnx.Module,
+    data_cache_dir,
+    image_size: int,
+    keep_block: int | None,
+    root=None,
+    splits=("train", "val"),
+    batch_size: int = 8,
+    dtype: str = "float16",
+    log=print,
+) -> EmbeddingCache:
     """The cache of `model`'s frozen encoder over the slices of `splits`: reused when its key
     exists, else computed (in fixed-size batches, one compiled program) and written atomically."""
     root = Path(root or Path(data_cache_dir) / "embeddings")
@@ -139,8 +157,11 @@ def build(model: nnx.Module, data_cache_dir, image_size: int, keep_block: int | 
     @jax.jit
     def encode(state, images):
         f = encode_image(nnx.merge(graphdef, state), images, keep_block=keep_block)
-        out = {"image_embed": f["image_embed"], "high_res_0": f["high_res_feats"][0],
-               "high_res_1": f["high_res_feats"][1]}
+        out = {
+            "image_embed": f["image_embed"],
+            "high_res_0": f["high_res_feats"][0],
+            "high_res_1": f["high_res_feats"][1],
+        }
         if keep_block is not None:
             out["block"] = f["block"]
         return jax.tree.map(lambda x: x.astype(dtype), out)
@@ -148,30 +169,43 @@ def build(model: nnx.Module, data_cache_dir, image_size: int, keep_block: int | 
     arrays = None
     t1 = time.perf_counter()
     for start in range(0, len(slices), batch_size):
-        chunk = slices[start:start + batch_size]
+        chunk = slices[start : start + batch_size]
         imgs = np.zeros((batch_size, image_size, image_size, 3), np.float32)
         for i, (v, s) in enumerate(chunk):
             imgs[i] = pipeline.sam2_image(np.asarray(data.volume_arrays(v)[0][s]), image_size)
         out = jax.device_get(encode(state, jnp.asarray(imgs)))
         if arrays is None:
-            arrays = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=dtype,
-                                                   shape=(len(slices),) + a.shape[1:])
-                      for n, a in out.items()}
+            arrays = {
+                n: np.lib.format.open_memmap(
+                    tmp / f"{n}.npy", mode="w+", dtype=dtype, shape=(len(slices),) + a.shape[1:]
+                )
+                for n, a in out.items()
+            }
         for n, a in out.items():
-            arrays[n][start:start + len(chunk)] = a[:len(chunk)]
+            arrays[n][start : start + len(chunk)] = a[: len(chunk)]
     for a in arrays.values():
         a.flush()
     seconds = time.perf_counter() - t1
-    (tmp / "index.json").write_text(json.dumps({
-        "format": FORMAT, "key": key, "image_size": image_size, "keep_block": keep_block,
-        "dtype": dtype, "data_cache": str(Path(data_cache_dir).resolve()), "splits": list(splits),
-        "slices": [list(s) for s in slices], "seconds": seconds,
-        "slices_per_s": len(slices) / max(seconds, 1e-9)}))
+    (tmp / "index.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "key": key,
+                "image_size": image_size,
+                "keep_block": keep_block,
+                "dtype": dtype,
+                "data_cache": str(Path(data_cache_dir).resolve()),
+                "splits": list(splits),
+                "slices": [list(s) for s in slices],
+                "seconds": seconds,
+                "slices_per_s": len(slices) / max(seconds, 1e-9),
+            }
+        )
+    )
     (tmp / "COMPLETE").write_text("ok\n")
     try:
         os.rename(tmp, final)
     except OSError:  # another process finished the same key first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"embedding cache: {len(slices)} slices in {seconds:.1f} s "
-        f"({len(slices) / max(seconds, 1e-9):.1f} slices/s)")
+    log(f"embedding cache: {len(slices)} slices in {seconds:.1f} s ({len(slices) / max(seconds, 1e-9):.1f} slices/s)")
     return EmbeddingCache(final, data_cache_dir)

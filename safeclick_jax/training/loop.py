@@ -6,6 +6,7 @@ restore of the latest checkpoint, the step loop (progress lines, metrics.jsonl, 
 evaluation + checkpoint each epoch, final export to WORKDIR/export (and WORKDIR/best), curves PNG,
 WORKDIR/summary.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ def ensure_data(dc, log=_log) -> None:
         return
     if jax.process_index() == 0:
         from safeclick_jax.data import prepare, synthetic
+
         synth = dc.get("synthetic_root")
         for root in dc.roots:
             if not Path(root).exists():
@@ -65,13 +67,15 @@ def ensure_data(dc, log=_log) -> None:
         prepare.prepare_dataset(list(dc.roots), dc.cache_dir, dc, progress=False)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("prepare")
 
 
 def _eval_batches(cache_dir, image_size, local_bs, seed, max_rois, n_val):
     """(dataset, number of batches every process runs): the same count on all processes."""
-    ds = pipeline.make_eval_dataset(cache_dir, "val", image_size=image_size, batch_size=local_bs,
-                                    seed=seed, include_image=False)
+    ds = pipeline.make_eval_dataset(
+        cache_dir, "val", image_size=image_size, batch_size=local_bs, seed=seed, include_image=False
+    )
     items = n_val * 10 if max_rois < 0 else min(n_val, max_rois) * 10
     per_process = -(-items // jax.process_count())
     return ds, -(-per_process // local_bs)
@@ -91,8 +95,12 @@ def evaluate(eval_step, params, frozen, mesh, cache, ds, n_batches) -> dict:
         out = jax.device_get(eval_step(params, frozen, ts.global_batch(hb, mesh)))
         tot = out if tot is None else {k: tot[k] + out[k] for k in tot}
     r = lambda s, c: float(tot[s] / tot[c]) if tot[c] > 0 else float("nan")
-    return {"val_dice": r("dice_sum", "count"), "val_dice_point": r("point_sum", "point_count"),
-            "val_dice_box": r("box_sum", "box_count"), "val_samples": int(tot["count"])}
+    return {
+        "val_dice": r("dice_sum", "count"),
+        "val_dice_point": r("point_sum", "point_count"),
+        "val_dice_box": r("box_sum", "box_count"),
+        "val_samples": int(tot["count"]),
+    }
 
 
 def train(config, workdir) -> dict:
@@ -108,17 +116,22 @@ def train(config, workdir) -> dict:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = ts.make_mesh()
     n_dev, n_proc = jax.device_count(), jax.process_count()
-    _log(f"devices: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-         f"{n_proc} process(es); mesh {dict(mesh.shape)}")
+    _log(
+        f"devices: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{n_proc} process(es); mesh {dict(mesh.shape)}"
+    )
 
     dc = config.data
     ensure_data(dc)
     from safeclick_jax.models.config import get_config as sam2_get
+
     image_size, why = ts.resolve_image_size(config, sam2_get(config.model.name))
     _log(f"image_size: {image_size} px ({why})")
     cdt = step_lib.compute_dtype(config)  # validates train.compute_dtype before any heavy work
-    _log(f"precision: {cdt.name} compute" + (", float32 master weights, optimizer and loss"
-                                              if cdt.name != "float32" else ""))
+    _log(
+        f"precision: {cdt.name} compute"
+        + (", float32 master weights, optimizer and loss" if cdt.name != "float32" else "")
+    )
     gbs = int(dc.batch_size)
     if gbs % n_dev or gbs % n_proc:
         raise ValueError(f"data.batch_size={gbs} must be a multiple of the device count {n_dev}")
@@ -129,16 +142,25 @@ def train(config, workdir) -> dict:
     graphdef, params, frozen = ts.split_model(model, config)
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
-    _log(f"model: {config.model.kind} on {config.model.name} ({time.perf_counter() - t0:.1f} s to build): "
-         f"{n_train:,} trainable / {n_frozen:,} frozen parameters")
+    _log(
+        f"model: {config.model.kind} on {config.model.name} ({time.perf_counter() - t0:.1f} s to build): "
+        f"{n_train:,} trainable / {n_frozen:,} frozen parameters"
+    )
     use_block = config.model.kind == "safeclick" and config.model.safeclick.use_e1
     keep_block = model.keep_block if use_block else None
 
     cache = None
     if config.embed.enabled:
-        cache = embedding_cache.build(model, dc.cache_dir, image_size, keep_block, root=config.embed.root,
-                                      batch_size=int(config.embed.batch_size), dtype=config.embed.dtype,
-                                      log=_log)
+        cache = embedding_cache.build(
+            model,
+            dc.cache_dir,
+            image_size,
+            keep_block,
+            root=config.embed.root,
+            batch_size=int(config.embed.batch_size),
+            dtype=config.embed.dtype,
+            log=_log,
+        )
     del model
 
     data_cache = pipeline.Cache(dc.cache_dir)
@@ -156,8 +178,10 @@ def train(config, workdir) -> dict:
         total = epochs * steps_per_epoch
     eval_every = max(int(config.eval.every_epochs), 1) * steps_per_epoch
     ckpt_every = int(config.checkpoint.every_steps)
-    _log(f"schedule: {total} steps = {total / steps_per_epoch:g} epochs x {steps_per_epoch} steps, "
-         f"global batch {gbs} ({lbs} per process), {n_rois * n_proc} train / {n_val} val ROIs")
+    _log(
+        f"schedule: {total} steps = {total / steps_per_epoch:g} epochs x {steps_per_epoch} steps, "
+        f"global batch {gbs} ({lbs} per process), {n_rois * n_proc} train / {n_val} val ROIs"
+    )
 
     schedule = ts.learning_rate(config, total)
     optimizer = ts.make_optimizer(config, total)
@@ -168,17 +192,21 @@ def train(config, workdir) -> dict:
     if fsdp:
         for name, sh, tree in (("train state", state_sharding, state), ("frozen weights", frozen_sharding, frozen)):
             n_split, n_arrays, frac = ts.sharded_fraction(sh, tree)
-            _log(f"fsdp: {name}: {n_split} of {n_arrays} arrays split over {mesh.shape[ts.DATA_AXIS]} devices, "
-                 f"{100 * frac:.0f}% of a replica per device")
+            _log(
+                f"fsdp: {name}: {n_split} of {n_arrays} arrays split over {mesh.shape[ts.DATA_AXIS]} devices, "
+                f"{100 * frac:.0f}% of a replica per device"
+            )
     state = jax.device_put(state, state_sharding)
     frozen = jax.device_put(frozen, frozen_sharding)
 
-    ds = pipeline.make_dataset_from_config(dc, "train", image_size=image_size, batch_size=lbs,
-                                           include_image=cache is None)
+    ds = pipeline.make_dataset_from_config(
+        dc, "train", image_size=image_size, batch_size=lbs, include_image=cache is None
+    )
     it = pipeline.make_iterator(ds, num_threads=int(dc.num_threads))
 
-    ckpt = Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
-                        keep_best=bool(config.checkpoint.export_best))
+    ckpt = Checkpointer(
+        workdir / "checkpoints", keep=int(config.checkpoint.keep), keep_best=bool(config.checkpoint.export_best)
+    )
     meta = {"step": 0, "epoch": 0, "best_val_dice": None, "best_step": None}
     start = 0
     latest = _agreed(-1 if ckpt.latest_step() is None else ckpt.latest_step())
@@ -187,16 +215,16 @@ def train(config, workdir) -> dict:
         state, meta = ckpt.restore(latest, state)
         it.set_state(meta["data_iter"])
         start = int(meta["step"])
-        _log(f"resumed from {workdir / 'checkpoints'} step {start} (best val Dice so far "
-             f"{meta.get('best_val_dice')})")
+        _log(f"resumed from {workdir / 'checkpoints'} step {start} (best val Dice so far {meta.get('best_val_dice')})")
     writer = MetricsWriter(workdir, resume_step=start, enabled=main)
 
-    train_step = step_lib.make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block,
-                                          state_sharding, frozen_sharding)
-    eval_step = step_lib.make_eval_step(graphdef, config, mesh, keep_block, state_sharding["params"],
-                                        frozen_sharding)
-    eval_ds, eval_batches = _eval_batches(dc.cache_dir, image_size, lbs, int(config.eval.seed),
-                                          int(config.eval.max_rois), n_val)
+    train_step = step_lib.make_train_step(
+        graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding, frozen_sharding
+    )
+    eval_step = step_lib.make_eval_step(graphdef, config, mesh, keep_block, state_sharding["params"], frozen_sharding)
+    eval_ds, eval_batches = _eval_batches(
+        dc.cache_dir, image_size, lbs, int(config.eval.seed), int(config.eval.max_rois), n_val
+    )
     log_every = max(int(config.train.log_every), 1)
     progress = Progress(total, start, gbs, _log)
     val_history = []
@@ -217,14 +245,21 @@ def train(config, workdir) -> dict:
             raise DivergenceError(
                 f"loss is {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}: training "
                 f"stopped. The last good checkpoint is step {good} in {workdir / 'checkpoints'} "
-                f"(restarting resumes from it; lower --config.optim.lr or check the data)")
+                f"(restarting resumes from it; lower --config.optim.lr or check the data)"
+            )
         if s % log_every == 0 or s == total:
             sps, ips = progress.rates(s)
             epoch = (s - 1) // steps_per_epoch + 1
             _log(progress.line(s, epoch, m, sps))
-            writer.write({"step": s, "epoch": epoch, **{k: float(m[k]) for k in
-                          ("loss", "focal", "dice", "iou", "class", "grad_norm", "lr")},
-                          "steps_per_s": sps, "images_per_s": ips})
+            writer.write(
+                {
+                    "step": s,
+                    "epoch": epoch,
+                    **{k: float(m[k]) for k in ("loss", "focal", "dice", "iou", "class", "grad_norm", "lr")},
+                    "steps_per_s": sps,
+                    "images_per_s": ips,
+                }
+            )
 
     t_loop = time.perf_counter()
     for s in range(start + 1, total + 1):
@@ -247,9 +282,11 @@ def train(config, workdir) -> dict:
             val_history.append(val["val_dice"])
             if meta["best_val_dice"] is None or val["val_dice"] > meta["best_val_dice"]:
                 meta.update(best_val_dice=val["val_dice"], best_step=s)
-            _log(f"eval step {s} epoch {epoch}: val Dice {val['val_dice']:.4f} (clicks "
-                 f"{val['val_dice_point']:.4f}, boxes {val['val_dice_box']:.4f}; {val['val_samples']} "
-                 f"ROI x prompt pairs, {time.perf_counter() - t_eval:.1f} s)")
+            _log(
+                f"eval step {s} epoch {epoch}: val Dice {val['val_dice']:.4f} (clicks "
+                f"{val['val_dice_point']:.4f}, boxes {val['val_dice_box']:.4f}; {val['val_samples']} "
+                f"ROI x prompt pairs, {time.perf_counter() - t_eval:.1f} s)"
+            )
             writer.write({"step": s, "epoch": epoch, **val}, prefix="val")
             save(s, val["val_dice"])
         elif ckpt_every > 0 and s % ckpt_every == 0:
@@ -262,10 +299,12 @@ def train(config, workdir) -> dict:
     # export: the final model, and the best one by val Dice. Every process takes part: gathering
     # FSDP-split weights and orbax saves/restores are collective (process 0 writes the files).
     from safeclick_jax.models.registry import save_model
+
     frozen_host = _to_host(frozen)
     merged = nnx.merge(graphdef, _to_host(state["params"]), frozen_host)
-    save_model(str(workdir / "export"), merged, training={"step": total, "config": config.model.name,
-                                                         "image_size": image_size})
+    save_model(
+        str(workdir / "export"), merged, training={"step": total, "config": config.model.name, "image_size": image_size}
+    )
     export = {"final": str(workdir / "export")}
     best_step = meta.get("best_step")
     if config.checkpoint.export_best and best_step is not None and _agreed(best_step in ckpt.all_steps()):
@@ -277,18 +316,29 @@ def train(config, workdir) -> dict:
     writer.close()
     png = plot_curves(workdir / "metrics.jsonl", workdir / "curves.png") if main and config.plot else None
     rows = [r for r in _read(workdir / "metrics.jsonl") if "val_dice" in r]
-    summary = {"steps": total, "resumed_from": start, "image_size": image_size, "global_batch": gbs,
-               "devices": n_dev, "processes": n_proc, "loop_seconds": loop_s,
-               "steps_per_s": (total - start) / max(loop_s, 1e-9),
-               "wall_seconds": time.perf_counter() - t_start,
-               "val_dice_first": rows[0]["val_dice"] if rows else None,
-               "val_dice_last": rows[-1]["val_dice"] if rows else None,
-               "best_val_dice": meta.get("best_val_dice"), "best_step": meta.get("best_step"),
-               "export": export, "curves": str(png) if png else None}
+    summary = {
+        "steps": total,
+        "resumed_from": start,
+        "image_size": image_size,
+        "global_batch": gbs,
+        "devices": n_dev,
+        "processes": n_proc,
+        "loop_seconds": loop_s,
+        "steps_per_s": (total - start) / max(loop_s, 1e-9),
+        "wall_seconds": time.perf_counter() - t_start,
+        "val_dice_first": rows[0]["val_dice"] if rows else None,
+        "val_dice_last": rows[-1]["val_dice"] if rows else None,
+        "best_val_dice": meta.get("best_val_dice"),
+        "best_step": meta.get("best_step"),
+        "export": export,
+        "curves": str(png) if png else None,
+    }
     if main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _log(f"done: {total} steps in {loop_s:.1f} s ({summary['steps_per_s']:.2f} steps/s); val Dice "
-         f"{summary['val_dice_first']} -> {summary['val_dice_last']}; model in {export.get('final')}")
+    _log(
+        f"done: {total} steps in {loop_s:.1f} s ({summary['steps_per_s']:.2f} steps/s); val Dice "
+        f"{summary['val_dice_first']} -> {summary['val_dice_last']}; model in {export.get('final')}"
+    )
     return summary
 
 
@@ -299,6 +349,7 @@ def _agreed(value: int) -> int:
     if jax.process_count() == 1:
         return int(value)
     from jax.experimental import multihost_utils
+
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
@@ -312,9 +363,11 @@ def _to_host(tree):
         if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
+
     return jax.tree.map(one, tree)
 
 
 def _read(path):
     from safeclick_jax.training.metrics import read_jsonl
+
     return read_jsonl(path)

@@ -15,6 +15,7 @@ SAM 2.1's yaml uses an L1 IoU loss (`iou_use_l1_loss`); the issue and SAM's pape
 default here; `iou_loss="l1"` gives SAM 2.1's choice. Each term is averaged over the batch
 (SAM 2 divides sums by the number of objects, one per row here).
 """
+
 from __future__ import annotations
 
 import jax
@@ -60,17 +61,20 @@ def sam2_loss(mask_logits, iou_pred, object_logits, target, candidates, cfg):
     pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]
     iou_t = jax.lax.stop_gradient(actual_iou(mask_logits, t))
     err = iou_pred - iou_t
-    iou_err = jnp.abs(err) if cfg.iou_loss == "l1" else err ** 2
+    iou_err = jnp.abs(err) if cfg.iou_loss == "l1" else err**2
     n = jnp.maximum(candidates.sum(-1), 1)
     if cfg.supervise_all_iou:
         iou_l = jnp.where(candidates, iou_err, 0.0).sum(-1) / n
     else:
         iou_l = pick(iou_err)
     obj = jnp.logaddexp(0.0, -object_logits[:, 0])  # BCE with target 1
-    terms = {"focal": pick(focal).mean(), "dice": pick(dl).mean(), "iou": iou_l.mean(),
-             "class": obj.mean()}
-    total = (cfg.mask_weight * terms["focal"] + cfg.dice_weight * terms["dice"]
-             + cfg.iou_weight * terms["iou"] + cfg.class_weight * terms["class"])
+    terms = {"focal": pick(focal).mean(), "dice": pick(dl).mean(), "iou": iou_l.mean(), "class": obj.mean()}
+    total = (
+        cfg.mask_weight * terms["focal"]
+        + cfg.dice_weight * terms["dice"]
+        + cfg.iou_weight * terms["iou"]
+        + cfg.class_weight * terms["class"]
+    )
     return total, {**terms, "best": best}
 
 

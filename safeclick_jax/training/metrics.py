@@ -6,6 +6,7 @@ evaluation {"step", "epoch", "val_dice", "val_dice_point", "val_dice_box"}. On a
 lines after the restored step are dropped first, so the file of a resumed run equals that of an
 uninterrupted one (up to the timing fields).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ class MetricsWriter:
         self.file = self.path.open("a")
         try:
             from tensorboardX import SummaryWriter
+
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
         except ImportError:  # TensorBoard files are optional
             self.tb = None
@@ -47,8 +49,7 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{k}" if not k.startswith("val") else f"val/{k}",
-                                       v, record["step"])
+                    self.tb.add_scalar(f"{prefix}/{k}" if not k.startswith("val") else f"val/{k}", v, record["step"])
 
     def close(self):
         if not self.enabled:
@@ -76,9 +77,11 @@ class Progress:
         done = max(step - self.s0, 1)
         avg = done / max(time.perf_counter() - self.t0, 1e-9)
         eta = (self.total - step) / max(avg, 1e-9)
-        return (f"step {step}/{self.total} epoch {epoch} loss {m['loss']:.4f} (focal {m['focal']:.4f} "
-                f"dice {m['dice']:.4f} iou {m['iou']:.4f}) lr {m['lr']:.2e} {sps:.2f} steps/s "
-                f"{sps * self.images:.1f} img/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        return (
+            f"step {step}/{self.total} epoch {epoch} loss {m['loss']:.4f} (focal {m['focal']:.4f} "
+            f"dice {m['dice']:.4f} iou {m['iou']:.4f}) lr {m['lr']:.2e} {sps:.2f} steps/s "
+            f"{sps * self.images:.1f} img/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
 
 
 def plot_curves(metrics_path, out_png) -> Path | None:
@@ -89,6 +92,7 @@ def plot_curves(metrics_path, out_png) -> Path | None:
     if not train and not val:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

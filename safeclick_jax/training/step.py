@@ -17,6 +17,7 @@ are embedded in float32 (a 1024 px coordinate has no sub-pixel precision in bf16
 mantissa) and the embeddings then cast; LayerNorm statistics, softmax statistics and the loss
 (logits upcast) are float32.
 """
+
 from __future__ import annotations
 
 import types
@@ -60,8 +61,11 @@ def image_features(model, batch, keep_block, dtype=jnp.float32):
         f = {"image_embed": f["image_embed"], "high_res_feats": f["high_res_feats"], "block": f.get("block")}
     else:
         g = lambda k: batch[f"feat_{k}"].astype(dtype)
-        f = {"image_embed": g("image_embed"), "high_res_feats": (g("high_res_0"), g("high_res_1")),
-             "block": g("block") if "feat_block" in batch else None}
+        f = {
+            "image_embed": g("image_embed"),
+            "high_res_feats": (g("high_res_0"), g("high_res_1")),
+            "block": g("block") if "feat_block" in batch else None,
+        }
     block = f.pop("block")
     if hasattr(model, "safeclick"):  # E1, E2 and the CRL's channel attention: trainable
         f["refined"] = model.safeclick.image_features(block, f["image_embed"])
@@ -77,8 +81,9 @@ def decode_all(model, features, coords, labels):
     m = 4 * features["image_embed"].shape[1]
     dt = features["image_embed"].dtype  # prompts embedded in float32, then cast (module docstring)
     sparse, dense = pe(coords, labels, jnp.zeros((b, m, m, 1), jnp.float32), jnp.zeros((b,), bool))
-    hs, src = dec.transformer_tokens(features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt),
-                                     dense.astype(dt), labels != PAD_LABEL)
+    hs, src = dec.transformer_tokens(
+        features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt), dense.astype(dt), labels != PAD_LABEL
+    )
     if "refined" in features:
         src = model.safeclick.fuse(features["refined"], src)
     masks, iou, _, obj = dec.heads(hs, src, features["high_res_feats"])
@@ -96,7 +101,7 @@ def loss_target(mask_logits, target, resolution: str):
         return to_input_resolution(mask_logits, s), target
     if resolution == "low_res":  # nearest (pixel-centre) downsampling of the ground truth
         r = s // mask_logits.shape[-1]
-        return mask_logits, target[:, r // 2::r, r // 2::r]
+        return mask_logits, target[:, r // 2 :: r, r // 2 :: r]
     raise ValueError(f"loss.resolution {resolution!r}: expected 'input' or 'low_res'")
 
 
@@ -111,8 +116,7 @@ def _loss_cfg(cfg) -> types.SimpleNamespace:
     return types.SimpleNamespace(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
 
 
-def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding=None,
-                    frozen_sharding=None):
+def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding=None, frozen_sharding=None):
     """The jit-compiled step(state, frozen, batch) -> (state, metrics). Shardings default to
     replicated (train_state.param_sharding gives the FSDP ones)."""
     loss_cfg = _loss_cfg(config.loss)
@@ -138,19 +142,29 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, sta
         params = optax.apply_updates(state["params"], updates)
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-               "rng": jax.random.key_data(key)}
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(key)}
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics = {"loss": loss, "focal": aux["focal"], "dice": aux["dice"], "iou": aux["iou"],
-                   "class": aux["class"], "grad_norm": gnorm, "lr": schedule(state["step"]),
-                   "finite": ok}
+        metrics = {
+            "loss": loss,
+            "focal": aux["focal"],
+            "dice": aux["dice"],
+            "iou": aux["iou"],
+            "class": aux["class"],
+            "grad_norm": gnorm,
+            "lr": schedule(state["step"]),
+            "finite": ok,
+        }
         return new, metrics
 
     rep, data = replicated(mesh), batch_sharding(mesh)
     state_sharding = rep if state_sharding is None else state_sharding
     frozen_sharding = rep if frozen_sharding is None else frozen_sharding
-    return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, data),
-                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, frozen_sharding, data),
+        out_shardings=(state_sharding, rep),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(graphdef, config, mesh, keep_block, params_sharding=None, frozen_sharding=None):
@@ -172,10 +186,22 @@ def make_eval_step(graphdef, config, mesh, keep_block, params_sharding=None, fro
         d = losses.hard_dice(chosen, batch["mask"], valid)
         isb = batch["is_box"]
         f = lambda x: x.astype(jnp.float32).sum()
-        return {"dice_sum": d.sum(), "count": f(valid), "box_sum": (d * isb).sum(),
-                "box_count": f(valid & isb), "point_sum": (d * ~isb).sum(), "point_count": f(valid & ~isb)}
+        return {
+            "dice_sum": d.sum(),
+            "count": f(valid),
+            "box_sum": (d * isb).sum(),
+            "box_count": f(valid & isb),
+            "point_sum": (d * ~isb).sum(),
+            "point_count": f(valid & ~isb),
+        }
 
     rep, data = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(rep if params_sharding is None else params_sharding,
-                                       rep if frozen_sharding is None else frozen_sharding, data),
-                   out_shardings=rep)
+    return jax.jit(
+        step,
+        in_shardings=(
+            rep if params_sharding is None else params_sharding,
+            rep if frozen_sharding is None else frozen_sharding,
+            data,
+        ),
+        out_shardings=rep,
+    )

@@ -7,6 +7,7 @@ Batches are sharded on the `data` mesh axis. Parameters and optimizer state are 
 (data parallelism), or, with `train.fsdp`, split over it (fully sharded data parallelism; see
 `param_sharding`).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def maybe_initialize_distributed(log=print) -> bool:
         jax.distributed.initialize()  # cluster auto-detection (SLURM)
     else:
         return False
-    log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+    log(
+        f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices"
+    )
     return True
 
 
@@ -60,7 +63,8 @@ def resolve_image_size(config, sam2_cfg: SAM2Config) -> tuple[int, str]:
     if jax.default_backend() == "cpu":
         return int(config.data.cpu_image_size), (
             f"auto: CPU backend, small input for a quick run (paper: {sam2_cfg.image_size} px; "
-            f"--config.data.image_size={sam2_cfg.image_size} to train at it)")
+            f"--config.data.image_size={sam2_cfg.image_size} to train at it)"
+        )
     return sam2_cfg.image_size, f"auto: the model's input size on {jax.default_backend()}"
 
 
@@ -69,8 +73,7 @@ def resolve_epochs(config) -> tuple[int, str]:
     if epochs > 0:
         return epochs, "set in the config"
     if jax.default_backend() == "cpu":
-        return int(config.train.cpu_epochs), ("auto: CPU backend, a short run (paper: 20; "
-                                              "--config.train.epochs=20)")
+        return int(config.train.cpu_epochs), ("auto: CPU backend, a short run (paper: 20; --config.train.epochs=20)")
     return 20, f"auto: the paper's 20 on {jax.default_backend()}"
 
 
@@ -81,8 +84,10 @@ def sam2_config(config, image_size: int, base: SAM2Config | None = None) -> SAM2
         hiera = arch.pop("hiera", None)
         if hiera:
             import dataclasses
-            arch["hiera"] = dataclasses.replace(cfg.hiera, **{k: tuple(v) if isinstance(v, list) else v
-                                                              for k, v in hiera.items()})
+
+            arch["hiera"] = dataclasses.replace(
+                cfg.hiera, **{k: tuple(v) if isinstance(v, list) else v for k, v in hiera.items()}
+            )
         cfg = cfg.replace(**arch)
     return cfg.replace(image_size=image_size)
 
@@ -96,8 +101,7 @@ def build_model(config, image_size: int, log=print) -> nnx.Module:
     if ckpt:
         desc, params, _ = checkpoint.load(ckpt)
         if desc.get("kind") != "sam2":
-            raise ValueError(f"{ckpt}: training starts from a plain SAM 2 checkpoint, this one is "
-                             f"{desc.get('kind')!r}")
+            raise ValueError(f"{ckpt}: training starts from a plain SAM 2 checkpoint, this one is {desc.get('kind')!r}")
         cfg = sam2_config(config, image_size, SAM2Config.from_dict(desc["sam2"]))
         # Abstract build + assign: no time spent initialising weights that are overwritten.
         if kind == "safeclick":
@@ -111,10 +115,12 @@ def build_model(config, image_size: int, log=print) -> nnx.Module:
         return model
     cfg = sam2_config(config, image_size)
     bar = "!" * 100
-    log(f"{bar}\n!!! WARNING: config.init.checkpoint is not set: the image encoder, prompt encoder and "
+    log(
+        f"{bar}\n!!! WARNING: config.init.checkpoint is not set: the image encoder, prompt encoder and "
         f"mask decoder start from RANDOM weights\n!!! (seed {config.init.seed}). Fine for a pipeline "
         f"test; for real training convert a SAM 2 / MedSAM 2 checkpoint\n!!! (python -m "
-        f"convert.sam2_to_flax --checkpoint X.pt --out DIR) and pass --config.init.checkpoint=DIR\n{bar}")
+        f"convert.sam2_to_flax --checkpoint X.pt --out DIR) and pass --config.init.checkpoint=DIR\n{bar}"
+    )
     rngs = nnx.Rngs(config.init.seed)
     return SafeClickModel(cfg, sc, rngs) if kind == "safeclick" else SAM2Image(cfg, rngs)
 
@@ -128,29 +134,30 @@ def learning_rate(config, total_steps: int):
     else:
         raise ValueError(f"optim.schedule {o.schedule!r}: expected 'cosine' or 'constant'")
     if o.warmup_steps > 0:
-        sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), sched],
-                                     [o.warmup_steps])
+        sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), sched], [o.warmup_steps])
     return sched
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     o = config.optim
     chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    chain.append(optax.adamw(learning_rate(config, total_steps), b1=o.b1, b2=o.b2,
-                             weight_decay=o.weight_decay))
+    chain.append(optax.adamw(learning_rate(config, total_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*chain)
 
 
 def split_model(model: nnx.Module, config):
     """(graphdef, trainable nnx.State, frozen nnx.State)."""
-    filt = trainable_filter(train_prompt_encoder=config.train.train_prompt_encoder,
-                            train_mask_decoder=True)
+    filt = trainable_filter(train_prompt_encoder=config.train.train_prompt_encoder, train_mask_decoder=True)
     return nnx.split(model, filt, ...)
 
 
 def init_state(params, optimizer, seed: int) -> dict:
-    return {"params": params, "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
 
 
 def replicated(mesh):
