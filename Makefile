@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup test test-slow train bench clean
+.PHONY: setup lint test test-slow train bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0
 	$(BIN)/python -c "import jax, flax, torch, sam2; print('setup ok: jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,6 +87,7 @@ def main(argv):
     image_size = _IMAGE_SIZE.value or int(data_cfg.image_size)
     if image_size <= 0:  # the configs' "auto": the model's own size, a small one on a CPU
         import ml_collections
+
         from safeclick_jax import checkpoint
         from safeclick_jax.models.config import SAM2Config
         from safeclick_jax.training import train_state

@@ -1,6 +1,7 @@
 """SafeClick vs the plain SAM 2 decoder in JAX, and JAX vs the PyTorch reference, same machine, one run.
 
-    python benchmarks/bench_safeclick.py [--model sam2.1_hiera_t] [--image-size 1024] [--train-image-size 512 --train-batch 8]
+    python benchmarks/bench_safeclick.py [--model sam2.1_hiera_t] [--image-size 1024] \
+        [--train-image-size 512 --train-batch 8]
                                          [--dtype float32|bfloat16] [--torch-device cpu|cuda] [--name safeclick]
 
 1. Overhead of SafeClick over SAM 2 in JAX (`--model`, default tiny; batch 1): per prompt (decode from cached image
@@ -83,9 +84,10 @@ def overhead_rows(size, repeats, dtype="float32", model_name="sam2.1_hiera_t"):
     }
     for stage in ("decode", "e2e"):
         a, b = res[stage]["sam2"], res[stage]["safeclick"]
+        what = "per prompt (cached image features)" if stage == "decode" else "end to end (encode + 1 click)"
         rows.append(
             {
-                "measure": f"JAX {'per prompt (cached image features)' if stage == 'decode' else 'end to end (encode + 1 click)'}, {model_name}, {size} px, {dtype}",
+                "measure": f"JAX {what}, {model_name}, {size} px, {dtype}",
                 "sam2_ms": a["median_s"] * 1e3,
                 "safeclick_ms": b["median_s"] * 1e3,
                 "safeclick/sam2": ratio(b, a),

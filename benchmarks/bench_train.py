@@ -15,10 +15,11 @@ default cuda when available) and device memory is reported: `step_mb`, what XLA'
 needs (memory_analysis: arguments + outputs + temporaries - donated aliases; weights, optimizer
 state, batch and activations), `device_peak_mb`, the allocator's peak over the whole process (for
 JAX it includes the encoder pass that made the features; for torch it is
-torch.cuda.max_memory_allocated over the timed steps, weights included). `--dtype bfloat16`: JAX with train.compute_dtype = bfloat16 (float32
-master weights), torch under autocast(bfloat16). Writes benchmarks/results/train_<size>px[_<model>]
-[_<dtype>].{json,md} ($BENCH_RESULTS overrides the folder). Both sides run with glibc's
-huge-page malloc, as train.py (`safeclick_jax/host_memory.py`; SAFECLICK_SYSTEM_MALLOC=1: glibc's defaults).
+torch.cuda.max_memory_allocated over the timed steps, weights included). `--dtype bfloat16`: JAX with
+train.compute_dtype = bfloat16 (float32 master weights), torch under autocast(bfloat16). Writes
+benchmarks/results/train_<size>px[_<model>][_<dtype>].{json,md} ($BENCH_RESULTS overrides the folder).
+Both sides run with glibc's huge-page malloc, as train.py (`safeclick_jax/host_memory.py`;
+SAFECLICK_SYSTEM_MALLOC=1: glibc's defaults).
 `--rounds N` runs N processes per side alternately (a b b a ...) and reports each side's median.
 """
 
@@ -71,11 +72,12 @@ def _batch(image_size: int, batch: int, seed: int = 0):
 def run_jax(args) -> dict:
     import jax
     import numpy as np
-    from flax import nnx
 
     from configs import common
     from safeclick_jax.models.sam2 import encode_image
-    from safeclick_jax.training import loop, step as step_lib, train_state as ts
+    from safeclick_jax.training import loop
+    from safeclick_jax.training import step as step_lib
+    from safeclick_jax.training import train_state as ts
 
     config = common.make(args.model)
     loop.setup_compilation_cache(config.compilation_cache_dir)

@@ -38,8 +38,8 @@ def main():
     p.add_argument("--hw", type=int, default=256, help="slice height and width in voxels")
     a = p.parse_args()
 
-    from sam2.build_sam import build_sam2_video_predictor
     import sam2.sam2_video_predictor as svp
+    from sam2.build_sam import build_sam2_video_predictor
 
     version = a.model.split("_hiera_")[0]
     torch.manual_seed(0)
@@ -92,7 +92,8 @@ def main():
 
     rows = [
         {
-            "stage": f"propagation, {a.slices} slices of {a.hw}x{a.hw} ({tracked} tracked), {a.model} @ {a.image_size} px",
+            "stage": f"propagation, {a.slices} slices of {a.hw}x{a.hw} ({tracked} tracked), "
+            f"{a.model} @ {a.image_size} px",
             "jax_slices_per_s": tracked / jax_s,
             "torch_slices_per_s": tracked / torch_s,
             "jax/torch speed": torch_s / jax_s,

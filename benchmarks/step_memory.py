@@ -24,12 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
 from bench_train import _batch  # noqa: E402
 from common import write  # noqa: E402
+
 from configs import common  # noqa: E402
 from safeclick_jax.models.sam2 import encode_image  # noqa: E402
-from safeclick_jax.training import step as step_lib, train_state as ts  # noqa: E402
+from safeclick_jax.training import step as step_lib  # noqa: E402
+from safeclick_jax.training import train_state as ts  # noqa: E402
 
 VARIANTS = (("full", None), ("chunked", None), ("chunked", 1 << 26))
 

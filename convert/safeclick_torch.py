@@ -9,7 +9,6 @@ to the paper (sec. 2); the design choices are documented in the Flax module.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

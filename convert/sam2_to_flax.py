@@ -16,8 +16,7 @@ import sys
 from collections import OrderedDict
 
 import numpy as np
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from convert.torch_io import CheckpointError, load_torch_state_dict
 from convert.weights import WeightMapError, load_state_dict

@@ -18,8 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 FORMAT = 1
 

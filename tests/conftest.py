@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def sam2_tiny_pt(tmp_path_factory):
     """(torch model, path) of a perturbed random sam2.1 tiny in the official {'model': sd} layout."""
-    from tests.sam2_torch import build_torch_sam2, numpy_state_dict
     from convert.torch_io import save_torch_state_dict
+    from tests.sam2_torch import build_torch_sam2, numpy_state_dict
 
     model = build_torch_sam2("sam2.1_hiera_t")
     path = str(tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_t.pt")

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from safeclick_jax import checkpoint
 from safeclick_jax.models import registry

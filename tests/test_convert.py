@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from tests.sam2_torch import build_torch_sam2, numpy_state_dict, torch  # noqa: F401  (skips without torch)
 from convert.flax_to_torch import export_state_dict
 from convert.sam2_to_flax import detect_model, main
 from convert.torch_io import load_torch_state_dict, save_torch_state_dict
+from tests.sam2_torch import build_torch_sam2, numpy_state_dict, torch  # noqa: F401  (skips without torch)
 
 
 def _run(args, capsys):
@@ -53,8 +53,9 @@ def test_round_trip_bit_exact(sam2_tiny_pt, sam2_tiny_dir, tmp_path):
 
 
 def test_memory_keys_carried(sam2_tiny_pt, sam2_tiny_dir):
-    from safeclick_jax.checkpoint import load
     from flax import traverse_util
+
+    from safeclick_jax.checkpoint import load
 
     _, _, extra = load(sam2_tiny_dir)
     flat = {".".join(k): v for k, v in traverse_util.flatten_dict(extra).items()}

@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import contextlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tests.sam2_torch import build_torch_sam2, max_abs, nchw_to_nhwc, numpy_state_dict, rel_err, torch
-
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from convert.weights import load_state_dict
@@ -34,6 +30,7 @@ from safeclick_jax.models import layers
 from safeclick_jax.models.config import get_config
 from safeclick_jax.models.mask_decoder import MaskDecoder
 from safeclick_jax.models.prompt_encoder import PAD_LABEL, PromptEncoder
+from tests.sam2_torch import build_torch_sam2, max_abs, nchw_to_nhwc, numpy_state_dict, rel_err, torch
 
 MODEL = "sam2.1_hiera_t"  # torch weights; the Flax config is the fixture's parameter
 CONFIGS = ["medsam2_t", pytest.param("sam2.1_hiera_t", marks=pytest.mark.slow)]

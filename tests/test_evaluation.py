@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from safeclick_jax.data import pipeline, prepare, preprocess, synthetic
-from safeclick_jax.data import default_data_config
+from safeclick_jax.data import default_data_config, pipeline, prepare, preprocess, synthetic
 from safeclick_jax.evaluation import metrics, protocol, report
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +291,7 @@ def test_prompt_tokens_layout():
 
 def test_base_architecture_is_safeclick_without_its_head():
     from flax import nnx
+
     from safeclick_jax.models import registry
     from safeclick_jax.models.config import HieraConfig, get_config
     from safeclick_jax.models.safeclick import SafeClickConfig
@@ -342,6 +342,7 @@ def _fake_result(rois, models):
 def test_report_files_for_two_datasets(two_dataset_cache, tmp_path):
     import csv
     import json
+
     from safeclick_jax.evaluation import figures
 
     rois = protocol.RoiSet(two_dataset_cache, "test")

@@ -157,11 +157,11 @@ def test_evaluate_matches_image_predictor_and_is_device_count_invariant(ct_cache
     """Real Hiera-T (converted from a perturbed torch SAM 2.1) at 256 px: evaluate's per-ROI Dice
     equals Dice of ImagePredictor's masks (its own jax resize, prompt building and
     postprocessing), and 1 vs 2 devices give the same numbers."""
+    from safeclick_jax import checkpoint
     from safeclick_jax.data import pipeline
     from safeclick_jax.evaluation import metrics
     from safeclick_jax.models.registry import build
     from safeclick_jax.predictor import ImagePredictor
-    from safeclick_jax import checkpoint
 
     args = [
         "--checkpoint",

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.sam2_torch import build_torch_sam2, max_abs, nchw_to_nhwc, numpy_state_dict, rel_err, torch
-
 from convert.weights import load_state_dict, model_keys
 from safeclick_jax.models import hiera as fh
 from safeclick_jax.models.config import CONFIGS, get_config
 from safeclick_jax.models.image_encoder import FpnNeck, ImageEncoder, sine_position_encoding
 from safeclick_jax.models.layers import gelu, resize_bicubic_nchw
+from tests.sam2_torch import build_torch_sam2, max_abs, nchw_to_nhwc, numpy_state_dict, rel_err, torch
 
 F = torch.nn.functional
 REL_TOL, ABS_TOL = 1e-4, 1e-3

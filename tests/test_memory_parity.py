@@ -6,16 +6,14 @@ or on the image size beyond its E x E grid, so the inputs are small (E = 16, i.e
 
 from __future__ import annotations
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np
 import pytest
-
-from tests.sam2_torch import build_torch_sam2, max_abs, numpy_state_dict, rel_err, torch
-
-import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory, axial_rope, get_1d_sine_pe  # noqa: E402
+from tests.sam2_torch import build_torch_sam2, max_abs, numpy_state_dict, rel_err, torch
 
 MODEL = "sam2.1_hiera_t"
 E = 16  # feature grid (256 px input)

@@ -4,12 +4,10 @@ spelled out with torch.nn.functional, equal to torchvision's Resize(antialias=Tr
 
 import numpy as np
 import pytest
-
-from tests.sam2_torch import max_abs, rel_err, torch
-
 import torch.nn.functional as F  # noqa: E402
 
 from safeclick_jax.predictor import ImagePredictor  # noqa: E402
+from tests.sam2_torch import max_abs, rel_err, torch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -178,8 +176,9 @@ def test_bad_images(pair):
 def test_mask_upsampling_matches_torch(hw):
     """layers.resize_bilinear_last2 (two-tap for power-of-two factors, jax.image.resize otherwise)
     against torch's bilinear post-processing."""
-    from safeclick_jax.models.layers import resize_bilinear_last2
     import jax.numpy as jnp
+
+    from safeclick_jax.models.layers import resize_bilinear_last2
 
     x = np.random.default_rng(0).normal(size=(2, 3, 256, 256)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x), hw, mode="bilinear", align_corners=False).numpy()

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.sam2_torch import max_abs, rel_err, torch
-
 from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
 from convert.weights import load_state_dict, state_dict  # noqa: E402
 from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel, trainable_filter  # noqa: E402
+from tests.sam2_torch import max_abs, rel_err, torch
 
 IMAGE_SIZE = 256  # E = 16: the decoder's math is size-independent, this keeps the test fast
 VARIANTS = {"full": {}, "no_e1": {"use_e1": False}, "no_e2": {"use_e2": False}, "no_crl": {"use_crl": False}}

@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.sam2_torch import max_abs, rel_err, torch
-from tests.test_predictor_parity import TorchSteps
-from tests.test_safeclick_parity import IMAGE_PATH
-
 from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
 from convert.weights import load_state_dict  # noqa: E402
 from safeclick_jax.models.registry import save_model  # noqa: E402
 from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel, from_sam2  # noqa: E402
 from safeclick_jax.predictor import ImagePredictor  # noqa: E402
+from tests.sam2_torch import max_abs, rel_err, torch
+from tests.test_predictor_parity import TorchSteps
+from tests.test_safeclick_parity import IMAGE_PATH
 
 
 class TorchSafeClickSteps(TorchSteps):

@@ -2,7 +2,6 @@
 multimask selection, and the shared prompt token layout. Fast: no model."""
 
 import ast
-import glob
 import os
 import types
 

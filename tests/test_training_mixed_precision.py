@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from safeclick_jax.training import step as step_lib, train_state as ts
+from safeclick_jax.training import step as step_lib
+from safeclick_jax.training import train_state as ts
 
 
 def _batch(size, n, seed=0):

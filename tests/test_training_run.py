@@ -58,8 +58,9 @@ def _metrics(workdir):
 
 
 def _trainable(workdir):
-    from safeclick_jax import checkpoint
     from flax import traverse_util
+
+    from safeclick_jax import checkpoint
 
     _, params, _ = checkpoint.load(str(workdir))
     flat = traverse_util.flatten_dict(params)

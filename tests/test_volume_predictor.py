@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tests.sam2_torch import config_path, max_abs, numpy_state_dict, rel_err, torch
-
 import torch.nn.functional as F  # noqa: E402
 
 from safeclick_jax.volume_predictor import VolumePredictor, fill_holes  # noqa: E402
+from tests.sam2_torch import config_path, max_abs, numpy_state_dict, rel_err, torch
 
 MODEL = "sam2.1_hiera_t"
 SIZE = 256

@@ -33,8 +33,7 @@ import grain
 import jax
 import numpy as np
 
-from safeclick_jax.data import prompts
-from safeclick_jax.data import roi_index
+from safeclick_jax.data import prompts, roi_index
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

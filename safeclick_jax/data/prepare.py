@@ -26,11 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safeclick_jax.data import default_data_config
-from safeclick_jax.data import layouts
-from safeclick_jax.data import nifti
-from safeclick_jax.data import preprocess
-from safeclick_jax.data import roi_index
+from safeclick_jax.data import default_data_config, layouts, nifti, preprocess, roi_index
 
 CACHE_FILES = ("volumes.json", "rois.npy", "summary.json")
 SUMMARY_VERSION = 1

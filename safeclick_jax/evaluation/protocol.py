@@ -44,8 +44,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from safeclick_jax import checkpoint
-from safeclick_jax import prompting
+from safeclick_jax import checkpoint, prompting
 from safeclick_jax.data import pipeline
 from safeclick_jax.data import prompts as prompt_lib
 from safeclick_jax.evaluation import metrics

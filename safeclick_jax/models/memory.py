@@ -22,8 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from safeclick_jax.models import layers
 from safeclick_jax.models.attention import dot_product_attention

@@ -20,8 +20,7 @@ from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 _RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 

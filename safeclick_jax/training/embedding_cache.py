@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from safeclick_jax.data import pipeline
-from safeclick_jax.data import roi_index
+from safeclick_jax.data import pipeline, roi_index
 from safeclick_jax.models.sam2 import encode_image
 
 FORMAT = 1

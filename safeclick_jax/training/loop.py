@@ -10,9 +10,7 @@ WORKDIR/summary.json.
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,9 @@ import numpy as np
 from flax import nnx
 
 from safeclick_jax.data import pipeline
-from safeclick_jax.training import embedding_cache, step as step_lib, train_state as ts
+from safeclick_jax.training import embedding_cache
+from safeclick_jax.training import step as step_lib
+from safeclick_jax.training import train_state as ts
 from safeclick_jax.training.checkpointing import Checkpointer
 from safeclick_jax.training.metrics import MetricsWriter, Progress, plot_curves
 

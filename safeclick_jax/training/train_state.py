@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from safeclick_jax import checkpoint
 from safeclick_jax.models.config import SAM2Config, get_config
