@@ -3,7 +3,7 @@
   python benchmarks/bench_data.py [--quick]
 
 Writes benchmarks/results/data.json and data.md. Datasets: the synthetic CT-like set at two
-sizes, and the real CT in ../shared/data/ct_small when present.
+sizes, and the real CT in tests/data/ct_small.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from safeclick_jax.data import pipeline, prepare, synthetic  # noqa: E402
 
-CT_SMALL = REPO.parent / "shared" / "data" / "ct_small"
+CT_SMALL = REPO / "tests" / "data" / "ct_small"
 
 
 def bench_prepare(name, root, out, workers):
@@ -88,10 +88,9 @@ def main():
             caches[name] = tmp / f"cache-{name.split()[0]}-{workers}"
             results["prepare"].append(bench_prepare(name, root, caches[name], workers))
             print(results["prepare"][-1], flush=True)
-    if CT_SMALL.exists():
-        caches["ct_small (real CT, 122x101x30)"] = tmp / "cache-ct"
-        results["prepare"].append(bench_prepare("ct_small (real CT, 122x101x30)", CT_SMALL, tmp / "cache-ct", 1))
-        print(results["prepare"][-1], flush=True)
+    caches["ct_small (real CT, 122x101x30)"] = tmp / "cache-ct"
+    results["prepare"].append(bench_prepare("ct_small (real CT, 122x101x30)", CT_SMALL, tmp / "cache-ct", 1))
+    print(results["prepare"][-1], flush=True)
 
     for name in list(caches)[:2] + list(caches)[2:]:
         for size in (1024, 512):

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-CT_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct_small"
+CT_SMALL = Path(__file__).resolve().parent / "data" / "ct_small"
 
 
 def write_pair(folder: Path, name: str, image: np.ndarray, label: np.ndarray, affine=None, label_affine=None):

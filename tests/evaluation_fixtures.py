@@ -14,7 +14,7 @@ from safeclick_jax.models import registry
 from safeclick_jax.models.config import get_config
 from safeclick_jax.models.safeclick import SafeClickConfig
 
-CT_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct_small"
+CT_SMALL = Path(__file__).resolve().parent / "data" / "ct_small"
 
 
 def random_params(desc: dict, seed: int) -> dict:

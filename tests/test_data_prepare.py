@@ -268,7 +268,6 @@ def test_cli_subprocess(tmp_path):
     assert "prepare" in r.stderr and "3 volumes ok" in r.stdout  # progress bar + summary line
 
 
-@pytest.mark.skipif(not CT_SMALL.exists(), reason="../shared/data/ct_small not present")
 def test_real_ct(tmp_path):
     vol = nifti.load_nifti(CT_SMALL / "ct.nii.gz")
     assert vol.data.shape == (122, 101, 30) and vol.spacing == (3.0, 3.0, 3.0)

@@ -1,4 +1,4 @@
-"""evaluate.py end to end on the real CT (../shared/data/ct_small; skipped when absent).
+"""evaluate.py end to end on the real CT (tests/data/ct_small, TotalSegmentator's test case).
 
 The default test uses a deliberately small SAM 2 configuration (4 Hiera blocks, 128 px) with
 random weights plus a SafeClick model on top of it, sharded over 2 CPU devices; compilation
@@ -21,7 +21,6 @@ import pytest
 from tests.evaluation_fixtures import CT_SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (CT_SMALL / "ct.nii.gz").exists(), reason=f"{CT_SMALL} is absent")
 
 
 @pytest.fixture(scope="module")
