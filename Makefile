@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup lint test test-slow train bench clean
+.PHONY: setup lint test test-slow train table2 bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test-slow: setup
 
 train: setup
 	$(BIN)/python train.py --config $(CONFIG) --workdir $(WORKDIR)
+
+# The paper's Table 2 in miniature (benchmarks/table2_mini.py): SAM 2 fine-tuned vs SafeClick, same encoder.
+table2: setup
+	$(BIN)/python benchmarks/table2_mini.py $(TABLE2_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sam2.py

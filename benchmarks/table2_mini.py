@@ -1,0 +1,229 @@
+"""The paper's Table 2 in miniature: fine-tuned SAM 2 vs SafeClick under perfect and imperfect prompts.
+
+  python benchmarks/table2_mini.py                       # = make table2
+  python benchmarks/table2_mini.py --ablations --epochs 20 --checkpoint ckpt/sam2.1_t
+
+From one frozen image encoder (a SAM 2.1 tiny with random weights converted by the project's CLI,
+or --checkpoint for a converted real model) it fine-tunes SAM 2's mask decoder (the baseline, the
+paper's "SAM 2" rows) and SafeClick with the same data, schedule and seed, then runs evaluate.py on
+the test split with zero-shot SAM 2, the fine-tuned SAM 2 and SafeClick (and the no_e1 / no_e2 /
+no_crl ablations with --ablations, the paper's Table 3). Writes into --out:
+  table.md    the Table 2 layout (Dice per prompt condition, PP / IP, IP averages, Improve row)
+  summary.md  Improve on PP and IP per prompt type, the conditions SafeClick wins, run time
+The data defaults to the embedded synthetic abdomen (safeclick_jax.data.synthetic_abdomen);
+--root takes any prepared-able dataset folder instead (repeat for several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BASELINE, SAFECLICK, ZERO_SHOT = "SAM 2", "SafeClick (SAM 2)", "Zero-shot SAM 2"
+ABLATIONS = {"no_e1": "SafeClick w/o E1", "no_e2": "SafeClick w/o E2", "no_crl": "SafeClick w/o CRL"}
+
+
+def log(msg: str) -> None:
+    print(f"[table2 {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def random_encoder(out: Path, seed: int) -> Path:
+    """A SAM 2.1 tiny with torch's default random init (seeded), converted by the project's CLI:
+    the one frozen encoder every fine-tuned model shares."""
+    if (out / "model.json").exists():
+        return out
+    import torch
+    from sam2.build_sam import build_sam2
+
+    from convert.sam2_to_flax import main as convert
+    from convert.torch_io import save_torch_state_dict
+
+    torch.manual_seed(seed)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
+    pt = out.parent / "sam2.1_hiera_t_random.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()}, str(pt))
+    if convert(["--checkpoint", str(pt), "--out", str(out)]) != 0:
+        raise SystemExit(f"converting {pt} failed")
+    pt.unlink()
+    return out
+
+
+def ensure_data(roots: list[str], cache: Path, seed: int, num_volumes: int) -> None:
+    from safeclick_jax.data import default_data_config, prepare, synthetic_abdomen
+
+    if (cache / "rois.npy").exists():
+        return
+    for r in roots:
+        if not Path(r).exists():
+            log(f"generating the synthetic abdomen ({num_volumes} volumes, seed {seed}) in {r}")
+            synthetic_abdomen.write_dataset(r, num_volumes=num_volumes, seed=seed)
+    prepare.prepare_dataset(roots, cache, default_data_config(), progress=False)
+
+
+def run(cmd: list[str], logfile: Path) -> float:
+    """Runs cmd with its output in logfile; returns the wall time; exits with its log's tail on failure."""
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with open(logfile, "w") as f:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        tail = logfile.read_text().splitlines()[-30:]
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {rc}); {logfile}:\n" + "\n".join(tail))
+    return time.perf_counter() - t0
+
+
+def summary_md(res: dict, candidate: str, times: dict, args) -> str:
+    cols = [h for h in res["improve_columns"]]
+    dice = res["dice"]
+    base, cand = dice[BASELINE], dice[candidate]
+    # Column layout of report.COLUMNS: point PP, 4 point IP, point IP avg, box PP, 4 box IP, box IP avg.
+    pt_ip, bx_ip = range(1, 5), range(7, 11)
+    imp = [c - b for c, b in zip(cand, base)]
+    wins = [cols[j] for j in list(pt_ip) + list(bx_ip) if imp[j] > 0]
+    losses = [cols[j] for j in list(pt_ip) + list(bx_ip) if imp[j] <= 0]
+    drop_pt = base[0] - min(base[j] for j in pt_ip)
+    drop_bx = base[6] - min(base[j] for j in bx_ip)
+    lines = [
+        f"# Table 2 in miniature: {candidate} vs fine-tuned {BASELINE}",
+        "",
+        f"Data: {', '.join(args.root)} (test split, {res['rois']} ROIs); encoder: {res['encoder']}; "
+        f"{args.epochs} epochs ({res['steps']} steps, batch 8) at {res['image_size']} px, seed {args.seed}.",
+        "",
+        "| Improve (SafeClick - SAM 2), Dice points | Point | Bbox |",
+        "|---|---:|---:|",
+        f"| PP (point at the centre / tight box) | {imp[0]:+.2f} | {imp[6]:+.2f} |",
+        f"| IP average (4 imperfect conditions each) | {imp[5]:+.2f} | {imp[11]:+.2f} |",
+        "",
+        f"Fine-tuned {BASELINE}: point PP {base[0]:.2f} -> worst IP {base[0] - drop_pt:.2f} "
+        f"({drop_pt:.1f} points lost); box PP {base[6]:.2f} -> worst IP {base[6] - drop_bx:.2f} "
+        f"({drop_bx:.1f} points lost).",
+        "",
+        f"SafeClick wins {len(wins)} of 8 imperfect conditions: {', '.join(wins) or 'none'}"
+        + (f"; loses {', '.join(losses)}." if losses else "."),
+        "",
+        "Run time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/table2", help="table.md and summary.md go here")
+    p.add_argument("--workdir", default="workdir/table2", help="models, logs, evaluation outputs")
+    p.add_argument("--checkpoint", default=None, help="converted SAM 2 model directory (default: random tiny)")
+    p.add_argument("--root", action="append", default=None, help="dataset folder (default: data/abdomen)")
+    p.add_argument("--cache-dir", default=None, help="slice cache (default: data/cache/<first root's name>)")
+    p.add_argument("--num-volumes", type=int, default=15, help="synthetic volumes when the root is generated")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated synthetic dataset")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs of every model (paper: 20)")
+    p.add_argument("--steps-per-epoch", type=int, default=-1, help="-1: train ROIs // batch")
+    p.add_argument("--seed", type=int, default=0, help="init / shuffle / prompt seed of every model")
+    p.add_argument("--ablations", action="store_true", help="also train no_e1, no_e2, no_crl (Table 3)")
+    p.add_argument("--eval-max-rois", type=int, default=32, help="val ROIs of the per-epoch validation")
+    p.add_argument("--max-slices", type=int, default=None, help="evaluate only this many test slices")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="extra train.py flag for every model, e.g. --set=--config.optim.lr=3e-4",
+    )
+    args = p.parse_args(argv)
+    args.root = args.root or ["data/abdomen"]
+    cache = Path(args.cache_dir or f"data/cache/{Path(args.root[0]).name}")
+    work, out = Path(args.workdir), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    times = {}
+
+    ensure_data(args.root, cache, args.data_seed, args.num_volumes)
+    encoder = Path(args.checkpoint) if args.checkpoint else random_encoder(work / "encoder", args.seed)
+    log(f"encoder {encoder}, data {args.root} -> {cache}")
+
+    roots = "(" + ",".join(f'"{r}"' for r in args.root) + ",)"
+    common = [
+        f"--config.init.checkpoint={encoder}",
+        f"--config.data.roots={roots}",
+        f"--config.data.cache_dir={cache}",
+        f"--config.train.epochs={args.epochs}",
+        f"--config.train.steps_per_epoch={args.steps_per_epoch}",
+        f"--config.train.seed={args.seed}",
+        f"--config.init.seed={args.seed}",
+        f"--config.eval.max_rois={args.eval_max_rois}",
+        "--config.train.progress=False",
+        "--config.plot=False",
+        *args.set,
+    ]
+    runs = {BASELINE: "baseline", SAFECLICK: ""}
+    if args.ablations:
+        runs.update({name: v for v, name in ABLATIONS.items()})
+    trained = {}
+    for name, variant in runs.items():
+        wd = work / (variant or "safeclick")
+        config = "configs/sam2_t.py" + (f":{variant}" if variant else "")
+        log(f"training {name} ({config}) -> {wd}")
+        times[f"train {name}"] = run(
+            [sys.executable, "train.py", f"--config={config}", f"--workdir={wd}", *common], work / f"{wd.name}.log"
+        )
+        trained[name] = wd
+        log(f"  done in {times[f'train {name}'] / 60:.1f} min")
+
+    eval_dir = work / "eval"
+    cmd = [sys.executable, "evaluate.py", "--config=configs/sam2_t.py", f"--cache_dir={cache}"]
+    cmd += [f"--checkpoint={encoder}", f"--name={ZERO_SHOT}"]
+    for name, wd in trained.items():
+        cmd += [f"--checkpoint={wd}", f"--name={name}"]
+    cmd += [f"--baseline={BASELINE}", f"--candidate={SAFECLICK}", f"--workdir={eval_dir}", "--progress=False"]
+    if args.max_slices:
+        cmd.append(f"--max_slices={args.max_slices}")
+    log("evaluating on the test split")
+    times["evaluate"] = run(cmd, work / "evaluate.log")
+    times["total"] = time.perf_counter() - t_all
+
+    from safeclick_jax.evaluation.report import COLUMNS
+
+    summary = json.loads((eval_dir / "results.json").read_text())
+    table = summary["table"]["dice"]
+    ds = "All datasets" if "All datasets" in table else next(iter(table))
+    steps = _steps(work / "safeclick.log")
+    res = {
+        "dice": table[ds],
+        "improve_columns": [h for h, _ in COLUMNS],
+        "rois": sum(d["rois"] for d in summary["datasets"].values()),
+        "encoder": str(args.checkpoint or "SAM 2.1 tiny, random weights (torch init, seed %d)" % args.seed),
+        "steps": steps,
+        "image_size": summary["image_size"],
+    }
+    eval_table = (eval_dir / "table.md").read_text()
+    head = (
+        f"# Table 2 in miniature ({ds})\n\nWritten by `python {' '.join(['benchmarks/table2_mini.py', *sys.argv[1:]])}`"
+        f" on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} CPU cores); Dice (%) on the test split; "
+        "the evaluation's own table follows.\n\n"
+    )
+    (out / "table.md").write_text(head + eval_table)
+    (out / "summary.md").write_text(summary_md(res, SAFECLICK, times, args))
+    (out / "results.json").write_text(json.dumps({"times_s": times, **res}, indent=1))
+    print((out / "summary.md").read_text())
+    log(f"wrote {out}/table.md, summary.md ({times['total'] / 60:.1f} min in all)")
+    return 0
+
+
+def _steps(logfile: Path) -> int:
+    for line in logfile.read_text().splitlines():
+        if line.startswith("schedule:"):
+            return int(line.split()[1])
+    return -1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
