@@ -67,13 +67,11 @@ def make(
     c.data = ml_collections.ConfigDict(data, type_safe=False)
     c.data.image_size = -1  # -1: auto (see module docstring)
     c.data.cpu_image_size = cpu_image_size
-    # The embedded default: the synthetic abdomen (touching organs, vessels, lesions; docs/data.md),
-    # generated (+ prepared) when a root equals synthetic_root and is missing.
-    c.data.roots = ("data/abdomen",)
-    c.data.cache_dir = "data/cache/abdomen"
-    c.data.synthetic_root = "data/abdomen"
-    c.data.synthetic_kind = "abdomen"  # 'abdomen' (synthetic_abdomen.py) or 'smoke' (synthetic.py)
-    c.data.synthetic_volumes = 15
+    # The embedded data, generated (+ prepared) when a root equals synthetic_root and is missing:
+    # synthetic_kind 'smoke' (synthetic.py) or 'abdomen' (synthetic_abdomen.py, docs/data.md).
+    c.data.synthetic_root = "data/synthetic"
+    c.data.synthetic_kind = "smoke"
+    c.data.synthetic_volumes = 10
     c.data.num_threads = 2
 
     c.train = ml_collections.ConfigDict()
@@ -170,7 +168,6 @@ def _smoke(c):
     c.data.batch_size = 4
     c.data.roots = ("data/synthetic_smoke",)
     c.data.synthetic_root = "data/synthetic_smoke"
-    c.data.synthetic_kind = "smoke"
     c.data.cache_dir = "data/cache/synthetic_smoke"
     c.data.synthetic_volumes = 5  # split 3 / 1 / 1
     c.train.epochs = 2
