@@ -2,14 +2,14 @@
 
 Naming rule used across the project: every Flax attribute path mirrors the PyTorch state_dict key
 (`blocks.3.attn.qkv` <-> `blocks[3].attn.qkv`), so one generic rule converts checkpoints
-(convert/weights.py): Linear weight -> kernel (transposed), Conv weight -> kernel (HWIO),
+(safeclick_jax/models/weight_map.py): Linear weight -> kernel (transposed), Conv weight -> kernel (HWIO),
 LayerNorm weight -> scale, Embedding weight -> embedding; every other tensor keeps its torch layout.
 Feature maps are NHWC throughout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -139,14 +139,6 @@ class MLP(nnx.Module):
             if i < len(self.layers) - 1:
                 x = self.activation(x)
         return jax.nn.sigmoid(x) if self.sigmoid_output else x
-
-
-def resize_bilinear(x, shape: Sequence[int], antialias: bool):
-    """torch F.interpolate(mode='bilinear', align_corners=False[, antialias]) on NHWC/NCHW spatial dims.
-
-    `shape` is the full output shape. jax.image.resize 'linear' matches torch in both modes
-    (porting notes: max diff < 5e-7)."""
-    return jax.image.resize(x, tuple(shape), method="linear", antialias=antialias)
 
 
 def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75):
