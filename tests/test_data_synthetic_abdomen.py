@@ -78,3 +78,27 @@ def test_write_and_prepare_split(tmp_path):
     assert s["volumes_ok"] == 10 and not s["failed"]
     assert [len(s["splits"][k]["volumes"]) for k in ("train", "val", "test")] == [7, 1, 2]
     assert s["splits"]["test"]["rois"] > 50
+
+
+def test_training_generates_the_chosen_kind(tmp_path):
+    """loop.ensure_data writes the dataset data.synthetic_kind names; an unknown kind is refused by name."""
+    import ml_collections
+
+    from safeclick_jax.data import default_data_config
+    from safeclick_jax.training import loop
+
+    dc = default_data_config()
+    dc.roots, dc.cache_dir = [str(tmp_path / "abd")], str(tmp_path / "cache")
+    dc.synthetic_root, dc.synthetic_volumes = str(tmp_path / "abd"), 10
+    dc = ml_collections.ConfigDict(dict(dc.to_dict(), synthetic_kind="abdomen"), type_safe=False)
+    loop.ensure_data(dc, log=lambda m: None)
+    assert json.loads((tmp_path / "abd" / "dataset.json").read_text())["labels"] == LABELS
+    assert (tmp_path / "cache" / "rois.npy").exists()
+    bad = ml_collections.ConfigDict(
+        dict(dc.to_dict(), synthetic_kind="liver", roots=[str(tmp_path / "x")], cache_dir=str(tmp_path / "c2")),
+        type_safe=False,
+    )
+    bad.synthetic_root = str(tmp_path / "x")
+    with pytest.raises(ValueError, match="synthetic_kind: 'liver'"):
+        loop.ensure_data(bad, log=lambda m: None)
+    assert not (tmp_path / "x").exists()
