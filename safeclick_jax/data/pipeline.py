@@ -69,6 +69,10 @@ class Cache:
             raise ValueError(f"split {split!r}: expected one of {roi_index.SPLITS}")
         return self.rois[self.rois["split"] == roi_index.SPLIT_CODE[split]]
 
+    def split_counts(self) -> dict[str, int]:
+        """ROIs per split, e.g. {'train': 120, 'val': 0, 'test': 30}."""
+        return {name: int((self.rois["split"] == code).sum()) for name, code in roi_index.SPLIT_CODE.items()}
+
     def volume_arrays(self, volume_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(image uint8, labels) slices [num_slices, H, W] of one volume, memory-mapped."""
         if volume_id not in self._arrays:
