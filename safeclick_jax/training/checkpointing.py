@@ -112,16 +112,16 @@ class Checkpointer:
 
         with quiet_orbax():
             md = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
-        stored = dict(jax.tree_util.tree_flatten_with_path(getattr(md, "tree", md))[0])
-        wanted = dict(jax.tree_util.tree_flatten_with_path(like_state)[0])
-        for path, x in wanted.items():
-            name = jax.tree_util.keystr(path, simple=True, separator="/")
-            if path not in stored:
-                raise ValueError(f"array {name} is not in the checkpoint (another model or config)")
-            m = stored[path]
+        # by name: orbax stores tuples / named tuples of optax states as lists / dicts
+        name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
+        stored = {name(p): m for p, m in jax.tree_util.tree_flatten_with_path(getattr(md, "tree", md))[0]}
+        for path, x in jax.tree_util.tree_flatten_with_path(like_state)[0]:
+            if name(path) not in stored:
+                raise ValueError(f"array {name(path)} is not in the checkpoint (another model or config)")
+            m = stored[name(path)]
             if tuple(m.shape) != tuple(x.shape) or np.dtype(m.dtype) != np.dtype(x.dtype):
                 raise ValueError(
-                    f"array {name} is {np.dtype(m.dtype).name}{list(m.shape)}, the config needs "
+                    f"array {name(path)} is {np.dtype(m.dtype).name}{list(m.shape)}, the config needs "
                     f"{np.dtype(x.dtype).name}{list(x.shape)} (another model or config)"
                 )
 
