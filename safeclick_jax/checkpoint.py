@@ -97,6 +97,9 @@ def describe_restore_error(e: BaseException) -> str:
     rng = _TS_RANGE.search(text)
     if rng:
         return f"{array}a data file is truncated (needs bytes up to {rng.group(2)}, has {rng.group(3)})"
+    if "Truncated" in text or "FAILED_PRECONDITION" in text:
+        detail = msg.rsplit('": ', 1)[-1]
+        return f"{array}a data file is missing or truncated ({detail[:150]})"
     if "NOT_FOUND" in text or any(isinstance(x, FileNotFoundError) for x in chain):
         return f"{array}a file is missing ({msg[:200]})"
     return f"{array}{type(e).__name__}: {msg[:300]}"

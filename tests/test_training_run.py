@@ -324,3 +324,35 @@ def test_sigterm_saves_and_resumes_exactly_then_damaged_checkpoints_fall_back(re
     err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "no checkpoint in" in err[0] and "To start afresh" in err[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not any(q.name.isdigit() for q in ck.iterdir())
+
+
+# a dataset without a validation split (5 volumes split 4 / 0 / 1): one 1-epoch training run
+# (~30 s) and evaluate.py on the empty split
+def test_empty_validation_split_trains_on_a_holdout_and_evaluate_refuses_it(tmp_path, data_dir):
+    wd = tmp_path / "noval"
+    cache = tmp_path / "cache_noval"
+    p = _run(
+        wd,
+        data_dir,
+        "--config.data.split_ratios=(0.8, 0.0, 0.2)",
+        f"--config.data.cache_dir={cache}",
+        "--config.train.epochs=1",
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "the validation split is empty" in p.stdout and "HOLD-OUT" in p.stdout
+    assert "val Dice on the training hold-out" in p.stdout
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_dice" in r]
+    assert val and all(r["val_source"] == "holdout" and 0 <= r["val_dice"] <= 1 for r in val)
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["val_source"] == "holdout" and summary["export"]["best"] == str(wd / "best")
+    held = re.search(r"HOLD-OUT of the training volumes \((\d+) ROIs", p.stdout)
+    assert held and int(held.group(1)) > 0
+
+    e = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), f"--checkpoint={wd}", f"--cache_dir={cache}", "--split=val",
+         "--image_size=64", f"--workdir={tmp_path / 'eval'}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert e.returncode == 2, e.stdout[-2000:] + e.stderr[-2000:]
+    assert "the val split has no ROI" in e.stderr and "Traceback" not in e.stderr
