@@ -74,6 +74,15 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "progress lines on stderr")
 
 
 def main(argv):
+    from safeclick_jax import checkpoint
+
+    try:
+        _main(argv)
+    except checkpoint.ModelDirError as e:
+        checkpoint.exit_on_model_error(e)
+
+
+def _main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     import jax
@@ -115,6 +124,16 @@ def main(argv):
         print(f"[evaluate] no cache in {cache_dir}: preparing it from {list(data_cfg.roots)}", file=sys.stderr)
         prepare.prepare_dataset(list(data_cfg.roots), cache_dir, data_cfg, progress=_PROGRESS.value)
 
+    from safeclick_jax.data import pipeline
+
+    counts = pipeline.Cache(cache_dir).split_counts()
+    if counts[_SPLIT.value] == 0:
+        print(
+            f"error: {cache_dir}: the {_SPLIT.value} split has no ROI to evaluate (ROIs per split: {counts}); "
+            "choose another with --split",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     models = []
     for i, d in enumerate(_CHECKPOINT.value):
         models.append(protocol.EvalModel.load(d, image_size, names[i] if i < len(names) else None))

@@ -4,8 +4,11 @@
     python train.py --config configs/sam2_t.py:no_crl --config.init.checkpoint=ckpt/sam2.1_t \
         --config.data.image_size=1024 --config.optim.lr=3e-4 --workdir workdir/no_crl
 
-A restart with the same --workdir resumes from its latest checkpoint. Exit codes: 0 done,
-3 the loss diverged (NaN/Inf; the last good checkpoint is kept). See safeclick_jax/training.
+A restart with the same --workdir resumes from its newest checkpoint that restores (damaged ones
+are moved to checkpoints/<step>.damaged). Exit codes: 0 done; 2 bad input that stops the run (a
+model directory that does not load, no checkpoint restores, a checkpoint save failed); 3 the loss
+diverged (NaN/Inf; the last good checkpoint is kept); 4 preempted (SIGTERM: the current step was
+finished and saved; a restart resumes exactly). See docs/training.md.
 """
 
 import sys
@@ -21,13 +24,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from safeclick_jax import checkpoint
     from safeclick_jax.training import loop
 
     try:
         loop.train(_CONFIG.value, _WORKDIR.value)
+    except checkpoint.ModelDirError as e:
+        checkpoint.exit_on_model_error(e)
+    except (loop.ResumeError, loop.SaveError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except loop.DivergenceError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except loop.Preempted as e:
+        print(str(e), flush=True)
+        sys.exit(4)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,11 @@ def make(
     c.eval.every_epochs = 1
     c.eval.max_rois = -1  # -1: every val ROI (x 10 prompt conditions)
     c.eval.seed = 0
+    # An empty validation split (small datasets): "holdout" validates on the last holdout_fraction
+    # of each training volume's slices (not trained on; flagged in the logs and metrics.jsonl);
+    # "none" trains without validation and keeps the last checkpoint as the best.
+    c.eval.when_no_val = "holdout"
+    c.eval.holdout_fraction = 0.2
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = -1  # -1: at every evaluation (each epoch)

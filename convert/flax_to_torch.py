@@ -16,6 +16,7 @@ from collections import OrderedDict
 from flax import traverse_util
 
 from convert.torch_io import save_torch_state_dict
+from safeclick_jax import checkpoint
 from safeclick_jax.models.registry import load_model
 from safeclick_jax.models.weight_map import state_dict
 
@@ -33,7 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    sd = export_state_dict(a.model_dir)
+    try:
+        sd = export_state_dict(a.model_dir)
+    except checkpoint.ModelDirError as e:
+        checkpoint.exit_on_model_error(e)
     save_torch_state_dict(sd, a.out)
     print(f"wrote {len(sd)} tensors to {a.out}")
     return 0

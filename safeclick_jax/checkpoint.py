@@ -12,8 +12,11 @@ modules), keyed by their torch key split on '.', so nothing from the source file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 from typing import Any
 
 import jax
@@ -21,6 +24,85 @@ import numpy as np
 from flax import nnx, traverse_util
 
 FORMAT = 1
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be loaded: missing, empty, truncated or not matching its
+    model.json. The message is one line naming the directory, the array and the cause."""
+
+
+def exit_on_model_error(error: BaseException, code: int = 2):
+    """What every CLI does with a ModelDirError: its one line on stderr, exit status `code`."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _is_orbax_leftover(u) -> bool:
+    """An 'Exception ignored' report from a failed orbax restore: its other reads, still pending
+    when orbax's event loop closed, finalised later (the restore itself raised the real error)."""
+    if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+        return True
+    code = getattr(u.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _install_unraisable_filter() -> None:
+    hook = sys.unraisablehook
+    if getattr(hook, "_drops_orbax_leftovers", False):
+        return
+
+    def filtered(u):
+        if not _is_orbax_leftover(u):
+            hook(u)
+
+    filtered._drops_orbax_leftovers = True
+    sys.unraisablehook = filtered
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Around a load: absl logging (orbax logs each restore at INFO/WARNING) shows only ERROR, and
+    the tracebacks a failed restore's pending reads print when collected later ('Event loop is
+    closed', hundreds of lines) are dropped; every other unraisable error is still reported."""
+    import gc
+
+    from absl import logging as absl_logging
+
+    _install_unraisable_filter()
+    before = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    except BaseException:
+        gc.collect()  # finalise the failed restore's coroutines now
+        raise
+    finally:
+        absl_logging.set_verbosity(before)
+
+
+_TS_KEY = re.compile(r'Error reading "([^"/]+)[^"]*"')
+_TS_RANGE = re.compile(r"byte range \[(\d+), (\d+)\) is not valid for value of size (\d+)")
+
+
+def describe_restore_error(e: BaseException) -> str:
+    """A one-line cause from an orbax / tensorstore restore error (which array, what is wrong)."""
+    chain, x = [], e
+    while x is not None and len(chain) < 8:  # orbax wraps tensorstore's error
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    text = " ".join(str(x) for x in chain)
+    msg = next((str(x) for x in reversed(chain) if str(x).strip()), type(e).__name__).strip().splitlines()[0]
+    key = _TS_KEY.search(text)
+    array = f"array {key.group(1).replace('.', '/')}: " if key else ""
+    rng = _TS_RANGE.search(text)
+    if rng:
+        return f"{array}a data file is truncated (needs bytes up to {rng.group(2)}, has {rng.group(3)})"
+    if "Truncated" in text or "FAILED_PRECONDITION" in text:
+        detail = msg.rsplit('": ', 1)[-1]
+        return f"{array}a data file is missing or truncated ({detail[:150]})"
+    if "NOT_FOUND" in text or any(isinstance(x, FileNotFoundError) for x in chain):
+        return f"{array}a file is missing ({msg[:200]})"
+    return f"{array}{type(e).__name__}: {msg[:300]}"
 
 
 def _str_keys(flat: dict) -> dict:
@@ -52,10 +134,12 @@ def assign_params(model: nnx.Module, params: dict, where: str = "checkpoint") ->
         new[path] = jax.numpy.asarray(v, dtype=var.dtype)
     unexpected = sorted("/".join(k) for k in set(given) - {tuple(str(p) for p in p_) for p_ in flat})
     if missing or mismatched or unexpected:
-        raise ValueError(
-            f"{where}: parameters do not fit the model: missing={missing} "
-            f"mis-shaped={mismatched} unexpected={unexpected}"
-        )
+        parts = [
+            f"{len(v)} {name} (first: {v[0]})"
+            for name, v in (("mis-shaped", mismatched), ("missing", missing), ("unexpected", unexpected))
+            if v
+        ]
+        raise ModelDirError(f"{where}: the arrays do not match model.json: {'; '.join(parts)}")
     state.replace_by_pure_dict(traverse_util.unflatten_dict(new), replace_fn=lambda var, val: var.replace(val))
     nnx.update(model, state)
 
@@ -86,24 +170,46 @@ def resolve(directory: str) -> str:
 def read_description(directory: str) -> dict[str, Any]:
     directory = resolve(directory)
     path = os.path.join(directory, "model.json")
+    if not os.path.isdir(directory):
+        raise ModelDirError(f"{directory}: no such model directory")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{directory}: not a safeclick-jax model directory (no model.json); "
+        what = "an empty directory" if not os.listdir(directory) else "no model.json"
+        raise ModelDirError(
+            f"{directory}: not a safeclick-jax model directory ({what}); "
             "convert a PyTorch checkpoint with `python -m convert.sam2_to_flax`"
         )
-    with open(path) as f:
-        desc = json.load(f)
-    if desc.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported format {desc.get('format')!r} (expected {FORMAT})")
+    try:
+        with open(path) as f:
+            desc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{directory}: model.json is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        got = desc.get("format") if isinstance(desc, dict) else type(desc).__name__
+        raise ModelDirError(f"{directory}: model.json has unsupported format {got!r} (expected {FORMAT})")
+    if desc.get("kind") not in ("sam2", "safeclick") or not isinstance(desc.get("sam2"), dict):
+        raise ModelDirError(
+            f"{directory}: model.json names kind {desc.get('kind')!r} "
+            f"{'with' if isinstance(desc.get('sam2'), dict) else 'without'} a 'sam2' section "
+            "(expected kind 'sam2' or 'safeclick' and a 'sam2' section)"
+        )
     return desc
 
 
 def load(directory: str) -> tuple[dict[str, Any], dict, dict]:
-    """Returns (description, params, extra) with numpy arrays."""
+    """Returns (description, params, extra) with numpy arrays; ModelDirError (one line) when the
+    directory is missing, empty, truncated or damaged."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(resolve(directory))
     desc = read_description(directory)
-    state = ocp.StandardCheckpointer().restore(os.path.join(directory, "state"))
-    to_np = lambda t: jax.tree.map(np.asarray, t)
-    return desc, to_np(state.get("params", {})), to_np(state.get("extra", {}))
+    state_dir = os.path.join(directory, "state")
+    if not os.path.isdir(state_dir) or not os.listdir(state_dir):
+        raise ModelDirError(f"{directory}: the arrays (state/) are missing; model.json alone is not a model")
+    try:
+        with quiet_orbax():
+            state = ocp.StandardCheckpointer().restore(state_dir)
+            to_np = lambda t: jax.tree.map(np.asarray, t)
+            params, extra = to_np(state.get("params", {})), to_np(state.get("extra", {}))
+    except Exception as e:  # orbax / tensorstore raise ValueError, OSError, FileNotFoundError, ...
+        raise ModelDirError(f"{directory}: {describe_restore_error(e)}") from None
+    return desc, params, extra

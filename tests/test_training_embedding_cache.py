@@ -2,6 +2,7 @@
 weights, the image size or the data cache change. Miniature model (smoke config), in-process."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -78,3 +79,27 @@ def test_key_changes_with_encoder_size_and_data(setup, tmp_path):
     # re-preparing the data cache (new files) invalidates
     prepare.prepare_dataset([str(d / "synth")], tmp_path / "cache2", config.data, progress=False)
     assert ec.cache_key(model, tmp_path / "cache2", 64, model.keep_block, "float16") != k
+
+
+@pytest.mark.parametrize("damage", ["killed_build", "truncated_array"])
+def test_half_written_cache_is_detected_and_rebuilt(setup, tmp_path, damage):
+    d, config, model = setup
+    root = tmp_path / "emb"
+    build = lambda logs: ec.build(
+        model, config.data.cache_dir, 64, model.keep_block, root=root, batch_size=4, log=logs.append
+    )
+    good = build([])
+    want = good.features(pipeline.Cache(config.data.cache_dir).split_rois("train")["roi_id"][:3])
+    if damage == "killed_build":  # a build killed before it wrote COMPLETE, left in the final place
+        (good.directory / "COMPLETE").unlink()
+    else:
+        f = good.directory / "high_res_0.npy"
+        os.truncate(f, f.stat().st_size // 2)
+    del good
+    logs = []
+    c = build(logs)
+    assert any("is incomplete" in x and "rebuilding" in x for x in logs), logs
+    assert any("computing" in x for x in logs) and ec.check(c.directory) is None
+    got = c.features(pipeline.Cache(config.data.cache_dir).split_rois("train")["roi_id"][:3])
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

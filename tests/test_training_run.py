@@ -250,3 +250,109 @@ def test_two_processes_train_like_one_job(tmp_path, data_dir, reference):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg="/".join(k))
+
+
+def _data_files(step_dir):
+    return sorted((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: -p.stat().st_size)
+
+
+# a preempted run, its exact resume, a resume past a truncated checkpoint and one with none left:
+# four short training processes (~1.5 min on 2 busy cores)
+def test_sigterm_saves_and_resumes_exactly_then_damaged_checkpoints_fall_back(reference, tmp_path, data_dir):
+    ref_wd, _ = reference
+    wd = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        _cmd(wd, data_dir, "--config.train.step_delay_s=1.0"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # mid-run: after step 5 is logged, between checkpoints 4 and 8
+            m = wd / "metrics.jsonl"
+            if m.exists() and any('"step": 5,' in line for line in m.read_text().splitlines()):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 4, out[-3000:]
+    n = int(re.search(r"preempted at step (\d+), checkpoint saved", out).group(1))
+    assert 5 <= n < 8
+    losses, _ = _metrics(wd)
+    assert max(losses) == n  # the step under way was finished, logged and saved; nothing after it
+    assert n in [int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+    assert not (wd / "export").exists()
+
+    p = _run(wd, data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"step {n} (best" in p.stdout  # resumed at the preemption step: no step repeated
+    ref_losses, ref_val = _metrics(ref_wd)
+    losses, val = _metrics(wd)
+    assert sorted(losses) == sorted(ref_losses)
+    np.testing.assert_allclose([losses[s] for s in range(1, 9)], [ref_losses[s] for s in range(1, 9)], rtol=1e-6)
+    np.testing.assert_allclose([val[s] for s in (4, 8)], [ref_val[s] for s in (4, 8)], rtol=1e-6)
+    a, b = _trainable(ref_wd), _trainable(wd)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg="/".join(k))
+
+    # the newest checkpoint (8) truncated: moved aside, the run resumes from the one before it
+    ck = wd / "checkpoints"
+    f = _data_files(ck / "8")[0]
+    os.truncate(f, f.stat().st_size // 2)
+    before = sorted(int(q.name) for q in ck.iterdir() if q.name.isdigit())
+    p = _run(wd, data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("checkpoint step 8 does not restore"))
+    assert "truncated" in line and "8.damaged" in line and "Traceback" not in p.stdout + p.stderr
+    assert (ck / "8.damaged").is_dir()
+    assert f"step {before[-2]} (best" in p.stdout
+    losses, _ = _metrics(wd)
+    np.testing.assert_allclose([losses[s] for s in range(1, 9)], [ref_losses[s] for s in range(1, 9)], rtol=1e-6)
+
+    # none restores: exit 2 with how to start afresh, nothing deleted
+    for q in ck.iterdir():
+        if q.name.isdigit():
+            os.truncate(_data_files(q)[0], 10)
+    p = _run(wd, data_dir)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "no checkpoint in" in err[0] and "To start afresh" in err[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not any(q.name.isdigit() for q in ck.iterdir())
+
+
+# a dataset without a validation split (5 volumes split 4 / 0 / 1): one 1-epoch training run
+# (~30 s) and evaluate.py on the empty split
+def test_empty_validation_split_trains_on_a_holdout_and_evaluate_refuses_it(tmp_path, data_dir):
+    wd = tmp_path / "noval"
+    cache = tmp_path / "cache_noval"
+    p = _run(
+        wd,
+        data_dir,
+        "--config.data.split_ratios=(0.8, 0.0, 0.2)",
+        f"--config.data.cache_dir={cache}",
+        "--config.train.epochs=1",
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "the validation split is empty" in p.stdout and "HOLD-OUT" in p.stdout
+    assert "val Dice on the training hold-out" in p.stdout
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_dice" in r]
+    assert val and all(r["val_source"] == "holdout" and 0 <= r["val_dice"] <= 1 for r in val)
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["val_source"] == "holdout" and summary["export"]["best"] == str(wd / "best")
+    held = re.search(r"HOLD-OUT of the training volumes \((\d+) ROIs", p.stdout)
+    assert held and int(held.group(1)) > 0
+
+    e = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), f"--checkpoint={wd}", f"--cache_dir={cache}", "--split=val",
+         "--image_size=64", f"--workdir={tmp_path / 'eval'}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert e.returncode == 2, e.stdout[-2000:] + e.stderr[-2000:]
+    assert "the val split has no ROI" in e.stderr and "Traceback" not in e.stderr

@@ -69,6 +69,10 @@ class Cache:
             raise ValueError(f"split {split!r}: expected one of {roi_index.SPLITS}")
         return self.rois[self.rois["split"] == roi_index.SPLIT_CODE[split]]
 
+    def split_counts(self) -> dict[str, int]:
+        """ROIs per split, e.g. {'train': 120, 'val': 0, 'test': 30}."""
+        return {name: int((self.rois["split"] == code).sum()) for name, code in roi_index.SPLIT_CODE.items()}
+
     def volume_arrays(self, volume_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(image uint8, labels) slices [num_slices, H, W] of one volume, memory-mapped."""
         if volume_id not in self._arrays:
@@ -102,9 +106,9 @@ class Cache:
 class RoiSource:
     """grain random-access source: element i is the raw ROI sample of the split's i-th ROI."""
 
-    def __init__(self, cache: Cache, split: str | None):
+    def __init__(self, cache: Cache, split: str | None, rows: np.ndarray | None = None):
         self.cache = cache
-        self.rows = cache.split_rois(split)
+        self.rows = cache.split_rois(split) if rows is None else rows
 
     def __len__(self):
         return len(self.rows)
@@ -272,11 +276,13 @@ def make_dataset(
     box_scale_range=(0.5, 1.5),
     prompt_grid: bool = False,
     include_image: bool = True,
+    rows: np.ndarray | None = None,
 ) -> grain.MapDataset:
     """Training MapDataset of batches (see module docstring). num_epochs None repeats forever;
-    each epoch is reshuffled and gets new prompts. `seed` seeds both shuffle and prompts."""
+    each epoch is reshuffled and gets new prompts. `seed` seeds both shuffle and prompts. `rows`:
+    these ROI rows instead of the split's (a held-out part of a split)."""
     cache = Cache(cache_dir)
-    ds = grain.MapDataset.source(RoiSource(cache, split))
+    ds = grain.MapDataset.source(RoiSource(cache, split, rows))
     if len(ds) == 0:
         raise ValueError(f"{cache_dir}: split {split!r} has no ROI")
     ds = _shard(ds, shard_index, shard_count)
@@ -306,6 +312,19 @@ def make_dataset_from_config(cfg, split: str = "train", **overrides) -> grain.Ma
     )
     kw.update(overrides)
     return make_dataset(cfg.cache_dir, split, **kw)
+
+
+def holdout_rows(rows: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask over `rows`: per volume, the last `fraction` of its slices that hold ROIs (at
+    least one slice, never all of them), so held-out ROIs share no slice with the rest."""
+    keep = np.zeros(len(rows), bool)
+    for v in np.unique(rows["volume_id"]):
+        in_v = rows["volume_id"] == v
+        slices = np.unique(rows["slice"][in_v])
+        n = min(max(int(round(fraction * len(slices))), 1), len(slices) - 1)
+        if n > 0:
+            keep |= in_v & np.isin(rows["slice"], slices[-n:])
+    return keep
 
 
 def make_iterator(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
@@ -345,8 +364,8 @@ def eval_conditions(cache_dir, split: str = "test", seed: int = 0):
 class _EvalSource:
     """Element i = (ROI i // 10, condition i % 10) of a split, at model input size."""
 
-    def __init__(self, cache: Cache, split: str, image_size: int, seed: int, include_image: bool = True):
-        self.cache, self.rows = cache, cache.split_rois(split)
+    def __init__(self, cache: Cache, split: str, image_size: int, seed: int, include_image: bool = True, rows=None):
+        self.cache, self.rows = cache, cache.split_rois(split) if rows is None else rows
         self.image_size, self.seed, self.include_image = image_size, seed, include_image
 
     def __len__(self):
@@ -381,11 +400,13 @@ def make_eval_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     include_image: bool = True,
+    rows: np.ndarray | None = None,
 ) -> grain.MapDataset:
     """Deterministic batches of (ROI, condition) pairs, every batch padded to batch_size (padding
-    rows have valid=False), sharded across processes without dropping anything."""
+    rows have valid=False), sharded across processes without dropping anything. `rows`: these ROI
+    rows instead of the split's."""
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    ds = grain.MapDataset.source(_EvalSource(Cache(cache_dir), split, image_size, seed, include_image))
+    ds = grain.MapDataset.source(_EvalSource(Cache(cache_dir), split, image_size, seed, include_image, rows))
     ds = ds[shard_index::shard_count]
     return ds.batch(batch_size, drop_remainder=False, batch_fn=_pad_batch(batch_size))

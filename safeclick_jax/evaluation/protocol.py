@@ -95,7 +95,10 @@ class EvalModel:
                 file=sys.stderr,
             )
             desc["sam2"]["image_size"] = image_size
-        model = registry.build(desc, abstract=True)
+        try:
+            model = registry.build(desc, abstract=True)
+        except (TypeError, KeyError, ValueError) as e:
+            raise checkpoint.ModelDirError(f"{directory}: model.json does not describe a model ({e})") from None
         checkpoint.assign_params(model, params, where=directory)
         return cls(name or Path(directory.rstrip("/")).name, directory, desc, model)
 

@@ -41,9 +41,13 @@ def describe(model: nnx.Module) -> dict[str, Any]:
 
 
 def load_model(directory: str) -> tuple[nnx.Module, dict[str, Any], dict]:
-    """(model with the directory's weights, description, extra tensors)."""
+    """(model with the directory's weights, description, extra tensors). checkpoint.ModelDirError
+    (one line naming the directory, the array and the cause) when the directory does not load."""
     desc, params, extra = checkpoint.load(directory)
-    model = build(desc, abstract=True)
+    try:
+        model = build(desc, abstract=True)
+    except (TypeError, KeyError, ValueError) as e:
+        raise checkpoint.ModelDirError(f"{directory}: model.json does not describe a model ({e})") from None
     checkpoint.assign_params(model, params, where=directory)
     return model, desc, extra
 

@@ -110,6 +110,26 @@ class EmbeddingCache:
         return {n: np.asarray(a[rows[order]])[inv] for n, a in self.arrays.items()}
 
 
+def check(directory) -> str | None:
+    """None for a complete cache folder, else what is wrong (a build killed before COMPLETE, a
+    truncated or missing array file)."""
+    d = Path(directory)
+    if not (d / "COMPLETE").exists():
+        return "no COMPLETE marker: its build was interrupted"
+    try:
+        n = len(json.loads((d / "index.json").read_text())["slices"])
+    except (OSError, ValueError, KeyError) as e:
+        return f"index.json unreadable ({type(e).__name__})"
+    for name in NAMES[:3]:
+        try:
+            a = np.load(d / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:  # a truncated file does not map
+            return f"{name}.npy: {type(e).__name__}: {e}"
+        if a.shape[0] != n:
+            return f"{name}.npy has {a.shape[0]} rows, index.json {n}"
+    return None
+
+
 def slices_of(data_cache_dir, splits) -> list[tuple[int, int]]:
     rois = pipeline.Cache(data_cache_dir).rois
     keep = np.isin(rois["split"], [roi_index.SPLIT_CODE[s] for s in splits])
@@ -133,10 +153,14 @@ def build(
     t0 = time.perf_counter()
     key = cache_key(model, data_cache_dir, image_size, keep_block, dtype)
     final = root / key
-    if (final / "COMPLETE").exists():
-        cache = EmbeddingCache(final, data_cache_dir)
-        log(f"embedding cache: reusing {final} ({len(cache)} slices, key {time.perf_counter() - t0:.1f} s)")
-        return cache
+    if final.exists():
+        problem = check(final)
+        if problem is None:
+            cache = EmbeddingCache(final, data_cache_dir)
+            log(f"embedding cache: reusing {final} ({len(cache)} slices, key {time.perf_counter() - t0:.1f} s)")
+            return cache
+        log(f"embedding cache: {final} is incomplete ({problem}); rebuilding it")
+        shutil.rmtree(final)
     slices = slices_of(data_cache_dir, splits)
     if not slices:
         raise ValueError(f"{data_cache_dir}: no ROI in splits {splits}")
