@@ -29,6 +29,29 @@ def check(name, got, ref):
 
 
 class TorchMulti(TorchVideo):
+    """SAM2VideoPredictor with several objects. Its memory features are stored as bf16; on the CPU
+    (no autocast) a slice whose memory holds no object pointer (an object tracked before its
+    prompted slice: future pointers are left out) then feeds bf16 to an fp32 linear layer and
+    fails, so they are handed on as fp32 holding the same bf16-rounded values (what the Flax bank
+    does)."""
+
+    def __init__(self, tm, slices, monkeypatch):
+        super().__init__(tm, slices, monkeypatch)
+        frame, encode = tm._run_single_frame_inference, tm._run_memory_encoder
+
+        def run_frame(*a, **kw):
+            out, masks = frame(*a, **kw)
+            if out["maskmem_features"] is not None:
+                out["maskmem_features"] = out["maskmem_features"].float()
+            return out, masks
+
+        def run_encoder(*a, **kw):
+            feats, pos = encode(*a, **kw)
+            return feats.float(), pos
+
+        monkeypatch.setattr(tm, "_run_single_frame_inference", run_frame)
+        monkeypatch.setattr(tm, "_run_memory_encoder", run_encoder)
+
     def objects(self):
         return list(self.state["obj_ids"])
 
