@@ -350,6 +350,93 @@ def pick_overlay_rois(rois: RoiSet, count: int) -> list[int]:
     return order[:count]
 
 
+def _new_timing() -> dict:
+    return {
+        "encode_s": 0.0,
+        "decode_s": 0.0,
+        "slices": 0,
+        "prompts": 0,
+        "encode_calls": 0,
+        "decode_calls": 0,
+        "compile_s": 0.0,
+    }
+
+
+class _Accumulator:
+    """Per-model counts, predicted IoUs, overlays and timings filled batch by batch."""
+
+    def __init__(self, models: list[EvalModel], n: int, overlay_rois):
+        self.inter = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
+        self.psum = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
+        self.ioup = {m.name: np.full((n, NUM_CONDITIONS), np.nan, np.float32) for m in models}
+        self.timing = {m.name: _new_timing() for m in models}
+        self.overlay_rois = set(overlay_rois)
+        self.overlays = {}
+
+    def store(self, name: str, idx, ci, cp, iou, logits):
+        ok = idx >= 0
+        self.inter[name][idx[ok]] = ci[ok]
+        self.psum[name][idx[ok]] = cp[ok]
+        self.ioup[name][idx[ok]] = iou[ok]
+        for bj, rj in zip(*np.nonzero(ok)):
+            if int(idx[bj, rj]) in self.overlay_rois:
+                self.overlays[(name, int(idx[bj, rj]))] = np.asarray(logits[bj, rj], np.float32)
+
+
+def _run_batch(f: ModelFunctions, name: str, host: dict, dev: dict, acc: _Accumulator, counts_fn, first: bool):
+    """One model on one batch: encode its slices once, decode every ROI slot group, count."""
+    t = acc.timing[name]
+    data, rpc = dev["sharding"], dev["rois_per_call"]
+
+    def tokens(c0):  # prompt tokens of ROI slots c0 .. c0 + rois_per_call
+        return [jax.device_put(host[k][:, c0 : c0 + rpc], data) for k in ("pc", "pl", "bc", "bl")]
+
+    if first:  # compile outside the timed region (and with the real shapes)
+        t0 = time.perf_counter()
+        feats = jax.block_until_ready(f.encode(f.state, dev["image"]))
+        jax.block_until_ready(f.decode(f.state, feats, *tokens(0)))
+        t["compile_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feats = jax.block_until_ready(f.encode(f.state, dev["image"]))
+    t["encode_s"] += time.perf_counter() - t0
+    t["encode_calls"] += 1
+    t["slices"] += int(host["valid_slice"].sum())
+    for c0 in range(0, host["roi_label"].shape[1], rpc):
+        idx = host["roi_index"][:, c0 : c0 + rpc]
+        if (idx < 0).all():
+            continue
+        tok = tokens(c0)
+        lab = jax.device_put(host["roi_label"][:, c0 : c0 + rpc], data)
+        t0 = time.perf_counter()
+        logits, iou = jax.block_until_ready(f.decode(f.state, feats, *tok))
+        t["decode_s"] += time.perf_counter() - t0
+        t["decode_calls"] += 1
+        t["prompts"] += int((idx >= 0).sum()) * NUM_CONDITIONS
+        ci, cp = counts_fn(logits, dev["labelmap"], lab, dev["ry"], dev["rx"])
+        acc.store(name, idx, np.asarray(ci), np.asarray(cp), np.asarray(iou), logits)
+
+
+def _model_info(m: EvalModel, t: dict, n: int) -> dict:
+    enc = t["encode_s"] / max(t["slices"], 1)
+    dec = t["decode_s"] / max(t["prompts"], 1)
+    return {
+        "name": m.name,
+        "directory": m.directory,
+        "kind": m.kind,
+        "base": m.base,
+        "native_image_size": m.description.get("sam2", {}).get("image_size"),
+        "timing": {
+            **t,
+            "encode_s_per_slice": enc,
+            "decode_s_per_prompt": dec,
+            # one interactive prediction: encode its slice once, decode one prompt
+            "inference_s_per_roi": enc + dec,
+            # throughput of the protocol itself (ROIs x 10 conditions, slices shared)
+            "rois_per_s": n / max(t["encode_s"] + t["decode_s"], 1e-12),
+        },
+    }
+
+
 def evaluate(
     models: list[EvalModel],
     rois: RoiSet,
@@ -373,77 +460,23 @@ def evaluate(
     counts_fn = jax.jit(_counts, in_shardings=(data,) * 5, out_shardings=(data, data))
     fns = [ModelFunctions(m.model, mesh) for m in models]
     n = len(rois)
-    inter = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
-    psum = {m.name: np.zeros((n, NUM_CONDITIONS), np.int64) for m in models}
-    ioup = {m.name: np.full((n, NUM_CONDITIONS), np.nan, np.float32) for m in models}
-    timing = {
-        m.name: {
-            "encode_s": 0.0,
-            "decode_s": 0.0,
-            "slices": 0,
-            "prompts": 0,
-            "encode_calls": 0,
-            "decode_calls": 0,
-            "compile_s": 0.0,
-        }
-        for m in models
-    }
-    overlay_rois = set(overlay_rois)
-    overlays = {}
-
+    acc = _Accumulator(models, n, overlay_rois)
     batches = [list(range(i, min(i + batch_size, len(rois.slices)))) for i in range(0, len(rois.slices), batch_size)]
     # Same slice count per batch on every call: the last batch is padded (valid_slice False).
     make = lambda ids: rois.batch(ids, image_size, batch_size, rois_per_call)
-
-    def to_device(host, keys):
-        return [jax.device_put(host[k], data) for k in keys]
-
-    def tokens(host, c0):  # prompt tokens of ROI slots c0 .. c0 + rois_per_call
-        return [jax.device_put(host[k][:, c0 : c0 + rois_per_call], data) for k in ("pc", "pl", "bc", "bl")]
 
     t_start = time.perf_counter()
     done_rois = 0
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(make, batches[0])
-        for bi, ids in enumerate(batches):
+        for bi in range(len(batches)):
             host = future.result()
             if bi + 1 < len(batches):
                 future = pool.submit(make, batches[bi + 1])
-            images, labelmap, ry, rx = to_device(host, ("image", "labelmap", "ry", "rx"))
-            r_tot = host["roi_label"].shape[1]
+            dev = {k: jax.device_put(host[k], data) for k in ("image", "labelmap", "ry", "rx")}
+            dev.update(sharding=data, rois_per_call=rois_per_call)
             for m, f in zip(models, fns):
-                t = timing[m.name]
-                if bi == 0:  # compile outside the timed region (and with the real shapes)
-                    t0 = time.perf_counter()
-                    feats = jax.block_until_ready(f.encode(f.state, images))
-                    jax.block_until_ready(f.decode(f.state, feats, *tokens(host, 0)))
-                    t["compile_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                feats = jax.block_until_ready(f.encode(f.state, images))
-                t["encode_s"] += time.perf_counter() - t0
-                t["encode_calls"] += 1
-                t["slices"] += int(host["valid_slice"].sum())
-                for c0 in range(0, r_tot, rois_per_call):
-                    sl = slice(c0, c0 + rois_per_call)
-                    idx = host["roi_index"][:, sl]
-                    if (idx < 0).all():
-                        continue
-                    tok = tokens(host, c0)
-                    lab = jax.device_put(host["roi_label"][:, sl], data)
-                    t0 = time.perf_counter()
-                    logits, iou = jax.block_until_ready(f.decode(f.state, feats, *tok))
-                    t["decode_s"] += time.perf_counter() - t0
-                    t["decode_calls"] += 1
-                    t["prompts"] += int((idx >= 0).sum()) * NUM_CONDITIONS
-                    ci, cp = counts_fn(logits, labelmap, lab, ry, rx)
-                    ci, cp, iou = np.asarray(ci), np.asarray(cp), np.asarray(iou)
-                    ok = idx >= 0
-                    inter[m.name][idx[ok]] = ci[ok]
-                    psum[m.name][idx[ok]] = cp[ok]
-                    ioup[m.name][idx[ok]] = iou[ok]
-                    for bj, rj in zip(*np.nonzero(ok)):
-                        if int(idx[bj, rj]) in overlay_rois:
-                            overlays[(m.name, int(idx[bj, rj]))] = np.asarray(logits[bj, rj], np.float32)
+                _run_batch(f, m.name, host, dev, acc, counts_fn, first=bi == 0)
             done_rois += int((host["roi_index"] >= 0).sum())
             if progress:
                 el = time.perf_counter() - t_start
@@ -455,31 +488,8 @@ def evaluate(
                     f"eta {eta:.0f} s"
                 )
     elapsed = time.perf_counter() - t_start
-
-    model_info = []
-    for m in models:
-        t = timing[m.name]
-        enc = t["encode_s"] / max(t["slices"], 1)
-        dec = t["decode_s"] / max(t["prompts"], 1)
-        model_info.append(
-            {
-                "name": m.name,
-                "directory": m.directory,
-                "kind": m.kind,
-                "base": m.base,
-                "native_image_size": m.description.get("sam2", {}).get("image_size"),
-                "timing": {
-                    **t,
-                    "encode_s_per_slice": enc,
-                    "decode_s_per_prompt": dec,
-                    # one interactive prediction: encode its slice once, decode one prompt
-                    "inference_s_per_roi": enc + dec,
-                    # throughput of the protocol itself (ROIs x 10 conditions, slices shared)
-                    "rois_per_s": n / max(t["encode_s"] + t["decode_s"], 1e-12),
-                },
-            }
-        )
-    return Result(model_info, rois, inter, psum, ioup, overlays, image_size, elapsed)
+    model_info = [_model_info(m, acc.timing[m.name], n) for m in models]
+    return Result(model_info, rois, acc.inter, acc.psum, acc.ioup, acc.overlays, image_size, elapsed)
 
 
 def time_base_overhead(model: EvalModel, image_size: int, mesh, batch_size: int, repeats: int = 10) -> dict | None:

@@ -225,36 +225,27 @@ def _json_safe(x):
     return x
 
 
-def write(
-    result,
-    workdir,
-    baseline: str | None = None,
-    candidates: list[str] | None = None,
-    base_timing: dict | None = None,
-    run_info: dict | None = None,
-) -> dict:
-    """Writes every output file into workdir; returns the results.json content."""
-    out = Path(workdir)
-    out.mkdir(parents=True, exist_ok=True)
-    rois = result.rois
-    names = [m["name"] for m in result.models]
-    if baseline is not None and baseline not in names:
+def check_comparison(names: list[str], models: list[dict], baseline, candidates):
+    """The candidates of the Improve row (None without a baseline); ValueError for unknown names."""
+    if baseline is None:
+        return candidates
+    if baseline not in names:
         raise ValueError(f"--baseline {baseline!r} is not one of the models {names}")
-    if baseline is not None:
-        candidates = candidates or default_candidates(result.models, baseline)
-        bad = [c for c in candidates if c not in names or c == baseline]
-        if bad:
-            raise ValueError(f"candidates {bad} are not models of this run other than the baseline")
+    candidates = candidates or default_candidates(models, baseline)
+    bad = [c for c in candidates if c not in names or c == baseline]
+    if bad:
+        raise ValueError(f"candidates {bad} are not models of this run other than the baseline")
+    return candidates
 
-    rows = summary_rows(result)
-    _write_csv(out / "results.csv", rows)
 
-    per_roi = []
+def per_roi_rows(result, names: list[str]) -> list[dict]:
+    rois = result.rois
+    out = []
     for m in names:
         d = result.dice(m)
         for i, r in enumerate(rois.rows):
             for c, cname in enumerate(CONDITION_NAMES):
-                per_roi.append(
+                out.append(
                     {
                         "model": m,
                         "dataset": rois.dataset[i],
@@ -269,13 +260,16 @@ def write(
                         "iou_pred": float(result.iou_pred[m][i, c]),
                     }
                 )
-    _write_csv(out / "per_roi.csv", per_roi)
+    return out
 
-    vol_rows = []
+
+def volume_rows(result, names: list[str]) -> list[dict]:
+    rois = result.rois
+    out = []
     for m in names:
         for (v, lab), d in sorted(result.dice_3d(m).items()):
             for c, cname in enumerate(CONDITION_NAMES):
-                vol_rows.append(
+                out.append(
                     {
                         "model": m,
                         "dataset": rois.dataset_of_volume[v],
@@ -286,9 +280,11 @@ def write(
                         "dice3d": d[c],
                     }
                 )
-    _write_csv(out / "volumes_3d.csv", vol_rows)
+    return out
 
-    (out / "prompts.json").write_text(
+
+def write_prompts(rois, path: Path):
+    path.write_text(
         json.dumps(
             {
                 "seed": rois.seed,
@@ -299,42 +295,36 @@ def write(
         )
     )
 
-    types = {m["name"]: model_type(m) for m in result.models}
-    t2 = table_values(rows, "dice_mean")
-    t3 = table_values(rows, "dice3d_mean")
-    timings = timing_rows(result, base_timing)
-    md = [
-        "# Dice (%) under perfect (PP) and imperfect (IP) prompts",
-        "",
-        f"Split `{rois.split}`, prompt seed {rois.seed}, image size {result.image_size}. "
-        "Point: displacement of the click from the centre of mass, in % of the object's "
-        "equivalent radius; Bbox: scale of the tight box. **Bold**: best, <u>underlined</u>: "
-        "second best. Point prompts: best of SAM 2's three masks by predicted IoU; box "
-        "prompts: single mask.",
-        "",
-    ]
+
+def dice_sections(result, t2: dict, t3: dict, types: dict, baseline, candidates) -> list[str]:
+    """The markdown's 2D and 3D Dice tables, all datasets first when there are several."""
+    rois = result.rois
+    md = []
     order = ([AVERAGE] if len(rois.datasets) > 1 else []) + rois.datasets
     for ds in order:
         n = sum(1 for i in range(len(rois)) if ds == AVERAGE or rois.dataset[i] == ds)
-        md += [
-            f"## {ds} (2D Dice per ROI, {n} ROIs)",
-            "",
-            markdown_table(t2[ds], types, baseline, candidates),
-        ]
+        md += [f"## {ds} (2D Dice per ROI, {n} ROIs)", "", markdown_table(t2[ds], types, baseline, candidates)]
     for ds in order:
         md += [
             f"## {ds}: 3D Dice per volume and label (slices put back together)",
             "",
             markdown_table(t3[ds], types, baseline, candidates),
         ]
-    md += [
+    return md
+
+
+def skipped_section(rois) -> list[str]:
+    md = [
         "## Skipped ROIs (not evaluated, not averaged)",
         "",
         "| dataset | empty mask | area below --min_area |",
         "|---|---:|---:|",
     ]
-    md += [f"| {ds} | {s['empty']} | {s['small']} |" for ds, s in rois.skipped.items()]
-    md += [
+    return md + [f"| {ds} | {s['empty']} | {s['small']} |" for ds, s in rois.skipped.items()]
+
+
+def timing_section(timings: list[dict]) -> list[str]:
+    md = [
         "",
         "## Inference time",
         "",
@@ -352,9 +342,30 @@ def write(
             f"{t['decode_ms_per_prompt']:.3f} | {t['inference_ms_per_roi']:.2f} | "
             f"{t['rois_per_s']:.2f} | {ratio} |"
         )
-    md.append("")
-    (out / "table.md").write_text("\n".join(md))
+    return md + [""]
 
+
+def markdown_report(result, t2, t3, timings, baseline, candidates) -> str:
+    rois = result.rois
+    types = {m["name"]: model_type(m) for m in result.models}
+    md = [
+        "# Dice (%) under perfect (PP) and imperfect (IP) prompts",
+        "",
+        f"Split `{rois.split}`, prompt seed {rois.seed}, image size {result.image_size}. "
+        "Point: displacement of the click from the centre of mass, in % of the object's "
+        "equivalent radius; Bbox: scale of the tight box. **Bold**: best, <u>underlined</u>: "
+        "second best. Point prompts: best of SAM 2's three masks by predicted IoU; box "
+        "prompts: single mask.",
+        "",
+    ]
+    md += dice_sections(result, t2, t3, types, baseline, candidates)
+    md += skipped_section(rois) + timing_section(timings)
+    return "\n".join(md)
+
+
+def summary_json(result, rows, t2, t3, timings, baseline, candidates, run_info) -> dict:
+    rois = result.rois
+    names = [m["name"] for m in result.models]
     summary = {
         "run": run_info or {},
         "split": rois.split,
@@ -384,6 +395,31 @@ def write(
         "elapsed_s": result.elapsed_s,
         "rois_per_s": len(rois) * len(names) / result.elapsed_s if result.elapsed_s else None,
     }
-    summary = _json_safe(summary)
+    return _json_safe(summary)
+
+
+def write(
+    result,
+    workdir,
+    baseline: str | None = None,
+    candidates: list[str] | None = None,
+    base_timing: dict | None = None,
+    run_info: dict | None = None,
+) -> dict:
+    """Writes every output file into workdir; returns the results.json content."""
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [m["name"] for m in result.models]
+    candidates = check_comparison(names, result.models, baseline, candidates)
+    rows = summary_rows(result)
+    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "per_roi.csv", per_roi_rows(result, names))
+    _write_csv(out / "volumes_3d.csv", volume_rows(result, names))
+    write_prompts(result.rois, out / "prompts.json")
+    t2 = table_values(rows, "dice_mean")
+    t3 = table_values(rows, "dice3d_mean")
+    timings = timing_rows(result, base_timing)
+    (out / "table.md").write_text(markdown_report(result, t2, t3, timings, baseline, candidates))
+    summary = summary_json(result, rows, t2, t3, timings, baseline, candidates, run_info)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
