@@ -21,21 +21,13 @@ import numpy as np
 from flax import nnx
 
 from safeclick_jax import prompting
+from safeclick_jax.image import preprocess
 from safeclick_jax.models import layers
 from safeclick_jax.models.registry import load_model
-from safeclick_jax.models.sam2 import IMAGE_MEAN, IMAGE_STD, PAD_LABEL
+from safeclick_jax.models.sam2 import PAD_LABEL
 from safeclick_jax.prompting import PROMPT_BUCKET  # noqa: F401  (re-exported)
 
 MASK_THRESHOLD = 0.0  # SAM2ImagePredictor's default
-
-
-def preprocess(image_uint8: jax.Array, size: int) -> jax.Array:
-    """HxWx3 uint8 -> [1,S,S,3]: /255, bilinear resize with antialias (torchvision Resize),
-    SAM 2's ImageNet normalisation. No aspect-ratio preservation, as SAM 2."""
-    x = image_uint8.astype(jnp.float32) / 255.0
-    x = jax.image.resize(x, (size, size, 3), method="linear", antialias=True)
-    x = (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
-    return x[None]
 
 
 def check_image(image) -> np.ndarray:
@@ -205,13 +197,3 @@ class ImagePredictor:
         if b == 1:
             return masks[0], iou[0], low_res[0]
         return masks, iou, low_res
-
-
-def __getattr__(name):
-    # VolumePredictor (slices as video frames, SAM 2 memory) lives in volume_predictor.py, which
-    # imports this module; resolved lazily so `from safeclick_jax.predictor import VolumePredictor` works.
-    if name == "VolumePredictor":
-        from safeclick_jax.volume_predictor import VolumePredictor
-
-        return VolumePredictor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,9 +34,9 @@ import numpy as np
 
 from safeclick_jax.models.image_encoder import sine_position_encoding
 from safeclick_jax.models.sam2 import PAD_LABEL
+from safeclick_jax.prompting import PROMPT_BUCKET
 
 NO_OBJ_SCORE = -1024.0  # sam2_base.py: mask logits of a slice without the object
-PROMPT_BUCKET = 8
 
 
 def empty_bank(num_slices: int, embed: int, mem_dim: int, d_model: int) -> dict:
@@ -194,3 +194,24 @@ def track_step(model, mem, feats: dict, bank: dict, t, reverse, cond_idx, cond_v
     low, ptr, obj = sam_heads(model, mem, feats, pix, coords, labels, mask_in, jnp.zeros((1,), bool), True)
     f = encode_memory(mem, feats, low, obj, False, size)
     return write(bank, t, f, ptr, 1, low, obj)
+
+
+def mask_as_output(model, mem, feats: dict, mask_hr):
+    """sam2_base._use_mask_as_output (use_mask_input_as_output_without_sam, SAM 2's mask prompt):
+    the binary mask at the model's input size, mask_hr [1,S,S,1] float 0/1, becomes the slice's
+    output without memory: logits mask * 20 - 10 downsampled x4 (bilinear, antialiased); the
+    object pointer comes from the SAM heads on the raw features with mask_downsample(mask) as the
+    dense prompt and no points; the object score is +-10 from whether the mask is empty.
+    Returns (low-res logits [1,4E,4E], object pointer [1,d], object score [1,1])."""
+    s = mask_hr.shape[1]
+    high = mask_hr * 20.0 - 10.0
+    low = jax.image.resize(high, (1, s // 4, s // 4, 1), "linear", antialias=True)[..., 0]
+    coords, labels = no_prompt()
+    _, ptr, _ = sam_heads(
+        model, mem, feats, feats["pix"], coords, labels, mem.mask_downsample(mask_hr), jnp.ones((1,), bool), False
+    )
+    present = jnp.any(mask_hr > 0).astype(jnp.float32).reshape(1, 1)
+    if mem.mc.fixed_no_obj_ptr:
+        ptr = present * ptr
+    ptr = ptr + (1 - present) * mem.no_obj_ptr[...]
+    return low, ptr, present * 20.0 - 10.0

@@ -1,35 +1,57 @@
-"""VolumePredictor: click or box on one slice, get the structure through the whole volume.
+"""VolumePredictor: interactive 3D segmentation of several structures with SAM 2's memory.
 
     p = VolumePredictor.from_checkpoint("ckpt/sam2.1_t")
-    p.set_volume("ct.nii.gz", axis=2)                 # or a 3D array
-    p.add_prompt(40, points=[[120, 88]], labels=[1])  # slice 40, (x = column, y = row)
-    p.add_prompt(40, points=[[130, 95]], labels=[0])  # corrective click, same slice
-    p.add_prompt(55, box=[100, 70, 150, 120])         # several slices may be prompted
-    labels = p.propagate()                            # uint8 0/1, the input's voxel grid
+    p.set_volume("ct.nii.gz", axis=2)                             # or a 3D array
+    p.add_prompt(40, points=[[120, 88]], labels=[1], obj_id=1)    # slice 40, (x = column, y = row)
+    p.add_prompt(52, box=[100, 70, 150, 120], obj_id=2)           # a second structure
+    labels = p.propagate()                                        # uint8 label map, values = ids
+    p.add_prompt(47, points=[[130, 95]], labels=[0], obj_id=1)    # correction on a tracked slice
+    labels = p.propagate()                                        # re-tracks object 1 from slice 47
+    p.undo()                                                      # the propagation, then the click
 
-Slices are treated as video frames with SAM 2's memory (SAM2VideoPredictor's semantics for one
-object, with `add_all_frames_to_correct_as_cond=True`: every prompted slice becomes a
-conditioning slice; prompts on a slice accumulate and the slice's previous logits are fed back as
-the mask prompt). `propagate()` commits the prompted slices to memory (binarised masks), then tracks
-forward from the first prompted slice to the end and backward from it to slice 0, as
-`propagate_in_video` does. Prompting a slice after propagation corrects it with the memory of the
-other slices; propagate again to update the volume.
+Slices are video frames for SAM2VideoPredictor's semantics (sam2 1.1.0, which runs every object
+alone with batch size 1; `add_all_frames_to_correct_as_cond=True`: every prompted slice becomes
+a conditioning slice). Each object has its own prompts and memory bank (safeclick_jax/video.py);
+all objects share the slice features, encoded once per slice and kept on the host
+(safeclick_jax/feature_cache.py), so a correction costs only tracking steps.
+
+- Prompts on a slice accumulate (a box replaces them, SAM 2 puts a box first) and the slice's
+  previous logits are fed back as the mask prompt. A slice not yet tracked for that object is
+  decoded without memory, a tracked one with the memory of the other slices.
+- `add_mask` is SAM 2's add_new_mask: the binary mask becomes the slice's output (logits +-10)
+  without memory, and its object pointer comes from the decoder with the mask as dense prompt.
+- `set_labels` starts from a label map: each label is an object whose largest slice (most
+  voxels) is its mask prompt (`slices="all"`: every labelled slice; see docs/interactive.md).
+- `propagate()` commits the new prompts to memory (binarised masks) and tracks the objects that
+  changed, from one start slice (default: the earliest slice prompted since their last
+  propagation, SAM 2's default) forward to the end and backward to slice 0, or at most
+  `max_slices` each way (propagate_in_video's start_frame_idx / max_frame_num_to_track). Slices
+  outside that range, and objects that did not change, keep their masks.
+- `label_map()` composes the objects with SAM 2's non-overlap rule
+  (SAM2Base._apply_non_overlapping_constraints): a voxel belongs to the object with the highest
+  logit when that logit is > 0 (ties: the lower id). It is applied to the output only, not to
+  what the memory encoder sees (SAM 2's default, non_overlap_masks=False), so every object's
+  tracking equals SAM 2's for that object.
+- `undo` / `redo` step through an object's interactions (a click or box, a mask, a propagation,
+  a reset); without an id, through the last call over all objects.
 
 Geometry: a NIfTI file is reoriented to RAS and sliced like the data pipeline
 (safeclick_jax.data.preprocess.to_slices: radiological display orientation), so the model sees
-slices as in training. Prompt coordinates of `add_prompt` are on those slice images (x = column,
-y = row); `voxel_to_slice` maps a voxel index (i, j, k) of the input array/file to them. `axis`
-is an axis of the input's voxel grid. The result is returned in the input's voxel grid.
-Intensities are normalised to [0, 1] like the data pipeline (percentile clipping by default, or
-a CT window), quantised to 8 bits and fed as SAM 2's RGB input (bilinear antialiased resize).
+slices as in training. Prompt coordinates are on those slice images (x = column, y = row);
+`voxel_to_slice` maps a voxel index (i, j, k) of the input array/file to them. `axis` is an axis
+of the input's voxel grid. Results are returned in the input's voxel grid. Intensities are
+normalised to [0, 1] like the data pipeline (percentile clipping by default, or a CT window),
+quantised to 8 bits and fed as SAM 2's RGB input (bilinear antialiased resize).
 
 Compilation: the per-slice step is compiled per volume shape (the memory bank holds one entry
-per slice, see safeclick_jax/video.py) and per memory-slot bucket (2, 4 or 6 previous slices:
-at most three variants); the prompt decoder once per prompt-length bucket.
+per slice) and per memory-slot bucket (2, 4 or 6 previous slices); the prompt decoder once per
+prompt-length bucket and conditioning-slot count (a power of two).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 from functools import partial
 
@@ -40,15 +62,17 @@ import numpy as np
 import scipy.ndimage
 from flax import nnx
 
-from safeclick_jax import video
+from safeclick_jax import prompting, video
 from safeclick_jax.data import nifti
 from safeclick_jax.data.preprocess import axis_index, from_slices, normalize_intensity, to_slices, to_uint8
+from safeclick_jax.feature_cache import FeatureCache, available_host_bytes
+from safeclick_jax.image import preprocess
 from safeclick_jax.models.memory import SAM2Memory
 from safeclick_jax.models.registry import load_model
-from safeclick_jax.models.sam2 import PAD_LABEL
-from safeclick_jax.predictor import preprocess
 
 IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], np.float64)
+MAX_OBJECT_ID = 255  # the label map is uint8
+HISTORY_DEPTH = 32  # undo steps kept per object (each propagation step holds a bank version)
 
 
 def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
@@ -91,17 +115,65 @@ def read_volume(path, volume_index: int | None = None):
     return vol.data, nib.orientations.io_orientation(img.affine), img
 
 
+@dataclasses.dataclass
+class ObjectState:
+    """One object's prompts and memory. Values are replaced, never mutated in place, so a shallow
+    copy is a snapshot (the bank's device arrays are immutable; propagation works on a copy)."""
+
+    bank: dict  # video.empty_bank: memory, pointers, low-res logits of every slice
+    kind: np.ndarray  # host copy of bank["kind"] (0 nothing, 1 tracked, 2 conditioning)
+    points: dict = dataclasses.field(default_factory=dict)  # slice -> (coords [P,2] slice px, labels [P])
+    masks: dict = dataclasses.field(default_factory=dict)  # slice -> mask prompt, bool [S,S] (model input)
+    pending: dict = dataclasses.field(default_factory=dict)  # slice -> (low [1,4E,4E], ptr, score): not in memory
+    cond: list = dataclasses.field(default_factory=list)  # conditioning slices in memory (sorted)
+    tracked: dict = dataclasses.field(default_factory=dict)  # slice -> tracked in reverse?
+
+    def copy(self) -> "ObjectState":
+        return ObjectState(
+            self.bank,
+            self.kind.copy(),
+            dict(self.points),
+            dict(self.masks),
+            dict(self.pending),
+            list(self.cond),
+            dict(self.tracked),
+        )
+
+    @property
+    def has_prompts(self) -> bool:
+        return bool(self.pending or self.cond)
+
+    def changed_slices(self) -> list[int]:
+        """Slices prompted since the last propagation (for an object never propagated: all)."""
+        return sorted(set(self.pending) | (set() if self.tracked else set(self.cond)))
+
+
 class VolumePredictor:
-    def __init__(self, model: nnx.Module, memory: SAM2Memory, description: dict | None = None, fill_hole_area: int = 8):
+    def __init__(
+        self,
+        model: nnx.Module,
+        memory: SAM2Memory,
+        description: dict | None = None,
+        fill_hole_area: int = 8,
+        cache_bytes: int | None = None,
+    ):
         self.model, self.memory = model, memory
         self.description = description or {}
         self.cfg = model.cfg
-        self.graphdef, self.state = nnx.split((model, memory))
+        graphdef, state = nnx.split((model, memory))
+        self.graphdef, self.state = graphdef, jax.device_put(state)
         self.fill_hole_area = fill_hole_area  # SAM2VideoPredictor's default (build_sam.py)
+        s = self.cfg.image_size
+        shapes = jax.eval_shape(lambda st: self._encode(st, jnp.zeros((s, s), jnp.uint8)), self.state)
+        per_slice = [x for k, v in shapes.items() if k != "pos" for x in jax.tree.leaves(v)]  # pos: stored once
+        self.bytes_per_slice = int(sum(x.size * x.dtype.itemsize for x in per_slice))
+        self.set_cache_budget(cache_bytes)
         self._slices = None
 
     @classmethod
-    def from_checkpoint(cls, directory: str, memory_checkpoint: str | None = None, **kw) -> "VolumePredictor":
+    def from_checkpoint(
+        cls, directory: str, memory_checkpoint: str | None = None, cache_bytes: int | None = None, **kw
+    ) -> "VolumePredictor":
         """`memory_checkpoint`: take the memory path from another model directory (e.g. the SAM 2
         base of a SafeClick export that was saved without it)."""
         model, desc, extra = load_model(directory)
@@ -109,7 +181,40 @@ class VolumePredictor:
         if memory_checkpoint is not None:
             _, _, extra = load_model(memory_checkpoint)
             where = memory_checkpoint
-        return cls(model, SAM2Memory.from_extra(model.cfg, extra, where=where), desc, **kw)
+        return cls(model, SAM2Memory.from_extra(model.cfg, extra, where=where), desc, cache_bytes=cache_bytes, **kw)
+
+    def set_cache_budget(self, cache_bytes: int | None) -> None:
+        """Host memory for slice features (None: the whole volume, at most half the free memory).
+        A budget below one slice is refused."""
+        if cache_bytes is not None:
+            if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)):
+                raise ValueError(f"cache_bytes must be an integer number of bytes, got {cache_bytes!r}")
+            if cache_bytes < self.bytes_per_slice:
+                raise ValueError(
+                    f"cache_bytes {cache_bytes} is smaller than one slice's features ({self.bytes_per_slice} bytes)"
+                )
+        self._cache_request = None if cache_bytes is None else int(cache_bytes)
+        if getattr(self, "_cache", None) is not None:
+            self._cache.budget_bytes = self._cache_budget(self.num_slices)
+            while len(self._cache._entries) > self._cache.capacity:
+                self._cache._entries.popitem(last=False)
+
+    def _cache_budget(self, num_slices: int) -> int:
+        if self._cache_request is not None:
+            return self._cache_request
+        return max(self.bytes_per_slice, min(num_slices * self.bytes_per_slice, available_host_bytes() // 2))
+
+    def cache_info(self) -> dict:
+        """bytes_per_slice, budget_bytes, capacity_slices, cached_slices, cached_bytes, hits, misses, evictions."""
+        if getattr(self, "_cache", None) is None:
+            return {
+                "bytes_per_slice": self.bytes_per_slice,
+                "budget_bytes": self._cache_request,
+                "cached_slices": 0,
+                "hits": 0,
+                "misses": 0,
+            }
+        return self._cache.info()
 
     # --- volume ---------------------------------------------------------------------------------
 
@@ -122,9 +227,12 @@ class VolumePredictor:
         ct_window=(40.0, 400.0),
     ) -> None:
         """volume: a 3D array (any numeric dtype) or a NIfTI path. axis: slicing axis of the input's
-        voxel grid (0/1/2). normalization: 'percentile' (0.5-99.5 %) or 'ct_window' (level, width)."""
+        voxel grid (0/1/2). normalization: 'percentile' (0.5-99.5 %) or 'ct_window' (level, width).
+        Removes every object; slice features are encoded when first needed and cached."""
+        affine = None
         if isinstance(volume, (str, os.PathLike)):
-            data, ornt, _ = read_volume(volume, volume_index)
+            data, ornt, img = read_volume(volume, volume_index)
+            affine = np.asarray(img.affine, np.float64)
         else:
             data, ornt = np.asarray(volume), IDENTITY_ORNT
             if data.ndim != 3:
@@ -136,15 +244,25 @@ class VolumePredictor:
         if min(data.shape) < 1:
             raise ValueError(f"volume is empty: shape {data.shape}")
         axis = axis_index(axis)
+        image = to_uint8(normalize_intensity(data, normalization, ct_window=ct_window))
         self._ornt = np.asarray(ornt)
+        self._affine = affine
         self._ras_axis = int(self._ornt[axis, 0])
         self._ras_shape = data.shape
         self._in_shape = tuple(data.shape[int(o)] for o in self._ornt[:, 0])
-        image = to_uint8(normalize_intensity(data, normalization, ct_window=ct_window))
         slices = to_slices(image, self._ras_axis)
         self.num_slices, self.slice_hw = slices.shape[0], tuple(slices.shape[1:])
-        self._slices = jnp.asarray(slices)
-        self.reset_prompts()
+        self._slices = slices
+        self._cache = FeatureCache(
+            self._encode_slice, self.num_slices, self.bytes_per_slice, self._cache_budget(self.num_slices)
+        )
+        self.reset_all()
+
+    @property
+    def input_shape(self) -> tuple:
+        """The voxel grid of the input (array or file) that label maps use."""
+        self._require_volume()
+        return self._in_shape
 
     def _require_volume(self):
         if self._slices is None:
@@ -179,15 +297,26 @@ class VolumePredictor:
                 out = np.flip(out, a)
         return np.ascontiguousarray(out)
 
+    def _to_slice_stack(self, grid: np.ndarray) -> np.ndarray:
+        """Inverse of _to_input_grid: an array on the input grid -> [N, H, W] slice stack."""
+        x = np.asarray(grid)
+        for a, flip in enumerate(self._ornt[:, 1]):
+            if flip < 0:
+                x = np.flip(x, a)
+        ras = np.transpose(x, np.argsort([int(o) for o in self._ornt[:, 0]]))
+        return to_slices(ras, self._ras_axis)
+
     # --- jit-compiled steps (graphdef static, state an argument) ----------------------------------
 
     @partial(jax.jit, static_argnums=(0,))
-    def _encode(self, state, slices, t):
+    def _encode(self, state, sl):
         model, _ = nnx.merge(self.graphdef, state)
-        sl = jax.lax.dynamic_index_in_dim(slices, t, 0, keepdims=False)
         return video.encode_frame(
             model, preprocess(jnp.broadcast_to(sl[..., None], sl.shape + (3,)), self.cfg.image_size)
         )
+
+    def _encode_slice(self, t: int) -> dict:
+        return self._encode(self.state, jnp.asarray(self._slices[t]))
 
     @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
     def _track(self, state, bank, feats, t, reverse, cond_idx, cond_valid, prev):
@@ -219,62 +348,214 @@ class VolumePredictor:
             pix = video.no_memory_features(model, feats)
         return video.sam_heads(model, mem, feats, pix, coords, labels, mask_in, has_mask, multimask)
 
+    @partial(jax.jit, static_argnums=(0,))
+    def _mask_prompt(self, state, feats, mask_hr):
+        model, mem = nnx.merge(self.graphdef, state)
+        return video.mask_as_output(model, mem, feats, mask_hr)
+
     @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
     def _commit(self, state, bank, feats, t, low, ptr, obj):
         _, mem = nnx.merge(self.graphdef, state)
         f = video.encode_memory(mem, feats, low, obj, True, self.cfg.image_size)
         return video.write(bank, t, f, ptr, 2, low, obj)
 
-    def _features(self, t: int):
-        return self._encode(self.state, self._slices, jnp.int32(t))
-
     @partial(jax.jit, static_argnums=(0, 2))
     def _resize(self, low, hw):
         # SAM 2's video-resolution output: bilinear, align_corners=False, no antialias
         return jax.image.resize(low, (low.shape[0],) + hw, "linear", antialias=False)
 
-    def _memory_slots(self, t: int, reverse: bool):
-        return tuple(jnp.asarray(a) for a in video.memory_slots(self._kind, t, reverse, self.memory.mc.num_maskmem))
+    @partial(jax.jit, static_argnums=(0,))
+    def _mask_to_input(self, mask):
+        # add_new_mask: bilinear antialiased resize to the model's input, then >= 0.5
+        s = self.cfg.image_size
+        return jax.image.resize(mask.astype(jnp.float32), (s, s), "linear", antialias=True) >= 0.5
 
-    def _cond_slots(self):
-        k = 1 << max(len(self._cond) - 1, 0).bit_length()
+    def _memory_slots(self, kind: np.ndarray, t: int, reverse: bool):
+        return tuple(jnp.asarray(a) for a in video.memory_slots(kind, t, reverse, self.memory.mc.num_maskmem))
+
+    @staticmethod
+    def _cond_slots(cond: list[int]):
+        k = 1 << max(len(cond) - 1, 0).bit_length()
         idx = np.zeros(k, np.int32)
-        idx[: len(self._cond)] = self._cond
-        return jnp.asarray(idx), jnp.asarray(np.arange(k) < len(self._cond))
+        idx[: len(cond)] = cond
+        return jnp.asarray(idx), jnp.asarray(np.arange(k) < len(cond))
+
+    # --- objects --------------------------------------------------------------------------------
+
+    def _new_object_state(self) -> ObjectState:
+        e, mc = self.cfg.embedding_size, self.memory.mc
+        return ObjectState(
+            video.empty_bank(self.num_slices, e, mc.mem_dim, mc.d_model), np.zeros(self.num_slices, np.int32)
+        )
+
+    @property
+    def object_ids(self) -> list[int]:
+        self._require_volume()
+        return sorted(self._objects)
+
+    @staticmethod
+    def _check_id(obj_id) -> int:
+        if isinstance(obj_id, bool) or not isinstance(obj_id, (int, np.integer)) or not 1 <= obj_id <= MAX_OBJECT_ID:
+            raise ValueError(f"object id {obj_id!r}: must be an integer in 1..{MAX_OBJECT_ID}")
+        return int(obj_id)
+
+    def _object(self, obj_id) -> ObjectState:
+        self._require_volume()
+        k = self._check_id(obj_id)
+        if k not in self._objects:
+            raise ValueError(f"unknown object id {obj_id} (objects: {self.object_ids})")
+        return self._objects[k]
+
+    def add_object(self, obj_id: int | None = None) -> int:
+        """A new, empty object; `obj_id` None takes the lowest free id."""
+        self._require_volume()
+        if obj_id is None:
+            free = [k for k in range(1, MAX_OBJECT_ID + 1) if k not in self._objects]
+            if not free:
+                raise ValueError(f"all {MAX_OBJECT_ID} object ids are in use")
+            obj_id = free[0]
+        k = self._check_id(obj_id)
+        if k in self._objects:
+            raise ValueError(f"object id {k} exists already (objects: {self.object_ids})")
+        self._objects[k] = self._new_object_state()
+        self._undo[k], self._redo[k] = [], []
+        return k
+
+    def remove_object(self, obj_id) -> None:
+        """The object, its prompts, memory, mask and history are gone (not undoable)."""
+        self._object(obj_id)
+        k = int(obj_id)
+        del self._objects[k], self._undo[k], self._redo[k]
+
+    def reset_object(self, obj_id) -> None:
+        """Forgets the object's prompts and memory; the id stays, the reset can be undone."""
+        obj = self._object(obj_id)
+        if not obj.has_prompts and not obj.tracked:
+            return
+        call = next(self._calls)
+        self._record(int(obj_id), call, "reset", obj, self._new_object_state())
+
+    def reset_all(self) -> None:
+        """Removes every object with its prompts, memory and history."""
+        self._require_volume()
+        self._objects: dict[int, ObjectState] = {}
+        self._undo: dict[int, list] = {}
+        self._redo: dict[int, list] = {}
+        self._calls = itertools.count(1)
+        self._undo_seq = itertools.count(1)
+
+    def reset_prompts(self) -> None:
+        self.reset_all()
+
+    # --- history --------------------------------------------------------------------------------
+
+    def _record(self, obj_id: int, call: int, what: str, before: ObjectState, after: ObjectState) -> None:
+        """Installs `after` as the object's state; `before` becomes an undo step."""
+        self._objects[obj_id] = after
+        self._undo[obj_id].append({"call": call, "what": what, "state": before})
+        del self._undo[obj_id][:-HISTORY_DEPTH]
+        self._redo[obj_id] = []
+
+    def _step(self, obj_id, src: dict, dst: dict, verb: str) -> str:
+        self._require_volume()
+        if obj_id is None:
+            tops = {k: v[-1] for k, v in src.items() if v}
+            if not tops:
+                raise ValueError(f"nothing to {verb}")
+            key = "call" if verb == "undo" else "seq"
+            last = max(e[key] for e in tops.values())
+            ids = sorted(k for k, e in tops.items() if e[key] == last)
+        else:
+            self._object(obj_id)
+            ids = [int(obj_id)]
+            if not src[ids[0]]:
+                raise ValueError(f"nothing to {verb} for object {obj_id}")
+        done, seq = [], next(self._undo_seq)
+        for k in ids:
+            e = src[k].pop()
+            dst[k].append({**e, "state": self._objects[k], "seq": seq})
+            self._objects[k] = e["state"]
+            done.append(f"{e['what']} of object {k}")
+        return ", ".join(done)
+
+    def undo(self, obj_id=None) -> str:
+        """Undoes the object's last interaction (a click or box, a mask, a propagation, a reset);
+        without an id, the last call over all objects. Returns what was undone."""
+        return self._step(obj_id, self._undo, self._redo, "undo")
+
+    def redo(self, obj_id=None) -> str:
+        """Redoes the last undone interaction (of the object, or over all objects)."""
+        return self._step(obj_id, self._redo, self._undo, "redo")
+
+    def history(self, obj_id) -> list[str]:
+        """The object's undoable interactions, oldest first."""
+        self._object(obj_id)
+        return [e["what"] for e in self._undo[int(obj_id)]]
 
     # --- prompting ------------------------------------------------------------------------------
 
-    def add_prompt(
-        self, slice_index: int, points=None, labels=None, box=None, clear: bool = False, return_logits: bool = False
-    ) -> np.ndarray:
-        """Prompts one slice; returns its mask [H, W] (bool, or logits). points [P,2] (x, y) with
-        labels [P] (1 foreground, 0 background); box (x0, y0, x1, y1) replaces the slice's earlier
-        prompts (SAM 2 puts a box first); points add to them unless `clear`."""
+    def _check_slice(self, slice_index) -> int:
         self._require_volume()
+        if isinstance(slice_index, bool) or not isinstance(slice_index, (int, np.integer)):
+            raise ValueError(f"slice index {slice_index!r} must be an integer")
         t = int(slice_index)
         if not 0 <= t < self.num_slices:
             raise ValueError(f"slice {slice_index} outside the volume (0..{self.num_slices - 1})")
+        return t
+
+    def _prepare_object(self, obj_id):
+        """(id, state, created): the object of a prompt, created when new (not stored yet)."""
+        self._require_volume()
+        k = self._check_id(obj_id)
+        if k in self._objects:
+            return k, self._objects[k], False
+        return k, self._new_object_state(), True
+
+    def _install(self, k: int, created: bool, what: str, before: ObjectState, after: ObjectState, call=None):
+        if created:
+            self._objects[k] = before
+            self._undo[k], self._redo[k] = [], []
+        self._record(k, next(self._calls) if call is None else call, what, before, after)
+
+    def add_prompt(
+        self,
+        slice_index: int,
+        points=None,
+        labels=None,
+        box=None,
+        obj_id: int = 1,
+        clear: bool = False,
+        return_logits: bool = False,
+    ) -> np.ndarray:
+        """Prompts one slice for object `obj_id` (created when new); returns its mask [H, W]
+        (bool, or logits). points [P,2] (x, y) with labels [P] (1 foreground, 0 background); box
+        (x0, y0, x1, y1) replaces the slice's earlier prompts (SAM 2 puts a box first); points
+        add to them unless `clear`."""
+        t = self._check_slice(slice_index)
+        k, obj, created = self._prepare_object(obj_id)
         h, w = self.slice_hw
         limit = np.array([w, h], np.float32)
         new_c, new_l = [], []
         if box is not None:
             b = np.asarray(box, np.float32).reshape(-1)
-            if b.shape != (4,):
-                raise ValueError(f"box must be (x0, y0, x1, y1), got {np.asarray(box).tolist()}")
+            if b.shape != (4,) or not np.isfinite(b).all():
+                raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1), got {np.asarray(box).tolist()}")
             if b[2] < b[0] or b[3] < b[1]:
                 raise ValueError(f"box {b.tolist()}: needs x1 >= x0 and y1 >= y0")
             new_c.append(b.reshape(2, 2))
-            new_l.append(np.array([2, 3], np.int32))
+            new_l.append(np.array(prompting.BOX_LABELS, np.int32))
         if (points is None) != (labels is None):
             raise ValueError("points and labels must be given together")
         if points is not None:
-            pc, pl = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels, np.int32).reshape(-1)
+            pc, pl = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels).reshape(-1)
             if pc.shape[0] != pl.shape[0]:
                 raise ValueError(f"{pc.shape[0]} points but {pl.shape[0]} labels")
+            if not np.isfinite(pc).all():
+                raise ValueError(f"points must be finite numbers, got {pc.tolist()}")
             if not np.isin(pl, (0, 1)).all():
                 raise ValueError(f"labels must be 0 (background) or 1 (foreground); got {np.unique(pl).tolist()}")
             new_c.append(pc)
-            new_l.append(pl)
+            new_l.append(pl.astype(np.int32))
         if not new_c:
             raise ValueError("give points (with labels) or a box")
         coords, labs = np.concatenate(new_c), np.concatenate(new_l)
@@ -283,121 +564,280 @@ class VolumePredictor:
             raise ValueError(
                 f"prompt at {coords[bad][0].tolist()} lies outside slice {t} (x in [0, {w}], y in [0, {h}])"
             )
-        if box is None and not clear and t in self._points:
-            old_c, old_l = self._points[t]
+        if box is None and not clear and t in obj.points:
+            old_c, old_l = obj.points[t]
             coords, labs = np.concatenate([old_c, coords]), np.concatenate([old_l, labs])
-        self._points[t] = (coords, labs)
 
-        is_init = t not in self._tracked
-        reverse = self._tracked.get(t, False)
-        prev = self._previous_logits(t)
-        n = coords.shape[0] + 1  # + SAM's (0,0) pad point
-        p = -(-n // video.PROMPT_BUCKET) * video.PROMPT_BUCKET
+        is_init = t not in obj.tracked
+        reverse = obj.tracked.get(t, False)
+        prev = self._previous_logits(obj, t)
         s = self.cfg.image_size
-        c = np.zeros((1, p, 2), np.float32)
-        c[0, : n - 1] = coords * np.array([s / w, s / h], np.float32)
-        lab = np.full((1, p), PAD_LABEL, np.int32)
-        lab[0, : n - 1] = labs
-        lab[0, n - 1] = -1
+        c, lab = prompting.sam2_tokens(
+            points=(coords * np.array([s / w, s / h], np.float32))[None], point_labels=labs[None]
+        )
         m = 4 * self.cfg.embedding_size
         mask_in = np.zeros((1, m, m, 1), np.float32) if prev is None else np.clip(prev, -32, 32)[None, :, :, None]
-        cond_idx, cond_valid = self._cond_slots()
-        feats = self._features(t)
-        low, ptr, obj = self._prompt(
+        cond_idx, cond_valid = self._cond_slots(obj.cond)
+        feats = self._cache.get(t)
+        low, ptr, score = self._prompt(
             self.state,
-            self._bank,
+            obj.bank,
             feats,
             jnp.int32(t),
             jnp.asarray(reverse),
             cond_idx,
             cond_valid,
-            self._memory_slots(t, reverse),
+            self._memory_slots(obj.kind, t, reverse),
             jnp.asarray(c),
             jnp.asarray(lab),
             jnp.asarray(mask_in),
             jnp.asarray([prev is not None]),
             not is_init,
-            coords.shape[0] <= 1,
+            coords.shape[0] <= 1,  # SAM 2's multimask for 0..1 points (a box is 2)
         )
         low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
-        self._pending[t] = (low, ptr, obj, feats)
+        new = obj.copy()
+        new.points[t] = (coords, labs)
+        new.masks.pop(t, None)
+        new.pending[t] = (low, ptr, score)
+        what = f"box on slice {t}" if box is not None else f"click{'s' if len(new_c[-1]) > 1 else ''} on slice {t}"
+        self._install(k, created, what, obj, new)
         out = np.asarray(self._resize(low, self.slice_hw))[0]
         return out if return_logits else out > 0
 
-    def _previous_logits(self, t):
-        if t in self._pending:
-            return np.asarray(self._pending[t][0][0])
-        if self._tracked.get(t) is not None or t in self._cond:
-            return fill_holes(np.asarray(self._bank["masks"][t]), self.fill_hole_area)
-        return None
+    def add_mask(self, slice_index: int, mask, obj_id: int = 1, return_logits: bool = False) -> np.ndarray:
+        """A binary mask [H, W] (slice-image orientation) as the prompt of slice t for object
+        `obj_id` (SAM 2's add_new_mask: it replaces the slice's clicks and becomes its output).
+        Returns the object's mask on the slice."""
+        t = self._check_slice(slice_index)
+        k, obj, created = self._prepare_object(obj_id)
+        out, new = self._mask_state(obj, t, mask)
+        self._install(k, created, f"mask on slice {t}", obj, new)
+        return out if return_logits else out > 0
 
-    def reset_prompts(self) -> None:
-        """Forgets every prompt and tracking result of the current volume."""
+    def _check_mask(self, mask, what: str) -> np.ndarray:
+        m = np.asarray(mask)
+        if m.shape != self.slice_hw:
+            raise ValueError(f"{what} has shape {m.shape}; the slices are {self.slice_hw} (rows, columns)")
+        if m.dtype != bool:
+            if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
+                vals = np.unique(m)[:6].tolist() if m.dtype.kind in "biuf" else m.dtype
+                raise ValueError(f"{what} must be binary (0/1 or bool), got values {vals}")
+            m = m.astype(bool)
+        if not m.any():
+            raise ValueError(f"{what} is empty (no foreground pixel)")
+        return m
+
+    def _mask_state(self, obj: ObjectState, t: int, mask, what: str | None = None):
+        m = self._check_mask(mask, what or f"mask for slice {t}")
+        hr = np.asarray(self._mask_to_input(jnp.asarray(m)))
+        low, ptr, score = self._mask_prompt(
+            self.state, self._cache.get(t), jnp.asarray(hr, jnp.float32)[None, ..., None]
+        )
+        low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
+        new = obj.copy()
+        new.points.pop(t, None)
+        new.masks[t] = hr
+        new.pending[t] = (low, ptr, score)
+        return np.asarray(self._resize(low, self.slice_hw))[0], new
+
+    def set_labels(self, label_map, slices: str = "largest") -> list[int]:
+        """Starts from an existing segmentation: a 3D integer label map on the input grid (array,
+        or a NIfTI path with the volume's affine) whose labels 1..255 become objects with those
+        ids, each with a mask prompt on its largest slice (`slices="all"`: on every slice it
+        covers). Replaces every object; one undo step per object. -> the object ids."""
         self._require_volume()
-        e, mc = self.cfg.embedding_size, self.memory.mc
-        self._bank = video.empty_bank(self.num_slices, e, mc.mem_dim, mc.d_model)
-        self._points = {}  # slice -> (coords [P,2] slice pixels, labels [P])
-        self._pending = {}  # slice -> (low [1,4E,4E], ptr, obj, features): prompted, not in memory yet
-        self._cond = []  # slices committed as conditioning slices
-        self._tracked = {}  # slice -> tracked in reverse?
-        self._kind = np.zeros(self.num_slices, np.int32)  # host copy of the bank's `kind`
+        if slices not in ("largest", "all"):
+            raise ValueError(f"slices={slices!r}: use 'largest' or 'all'")
+        if isinstance(label_map, (str, os.PathLike)):
+            img = nifti.read_header(label_map)
+            if self._affine is not None and not np.allclose(img.affine, self._affine, atol=1e-4):
+                raise ValueError(
+                    f"{label_map}: affine {np.round(img.affine, 4).tolist()} differs from the volume's "
+                    f"{np.round(self._affine, 4).tolist()}"
+                )
+            lab = np.asanyarray(img.dataobj)
+            lab = lab.reshape(nifti._squeeze_trailing(lab.shape))
+            where = str(label_map)
+        else:
+            lab, where = np.asarray(label_map), "label map"
+        if lab.shape != self._in_shape:
+            raise ValueError(f"{where} has shape {lab.shape}; the volume is {self._in_shape}")
+        if lab.dtype.kind == "f":
+            if not np.isfinite(lab).all() or (lab != np.round(lab)).any():
+                raise ValueError(f"{where} has non-integer values (e.g. {lab[lab != np.round(lab)][:3].tolist()})")
+        elif lab.dtype.kind not in "biu":
+            raise ValueError(f"{where} has dtype {lab.dtype}; an integer label map is needed")
+        ids = np.unique(lab)
+        ids = ids[ids != 0]
+        if ((ids < 0) | (ids > MAX_OBJECT_ID)).any():
+            raise ValueError(
+                f"{where}: labels must be in 0..{MAX_OBJECT_ID}, got {ids[(ids < 0) | (ids > 255)][:5].tolist()}"
+            )
+        if ids.size == 0:
+            raise ValueError(f"{where} is empty (no label > 0)")
+        stack = self._to_slice_stack(lab.astype(np.int32))
+        states = {}
+        for k in ids.astype(int).tolist():
+            obj = self._new_object_state()
+            area = (stack == k).sum((1, 2))
+            chosen = [int(np.argmax(area))] if slices == "largest" else np.nonzero(area)[0].tolist()
+            for t in chosen:
+                _, obj = self._mask_state(obj, t, stack[t] == k, f"label {k} on slice {t}")
+            states[k] = obj
+        self.reset_all()
+        call = next(self._calls)
+        for k, obj in states.items():
+            self._objects[k] = self._new_object_state()
+            self._undo[k], self._redo[k] = [], []
+            what = (
+                "mask on slice " + ",".join(str(t) for t in sorted(obj.pending))
+                if len(obj.pending) < 4
+                else f"masks on {len(obj.pending)} slices"
+            )
+            self._record(k, call, f"{what} (initial labels)", self._objects[k], obj)
+        return sorted(states)
+
+    def _previous_logits(self, obj: ObjectState, t: int):
+        if t in obj.pending:
+            return np.asarray(obj.pending[t][0][0])
+        if obj.kind[t] != 0:
+            return fill_holes(np.asarray(obj.bank["masks"][t]), self.fill_hole_area)
+        return None
 
     # --- propagation ----------------------------------------------------------------------------
 
-    def propagate(self, progress=None) -> np.ndarray:
-        """Tracks through the volume -> uint8 0/1 label volume in the input's voxel grid.
-        `progress(done, total)` is called after every slice when given."""
+    def propagate(self, obj_ids=None, start: int | None = None, max_slices: int | None = None, progress=None):
+        """Commits new prompts to memory and tracks the objects `obj_ids` (default: every object
+        prompted since its last propagation) from slice `start` (default: the earliest slice
+        they were prompted on since then) forward to the last slice and backward to slice 0, at
+        most `max_slices` slices beyond `start` each way. `progress(done, total)` after every
+        slice. One undo step per object. Returns label_map()."""
         self._require_volume()
-        if not self._pending and not self._cond:
-            raise RuntimeError("no prompts: add a point or box with .add_prompt(...) first")
-        for t, (low, ptr, obj, feats) in sorted(self._pending.items()):
-            self._bank = self._commit(self.state, self._bank, feats, jnp.int32(t), low, ptr, obj)
-            self._kind[t] = 2
-            if t not in self._cond:
-                self._cond.append(t)
-        self._pending = {}
-        self._cond.sort()
-        cond_idx, cond_valid = self._cond_slots()
-        start = self._cond[0]
-        order = [(t, False) for t in range(start, self.num_slices)]
+        if start is not None:
+            self._check_slice(start)
+        if max_slices is not None:
+            if isinstance(max_slices, bool) or not isinstance(max_slices, (int, np.integer)) or max_slices < 0:
+                raise ValueError(f"max_slices {max_slices!r} must be an integer >= 0")
+        if obj_ids is None:
+            ids = [k for k in self.object_ids if self._objects[k].changed_slices()]
+            if not ids and start is not None:
+                ids = [k for k in self.object_ids if self._objects[k].has_prompts]
+            if not ids:
+                if not any(o.has_prompts for o in self._objects.values()):
+                    raise RuntimeError("no prompts: add a point, box or mask with .add_prompt / .add_mask first")
+                return self.label_map()
+        else:
+            ids = sorted({int(self._check_id(k)) for k in np.atleast_1d(obj_ids).tolist()})
+            for k in ids:
+                if not self._object(k).has_prompts:
+                    raise ValueError(f"object {k} has no prompts to propagate")
+        if start is None:
+            changed = [t for k in ids for t in self._objects[k].changed_slices()]
+            start = min(changed) if changed else min(t for k in ids for t in self._objects[k].cond)
+        start = self._check_slice(start)
+        n = self.num_slices if max_slices is None else int(max_slices)
+        order = [(t, False) for t in range(start, min(start + n, self.num_slices - 1) + 1)]
         if start > 0:
-            order += [(t, True) for t in range(start, -1, -1)]
+            order += [(t, True) for t in range(start, max(start - n, 0) - 1, -1)]
+
+        work = {}
+        for k in ids:
+            obj = self._objects[k].copy()
+            obj.bank = jax.tree.map(jnp.copy, obj.bank)  # the undo step keeps the old bank
+            for t, (low, ptr, score) in sorted(obj.pending.items()):
+                obj.bank = self._commit(self.state, obj.bank, self._cache.get(t), jnp.int32(t), low, ptr, score)
+                obj.kind[t] = 2
+                if t not in obj.cond:
+                    obj.cond.append(t)
+            obj.pending = {}
+            obj.cond.sort()
+            work[k] = (obj, self._cond_slots(obj.cond))
         for i, (t, reverse) in enumerate(order):
-            if t not in self._cond:
-                self._bank = self._track(
-                    self.state,
-                    self._bank,
-                    self._features(t),
-                    jnp.int32(t),
-                    jnp.asarray(reverse),
-                    cond_idx,
-                    cond_valid,
-                    self._memory_slots(t, reverse),
-                )
-                self._kind[t] = 1
-            self._tracked[t] = reverse
+            feats = None
+            for k in ids:
+                obj, (cond_idx, cond_valid) = work[k]
+                if t not in obj.cond:
+                    feats = self._cache.get(t) if feats is None else feats
+                    obj.bank = self._track(
+                        self.state,
+                        obj.bank,
+                        feats,
+                        jnp.int32(t),
+                        jnp.asarray(reverse),
+                        cond_idx,
+                        cond_valid,
+                        self._memory_slots(obj.kind, t, reverse),
+                    )
+                    obj.kind[t] = 1
+                obj.tracked[t] = reverse
             if progress is not None:
                 progress(i + 1, len(order))
-        masks = self.slice_logits() > 0
-        return self._to_input_grid(masks.astype(np.uint8))
+        call = next(self._calls)
+        span = f"slices {min(t for t, _ in order)}..{max(t for t, _ in order)}"
+        for k in ids:
+            self._record(k, call, f"propagation from slice {start} ({span})", self._objects[k], work[k][0])
+        return self.label_map()
 
-    def slice_logits(self, chunk: int = 16) -> np.ndarray:
-        """The current mask logits of every slice at slice resolution [N, H, W] (holes filled),
-        in slice order and orientation (the slice images of `add_prompt`)."""
-        self._require_volume()
-        low = np.asarray(self._bank["masks"])
-        for t, (pl, *_) in self._pending.items():
+    # --- results --------------------------------------------------------------------------------
+
+    def _low_logits(self, obj: ObjectState) -> np.ndarray:
+        """[N, 4E, 4E] low-res logits of one object (holes filled; NO_OBJ_SCORE where it has none)."""
+        low = np.asarray(obj.bank["masks"]).copy()
+        for t, (pl, *_) in obj.pending.items():
             low[t] = np.asarray(pl[0])
-        kind = np.asarray(self._bank["kind"])
-        untouched = (kind == 0) & ~np.isin(np.arange(self.num_slices), list(self._pending))
-        low = np.stack([fill_holes(x, self.fill_hole_area) for x in low])
-        low[untouched] = video.NO_OBJ_SCORE
-        out = np.empty((self.num_slices,) + self.slice_hw, np.float32)
-        for i in range(0, self.num_slices, chunk):
-            part = low[i : i + chunk]
-            if part.shape[0] < chunk:  # one compiled shape
-                part = np.concatenate([part, np.zeros((chunk - part.shape[0],) + part.shape[1:], np.float32)])
-            out[i : i + chunk] = np.asarray(self._resize(jnp.asarray(part), self.slice_hw))[
-                : min(chunk, self.num_slices - i)
-            ]
+        untouched = (obj.kind == 0) & ~np.isin(np.arange(self.num_slices), list(obj.pending))
+        out = np.full_like(low, video.NO_OBJ_SCORE)
+        for t in np.nonzero(~untouched)[0]:
+            out[t] = low[t] if t in obj.pending else fill_holes(low[t], self.fill_hole_area)
         return out
+
+    def _upsample_chunks(self, low: np.ndarray, chunk: int = 16):
+        """Yields (first slice, logits [c, H, W]) at slice resolution, one compiled shape."""
+        for i in range(0, low.shape[0], chunk):
+            part = low[i : i + chunk]
+            c = part.shape[0]
+            if c < chunk:
+                part = np.concatenate([part, np.zeros((chunk - c,) + part.shape[1:], np.float32)])
+            yield i, np.asarray(self._resize(jnp.asarray(part), self.slice_hw))[:c]
+
+    def slice_logits(self, obj_id: int = 1) -> np.ndarray:
+        """One object's current mask logits of every slice at slice resolution [N, H, W] (holes
+        filled), in slice order and orientation (the slice images of `add_prompt`)."""
+        obj = self._object(obj_id)
+        out = np.empty((self.num_slices,) + self.slice_hw, np.float32)
+        for i, part in self._upsample_chunks(self._low_logits(obj)):
+            out[i : i + part.shape[0]] = part
+        return out
+
+    def object_mask(self, obj_id) -> np.ndarray:
+        """bool mask of one object on the input grid, before the overlap rule."""
+        return self._to_input_grid(self.slice_logits(obj_id) > 0)
+
+    def slice_label_map(self) -> np.ndarray:
+        """uint8 [N, H, W] label map in slice orientation (see label_map)."""
+        self._require_volume()
+        ids = self.object_ids
+        out = np.zeros((self.num_slices,) + self.slice_hw, np.uint8)
+        if not ids:
+            return out
+        lows = [self._low_logits(self._objects[k]) for k in ids]
+        active = np.nonzero(np.any([(low > 0).any((1, 2)) for low in lows], axis=0))[0]
+        if active.size == 0:
+            return out
+        best = np.full((len(active),) + self.slice_hw, -np.inf, np.float32)
+        arg = np.zeros((len(active),) + self.slice_hw, np.uint8)
+        for k, low in zip(ids, lows):
+            for i, part in self._upsample_chunks(low[active]):
+                sl = slice(i, i + part.shape[0])
+                better = part > best[sl]  # strict: a tie keeps the lower id
+                best[sl] = np.where(better, part, best[sl])
+                arg[sl] = np.where(better, k, arg[sl])
+        out[active] = np.where(best > 0, arg, 0)
+        return out
+
+    def label_map(self) -> np.ndarray:
+        """uint8 label map on the input's voxel grid (0 background, values = object ids), the
+        current state including prompted, not yet propagated slices. Overlaps: SAM 2's
+        non-overlap rule, the object with the highest logit keeps the voxel."""
+        return self._to_input_grid(self.slice_label_map())

@@ -133,3 +133,49 @@ def test_segment_errors(tmp_path, ckpt, capsys):
     assert "U1 >= U0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--image", str(tmp_path / "in.nii.gz"), "--point", "1,2", *base])
+
+
+def test_segment_several_objects_init_labels_world(tmp_path, ckpt, capsys):
+    """@ID objects, a label map to start from, and a --world click: one label map of the ids."""
+    from safeclick_jax.segment import world_to_voxel
+
+    data, affine = oblique_nifti(tmp_path / "in.nii.gz")
+    init = np.zeros(data.shape, np.uint8)
+    init[4:12, 18:24, 1:3] = 2  # object 2 from the label map
+    nib.save(nib.Nifti1Image(init, affine), str(tmp_path / "init.nii.gz"))
+    xyz, xyz3 = (affine @ np.array([15, 13, 3, 1.0]))[:3], (affine @ np.array([25, 4, 5, 1.0]))[:3]
+    assert world_to_voxel(affine, xyz + 0.2) == [15, 13, 3]  # nearest voxel
+    out = tmp_path / "out.nii.gz"
+    args = ["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(out)]
+    rc = main(
+        args
+        + ["--init-labels", str(tmp_path / "init.nii.gz"), "--world"]
+        # negative numbers: --point=... (argparse would read "-1.2,..." as an option)
+        + ["--point=" + ",".join(f"{v:g}" for v in xyz), "--point=" + ",".join(f"{v:g}" for v in xyz3) + "@3"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    got = np.asarray(nib.load(str(out)).dataobj)
+    assert got.shape == data.shape and got.dtype == np.uint8
+    assert set(np.unique(got).tolist()) <= {0, 1, 2, 3} and (got == 2).any()
+    assert "voxels per object" in capsys.readouterr().out
+
+
+def test_segment_object_and_label_errors(tmp_path, ckpt, capsys):
+    data, affine = oblique_nifti(tmp_path / "in.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(data.shape, np.uint8), np.eye(4)), str(tmp_path / "aff.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((30, 26, 5), np.uint8), affine), str(tmp_path / "shape.nii.gz"))
+    base = ["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(tmp_path / "o.nii.gz")]
+    assert main([*base, "--init-labels", str(tmp_path / "aff.nii.gz")]) == 2
+    assert "affine differs" in capsys.readouterr().err
+    assert main([*base, "--init-labels", str(tmp_path / "shape.nii.gz")]) == 2
+    assert "shape (30, 26, 5) differs" in capsys.readouterr().err
+    assert main([*base, "--point", "3,3,3@2", "--label", "7"]) == 2
+    assert "--label 7" in capsys.readouterr().err
+    assert main([*base, "--world", "--point", "500,0,0"]) == 2
+    assert "lies outside the volume" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "give --point, --box or --init-labels" in capsys.readouterr().err
+    for bad in ("3,3,3@0", "3,3,3@256", "3,3,3@x"):
+        with pytest.raises(SystemExit):
+            main([*base, "--point", bad])
+        assert "object id after @" in capsys.readouterr().err

@@ -34,9 +34,10 @@ import jax
 import numpy as np
 
 from safeclick_jax.data import prompts, roi_index
+from safeclick_jax.image import IMAGE_MEAN, IMAGE_STD
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MEAN = np.asarray(IMAGE_MEAN, np.float32)
+STD = np.asarray(IMAGE_STD, np.float32)
 _NPY_OPEN_LOCK = threading.Lock()
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from safeclick_jax.image import IMAGE_MEAN, IMAGE_STD  # noqa: F401  (re-exported)
 from safeclick_jax.models.config import SAM2Config
 from safeclick_jax.models.image_encoder import ImageEncoder
 from safeclick_jax.models.mask_decoder import MaskDecoder
@@ -20,8 +21,6 @@ from safeclick_jax.models.prompt_encoder import PromptEncoder
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
 
 PAD_LABEL = -2  # project-specific: a padding token that the decoder masks out (fixed prompt length)
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 class SAM2Image(nnx.Module):
