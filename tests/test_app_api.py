@@ -1,7 +1,6 @@
 """The web app's HTTP API (safeclick_jax.app.server) on a tiny random model, with FastAPI's test client."""
 
 import gzip
-import io
 import os
 
 import nibabel as nib
@@ -27,7 +26,7 @@ def data_dir(tmp_path_factory):
     image, labels, affine = make_volume(3, shape=(32, 28, 6))
     nib.save(nib.Nifti1Image(image, affine), str(d / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(image[:, :, :1], affine), str(d / "flat.nii.gz"))
-    nib.save(nib.Nifti1Image(image.astype(np.float32)[..., None, None], affine), str(d / "five.nii"))
+    nib.save(nib.Nifti1Image(np.stack([image, image], -1)[:, :, :, None], affine), str(d / "five.nii"))  # 5D
     nan = image.astype(np.float32)
     nan[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(nan, affine), str(d / "nan.nii.gz"))
@@ -209,9 +208,12 @@ def test_idle_sessions_expire(client):
     assert not (store.root / sid).exists()
 
 
-def test_upload_limit_middleware_refuses_early():
+def test_safe_path(tmp_path):
     from safeclick_jax.app.server import safe_path
     from safeclick_jax.app.sessions import BadInput
 
-    with pytest.raises(BadInput):
-        safe_path(io and __import__("pathlib").Path("/tmp"), "a/../../b")
+    (tmp_path / "a").mkdir()
+    assert safe_path(tmp_path, "a/x.nii") == (tmp_path / "a" / "x.nii").resolve()
+    for bad in ("a/../../b", "/abs.nii", "", "\\x.nii"):
+        with pytest.raises(BadInput):
+            safe_path(tmp_path, bad)

@@ -23,7 +23,9 @@ class SharedCompilePredictor(VolumePredictor):
     """A VolumePredictor whose jit cache key is the factory that made it (one model, one config),
     not its identity. `compile_key` is set before any compiled step runs."""
 
-    compile_key: object = None
+    def __init__(self, *args, compile_key=None, **kw):
+        self.compile_key = compile_key
+        super().__init__(*args, **kw)
 
     def __hash__(self):
         return hash((type(self), id(self.compile_key)))
@@ -59,8 +61,7 @@ class EngineFactory:
         self.compile_lock = threading.Lock()
 
     def __call__(self):
-        p = SharedCompilePredictor(self.model, self.memory, self.description)
-        p.compile_key = self
+        p = SharedCompilePredictor(self.model, self.memory, self.description, compile_key=self)
         return p if MULTI_OBJECT else ReplayEngine(p)
 
     def warm_up(self, progress=print) -> None:

@@ -220,7 +220,7 @@ def create_app(
 
             def start():
                 with compute:
-                    engine.set_volume(np.asarray(data), axis=axis)
+                    engine.set_volume(str(path), axis=axis)  # the file: the engine reorients it like training data
 
             await asyncio.to_thread(start)
             s = Session(sid, engine, name, path, img, work, source, axis=axis)
@@ -337,6 +337,8 @@ def create_app(
             s.progress.update(done=0, total=int(s.engine.num_slices), running=True)
             try:
                 return s.engine.propagate(obj_ids=ids, progress=progress)
+            except RuntimeError as e:  # nothing prompted yet
+                raise BadInput(str(e)) from None
             finally:
                 s.progress["running"] = False
 
@@ -449,7 +451,7 @@ def create_app(
             raise BadInput(f"{up.filename}: label map of shape {data.shape}, the volume is {s.image.shape[:3]}")
         if data.dtype.kind == "f" and not np.all(data == np.round(data)):
             raise BadInput(f"{up.filename}: label values must be integers")
-        ids, ms = await asyncio.to_thread(timed, s, lambda: s.engine.set_labels(np.asarray(data).astype(np.int64)))
+        ids, ms = await asyncio.to_thread(timed, s, lambda: _set_labels(s.engine, np.asarray(data).astype(np.int64)))
         s.objects = {o: s.objects.get(o, {"name": f"object {o}", "visible": True}) for o in ids}
         return {"objects": ids, "ms": ms}
 
@@ -466,6 +468,14 @@ def create_app(
         return {"saved": str(out.relative_to(data_dir.resolve()))}
 
     return app
+
+
+def _set_labels(engine, lab):
+    """Every labelled slice becomes a mask prompt, so the label map shows the upload as it is."""
+    try:
+        return engine.set_labels(lab, slices="all")
+    except TypeError:  # an engine without the `slices` option
+        return engine.set_labels(lab)
 
 
 def _gz(img) -> bytes:
