@@ -119,7 +119,11 @@ def test_page_click_propagate_overlay(server, driver):
         """const [s, v] = [window.safeclick, arguments[0]];
         const A = s.state.vol.affine;
         const mm = [0, 1, 2].map((r) => A[r][0] * v[0] + A[r][1] * v[1] + A[r][2] * v[2] + A[r][3]);
-        const p = s.nv.frac2canvasPosWithTile(s.nv.mm2frac(mm), 0);
+        const frac = s.nv.mm2frac(mm);
+        s.nv.scene.crosshairPos = frac;  // that slice on the views, so the axial tile holds the voxel
+        s.nv.drawScene();
+        const t = s.nv.frac2canvasPosWithTile(frac, 0);
+        const p = t ? t : { pos: s.nv.frac2canvasPos(frac) };
         const cv = document.getElementById('gl');
         return [p.pos[0] / (cv.width / cv.clientWidth), p.pos[1] / (cv.height / cv.clientHeight),
                 cv.clientWidth, cv.clientHeight];""",
