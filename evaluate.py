@@ -90,10 +90,10 @@ def main(argv):
 
         from safeclick_jax import checkpoint
         from safeclick_jax.models.config import SAM2Config
-        from safeclick_jax.training import train_state
+        from safeclick_jax.training import model_init
 
         first = checkpoint.read_description(_CHECKPOINT.value[0])
-        image_size, why = train_state.resolve_image_size(
+        image_size, why = model_init.resolve_image_size(
             ml_collections.ConfigDict({"data": data_cfg}), SAM2Config.from_dict(first["sam2"])
         )
         print(f"[evaluate] image size {image_size} px ({why})", file=sys.stderr)

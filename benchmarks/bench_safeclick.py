@@ -34,10 +34,10 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import ratio, time_interleaved, write  # noqa: E402
 from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
-from convert.weights import load_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel, trainable_filter  # noqa: E402
 from safeclick_jax.models.sam2 import SAM2Image, encode_image  # noqa: E402
+from safeclick_jax.models.weight_map import load_state_dict  # noqa: E402
 
 PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed", "safeclick.")
 

@@ -74,8 +74,9 @@ def run_jax(args) -> dict:
     import numpy as np
 
     from configs import common
+    from safeclick_jax import parallel
     from safeclick_jax.models.sam2 import encode_image
-    from safeclick_jax.training import loop
+    from safeclick_jax.training import loop, model_init
     from safeclick_jax.training import step as step_lib
     from safeclick_jax.training import train_state as ts
 
@@ -84,8 +85,8 @@ def run_jax(args) -> dict:
     config.data.image_size = args.image_size
     config.data.batch_size = args.batch
     config.train.compute_dtype = args.dtype
-    mesh = ts.make_mesh()
-    model = ts.build_model(config, args.image_size, log=lambda *a: None)
+    mesh = parallel.make_mesh()
+    model = model_init.build_model(config, args.image_size, log=lambda *a: None)
     keep = model.keep_block
     raw = _batch(args.image_size, args.batch)
     graphdef, params, frozen = ts.split_model(model, config)
@@ -113,12 +114,12 @@ def run_jax(args) -> dict:
             b.update(extra)
         schedule = ts.learning_rate(config, 1000)
         opt = ts.make_optimizer(config, 1000)
-        rep = ts.replicated(mesh)
+        rep = parallel.replicated(mesh)
         fresh = jax.tree.map(lambda x: x.copy(), params)  # the step donates (deletes) its state
         state = jax.device_put(ts.init_state(fresh, opt, 0), rep)
         fz = jax.device_put(frozen, rep)
         fn = step_lib.make_train_step(graphdef, opt, schedule, config, mesh, keep)
-        gb = ts.global_batch(b, mesh)
+        gb = parallel.global_batch(b, mesh)
         t0 = time.perf_counter()
         fn = fn.lower(state, fz, gb).compile()
         ma = fn.memory_analysis()

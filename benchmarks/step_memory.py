@@ -28,7 +28,9 @@ from bench_train import _batch  # noqa: E402
 from common import write  # noqa: E402
 
 from configs import common  # noqa: E402
+from safeclick_jax import parallel  # noqa: E402
 from safeclick_jax.models.sam2 import encode_image  # noqa: E402
+from safeclick_jax.training import model_init  # noqa: E402
 from safeclick_jax.training import step as step_lib  # noqa: E402
 from safeclick_jax.training import train_state as ts  # noqa: E402
 
@@ -36,15 +38,12 @@ VARIANTS = (("full", None), ("chunked", None), ("chunked", 1 << 26))
 
 
 def step_mb(size, batch, dtype, mode, max_scores) -> dict:
-    # attention.py reads these at trace time, so each compile below sees its own setting
-    os.environ["SAFECLICK_ATTENTION"] = mode
-    os.environ.pop("SAFECLICK_ATTENTION_MAX_SCORES", None)
-    if max_scores:
-        os.environ["SAFECLICK_ATTENTION_MAX_SCORES"] = str(max_scores)
     config = common.make("sam2.1_hiera_t")
+    # build_model configures the attention each compile below uses
+    config.model.attention, config.model.attention_max_scores = mode, max_scores or -1
     config.data.image_size, config.data.batch_size, config.train.compute_dtype = size, batch, dtype
-    mesh = ts.make_mesh()
-    model = ts.build_model(config, size, log=lambda *a: None)
+    mesh = parallel.make_mesh()
+    model = model_init.build_model(config, size, log=lambda *a: None)
     keep = model.keep_block
     raw = _batch(size, batch)
     graphdef, params, frozen = ts.split_model(model, config)
@@ -65,7 +64,7 @@ def step_mb(size, batch, dtype, mode, max_scores) -> dict:
     state = ts.init_state(params, opt, 0)
     fn = step_lib.make_train_step(graphdef, opt, ts.learning_rate(config, 1000), config, mesh, keep)
     t0 = time.perf_counter()
-    ma = fn.lower(state, frozen, ts.global_batch(b, mesh)).compile().memory_analysis()
+    ma = fn.lower(state, frozen, parallel.global_batch(b, mesh)).compile().memory_analysis()
     mb = lambda n: n / 2**20
     return {
         "attention": mode + (f" 2^{max_scores.bit_length() - 1}" if max_scores else ""),

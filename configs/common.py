@@ -42,6 +42,9 @@ def make(
     c.model.name = model_name  # a key of safeclick_jax.models.config.CONFIGS
     c.model.kind = "sam2" if "baseline" in variants else "safeclick"
     c.model.arch = ml_collections.ConfigDict(type_safe=False)  # SAM2Config overrides (smoke only)
+    # auto | chunked | full | cudnn (safeclick_jax/models/attention.py); SAFECLICK_ATTENTION overrides it
+    c.model.attention = "auto"
+    c.model.attention_max_scores = -1  # chunk size in score elements; -1: attention.MAX_SCORES
     c.model.safeclick = ml_collections.ConfigDict(
         dict(
             intermediate_block=-1,

@@ -2,7 +2,7 @@
 
     python -m convert.flax_to_torch --model-dir ckpt/sam2.1_t --out sam2.1_t_roundtrip.pt
 
-The image path comes from the Flax weights (inverse of the generic map in convert/weights.py) and
+The image path comes from the Flax weights (inverse of the generic map in safeclick_jax/models/weight_map.py) and
 the memory/video tensors from the directory's `extra` item, so a converted official checkpoint
 round-trips bit-exactly.
 """
@@ -16,8 +16,8 @@ from collections import OrderedDict
 from flax import traverse_util
 
 from convert.torch_io import save_torch_state_dict
-from convert.weights import state_dict
 from safeclick_jax.models.registry import load_model
+from safeclick_jax.models.weight_map import state_dict
 
 
 def export_state_dict(model_dir: str) -> "OrderedDict":

@@ -1,7 +1,7 @@
 """PyTorch reference of the SafeClick decoder, built from the `sam2` package's torch modules.
 
 It mirrors safeclick_jax.models.safeclick module for module and name for name, so the generic
-weight map (convert/weights.py) moves a SafeClick model between the frameworks in both
+weight map (safeclick_jax/models/weight_map.py) moves a SafeClick model between the frameworks in both
 directions: `SafeClickTorch.state_dict()` keys == the Flax model's torch keys. Parity tests
 (tests/test_safeclick_parity.py) compare forward outputs and gradients. Equation numbers refer
 to the paper (sec. 2); the design choices are documented in the Flax module.

@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from convert.torch_io import CheckpointError, load_torch_state_dict
-from convert.weights import WeightMapError, load_state_dict
 from safeclick_jax import checkpoint
 from safeclick_jax.models import config as model_config
 from safeclick_jax.models.registry import count_params
 from safeclick_jax.models.sam2 import IMAGE_PATH_PREFIXES, SAM2Image
+from safeclick_jax.models.weight_map import WeightMapError, load_state_dict
 
 # Top-level torch modules of SAM2Base's memory/video path, per checkpoint version.
 MEMORY_PREFIXES = {

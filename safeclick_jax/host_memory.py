@@ -6,11 +6,11 @@ SafeClick train step at 512 px, batch 8). glibc serves a block that large with a
 unmaps it on free, so every step faults the whole block back in, one 4 KB page at a time: 311,000
 minor faults and 0.9-1.1 s of system time per step on a 2-core CPU, spent inside otherwise cheap
 element-wise ops. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc asks the kernel for huge
-pages for those blocks (madvise): ~820 faults and 0.2 s of system time per step, the step
-3215 -> 2443 ms (medians of 16 steps, one process each), peak RSS unchanged (2.86 GB), and the
-memory still goes back to the kernel when freed. (Keeping freed memory in the heap instead, via
-mallopt, also stops the faults but let the heap grow by a whole 1.2 GB generation now and then:
-peak RSS 3.1 -> 4-6.4 GB.)
+pages for those blocks (madvise): ~820 faults and 0.2 s of system time per step, peak RSS
+unchanged, and the memory still goes back to the kernel when freed (`benchmarks/bench_train.py`
+with and without SAFECLICK_SYSTEM_MALLOC=1; benchmarks/RESULTS.md). Keeping freed memory in the
+heap instead (mallopt) also stops the faults but lets the heap grow by a whole 1.2 GB generation
+now and then.
 
 The tunable is read when a process starts, so `use_huge_pages()` re-executes the running program
 once with it set; call it first thing under `if __name__ == "__main__":` (train.py, evaluate.py,

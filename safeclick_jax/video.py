@@ -19,8 +19,8 @@ two, so adding prompts recompiles only when their count crosses one); invalid sl
 out of the attention, which leaves the result unchanged. The previous-slice memories are chosen on
 the host (`memory_slots`, from a host copy of `kind`) and only those that exist are gathered,
 padded to 2, 4 or num_maskmem - 1 slots: near the prompted slice only 1-3 of the 6 exist, and
-attending to all 6 (masked) made memory attention ~640 of a slice's ~1500 ms; the 12-slice
-benchmark went from 1.42x to 1.12x torch's time with this (CPU).
+attending to all 6 (masked) would make memory attention ~640 of a slice's ~1500 ms on a CPU
+(`benchmarks/bench_volume.py`).
 
 Every image model works: SAM2Image and SafeClickModel (whose consensus layer then reads the
 memory-conditioned features, the input SAM 2's decoder reads when tracking).

@@ -47,7 +47,7 @@ def write_sam2_dir(path, image_size: int = 128, seed: int = 0, name: str = "sam2
 
 
 def write_safeclick_dir(path, base_dir, seed: int = 1) -> str:
-    """SafeClick on the base's weights (as safeclick.from_sam2) with a random SafeClick head."""
+    """SafeClick on the base's weights (as registry.from_sam2) with a random SafeClick head."""
     base_desc, base_params, _ = checkpoint.load(base_dir)
     desc = {"kind": "safeclick", "sam2": base_desc["sam2"], "safeclick": SafeClickConfig().to_dict()}
     params = random_params(desc, seed)

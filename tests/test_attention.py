@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from safeclick_jax.models import attention
 from safeclick_jax.models.attention import dot_product_attention, plan_chunks
+
+
+@pytest.fixture(autouse=True)
+def fresh_attention_choice(monkeypatch):
+    """Each test configures the process-wide choice itself; it is reset afterwards."""
+    monkeypatch.delenv("SAFECLICK_ATTENTION", raising=False)
+    monkeypatch.delenv("SAFECLICK_ATTENTION_MAX_SCORES", raising=False)
+    monkeypatch.setattr(attention, "_choice", None)
 
 
 def qkv(b, h, nq, nk, d, seed=0, sharp=4.0):
@@ -86,24 +95,45 @@ def test_bf16_inputs_keep_fp32_statistics():
 
 def test_environment_override(monkeypatch):
     """SAFECLICK_ATTENTION picks the path on any backend (lowered graph: a while loop for the
-    chunked pieces, none for one-shot); bad values name the variable."""
+    chunked pieces, none for one-shot), read when `configure` runs; bad values name the variable."""
     q, k, v = (jnp.asarray(a) for a in qkv(1, 2, 64, 64, 16))
-    f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v))
     outs = {}
     for mode, has_loop in (("chunked", True), ("full", False)):
         monkeypatch.setenv("SAFECLICK_ATTENTION", mode)
         monkeypatch.setenv("SAFECLICK_ATTENTION_MAX_SCORES", str(64 * 32))
+        assert attention.configure("auto") == attention.Choice(
+            mode, 64 * 32, "SAFECLICK_ATTENTION, SAFECLICK_ATTENTION_MAX_SCORES"
+        )
         text = jax.jit(lambda q, k, v: dot_product_attention(q, k, v)).lower(q, k, v).as_text()
         assert ("while" in text) == has_loop, mode
         outs[mode] = np.asarray(jax.jit(lambda q, k, v: dot_product_attention(q, k, v))(q, k, v))
     np.testing.assert_allclose(outs["chunked"], outs["full"], atol=1e-5)
     monkeypatch.setenv("SAFECLICK_ATTENTION", "flash")
     with pytest.raises(ValueError, match="SAFECLICK_ATTENTION='flash'"):
-        f(q, k, v)
+        attention.configure()
     monkeypatch.setenv("SAFECLICK_ATTENTION", "auto")
     monkeypatch.setenv("SAFECLICK_ATTENTION_MAX_SCORES", "0")
     with pytest.raises(ValueError, match="SAFECLICK_ATTENTION_MAX_SCORES='0'"):
-        f(q, k, v)
+        attention.configure()
+
+
+def test_config_choice_and_read_once(monkeypatch):
+    """model.attention picks the path without the variables; the environment is read by `configure`
+    only, so a variable set afterwards changes nothing until the next configure."""
+    q, k, v = (jnp.asarray(a) for a in qkv(1, 2, 64, 64, 16))
+    lowered = lambda: jax.jit(lambda q, k, v: dot_product_attention(q, k, v)).lower(q, k, v).as_text()
+    assert attention.configure("chunked", 64 * 32) == attention.Choice("chunked", 64 * 32, "config")
+    assert "while" in lowered()
+    monkeypatch.setenv("SAFECLICK_ATTENTION", "full")
+    assert "while" in lowered()  # not re-read
+    assert attention.configure("chunked").mode == "full"  # the variable overrides the config
+    assert "while" not in lowered()
+    monkeypatch.delenv("SAFECLICK_ATTENTION")
+    assert attention.configure("full", -1) == attention.Choice("full", attention.MAX_SCORES, "config")
+    with pytest.raises(ValueError, match="model.attention='flash'"):
+        attention.configure("flash")
+    with pytest.raises(ValueError, match="model.attention_max_scores=0"):
+        attention.configure("auto", 0)
 
 
 def test_fused_library_path_layout_and_gradients():
@@ -131,6 +161,7 @@ def test_cudnn_mode_needs_a_gpu(monkeypatch):
         pytest.skip("on a GPU the cudnn mode is valid")
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in qkv(1, 2, 16, 16, 8))
     monkeypatch.setenv("SAFECLICK_ATTENTION", "cudnn")
+    attention.configure()
     with pytest.raises(ValueError, match="SAFECLICK_ATTENTION=cudnn needs a GPU"):
         dot_product_attention(q, k, v)
 
@@ -139,8 +170,6 @@ def test_cudnn_mode_routes_only_unmasked_16bit_calls(monkeypatch):
     """Routing of SAFECLICK_ATTENTION=cudnn, checked on the CPU with the backend reported as "gpu"
     and the fused call spied on (run with implementation="xla"): unmasked bf16 goes to the fused
     kernel, masked or fp32 calls to the one-shot form; both give the same values."""
-    from safeclick_jax.models import attention
-
     calls = []
 
     def spy(q, k, v, implementation="cudnn"):
@@ -151,6 +180,7 @@ def test_cudnn_mode_routes_only_unmasked_16bit_calls(monkeypatch):
     monkeypatch.setattr(attention, "fused_attention", spy)
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
     monkeypatch.setenv("SAFECLICK_ATTENTION", "cudnn")
+    attention.configure()
     q, k, v = qkv(1, 2, 32, 40, 16, seed=8)
     mask = jnp.asarray(np.arange(40)[None] < 30)
     bf = [jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)]
@@ -159,7 +189,7 @@ def test_cudnn_mode_routes_only_unmasked_16bit_calls(monkeypatch):
     dot_product_attention(*bf, mask)  # masked: one-shot
     dot_product_attention(*(jnp.asarray(t) for t in (q, k, v)))  # fp32: one-shot
     assert len(calls) == 1
-    monkeypatch.setenv("SAFECLICK_ATTENTION", "full")
+    attention.configure("full", env={})
     ref = dot_product_attention(*bf)
     err = np.abs(np.asarray(fused, np.float32) - np.asarray(ref, np.float32)).max()
     assert err <= 0.03, err  # bf16 rounding only

@@ -31,7 +31,7 @@ def test_convert_summary_and_counts(sam2_tiny_pt, sam2_tiny_dir):
     }
     for k, v in torch_counts.items():
         assert counts[k] == v, k
-    # numbers from the porting notes (sam2.1 tiny)
+    # parameter counts of the sam2 package's sam2.1 tiny model
     assert counts["image_encoder.trunk"] + counts["image_encoder.neck"] == 27_219_136
     assert counts["sam_mask_decoder"] == 4_215_109
 

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.weights import load_state_dict
 from safeclick_jax.models import layers
 from safeclick_jax.models.config import get_config
 from safeclick_jax.models.mask_decoder import MaskDecoder
 from safeclick_jax.models.prompt_encoder import PAD_LABEL, PromptEncoder
+from safeclick_jax.models.weight_map import load_state_dict
 from tests.sam2_torch import build_torch_sam2, max_abs, nchw_to_nhwc, numpy_state_dict, rel_err, torch
 
 MODEL = "sam2.1_hiera_t"  # torch weights; the Flax config is the fixture's parameter

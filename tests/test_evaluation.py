@@ -302,11 +302,11 @@ def test_base_architecture_is_safeclick_without_its_head():
     )
     desc = {"kind": "safeclick", "sam2": cfg.to_dict(), "safeclick": SafeClickConfig().to_dict()}
     model = registry.build(desc, abstract=True)
-    base = protocol.base_architecture(model)
+    base = registry.base_model(model)
     assert type(base).__name__ == "SAM2Image" and not hasattr(base, "safeclick")
     sc_paths = {p for p, _ in nnx.state(model).flat_state() if p[0] != "safeclick"}
     assert {p for p, _ in nnx.state(base).flat_state()} == sc_paths
-    assert protocol.base_architecture(registry.build({"kind": "sam2", "sam2": cfg.to_dict()}, abstract=True)) is None
+    assert registry.base_model(registry.build({"kind": "sam2", "sam2": cfg.to_dict()}, abstract=True)) is None
 
 
 # ---------------------------------------------------------------------------------------------

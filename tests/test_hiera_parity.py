@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.weights import load_state_dict, model_keys
 from safeclick_jax.models import hiera as fh
 from safeclick_jax.models.config import CONFIGS, get_config
 from safeclick_jax.models.image_encoder import FpnNeck, ImageEncoder, sine_position_encoding
 from safeclick_jax.models.layers import gelu, resize_bicubic_nchw
+from safeclick_jax.models.weight_map import load_state_dict, model_keys
 from tests.sam2_torch import build_torch_sam2, max_abs, nchw_to_nhwc, numpy_state_dict, rel_err, torch
 
 F = torch.nn.functional
@@ -143,7 +143,7 @@ def test_trunk_loads_with_trunk_prefix():
     """The trunk alone loads from the full model state_dict with prefix image_encoder.trunk."""
     _, sd, trunk = tiny()
     n_params = sum(int(np.prod(v.shape)) for _, v in nnx.state(trunk).flat_state())
-    assert n_params == 26_849_472  # porting notes, sec. 1
+    assert n_params == 26_849_472  # parameter count of the sam2 package's model
     np.testing.assert_array_equal(np.asarray(trunk.pos_embed[...]), sd["image_encoder.trunk.pos_embed"])
     np.testing.assert_array_equal(
         np.asarray(trunk.blocks[1].attn.qkv.kernel[...]), sd["image_encoder.trunk.blocks.1.attn.qkv.weight"].T
@@ -162,7 +162,7 @@ def test_structure_matches_torch():
             bt.attn.num_heads,
             bt.q_stride,
         )
-    # Other sizes against the porting notes (sec. 1); the slow parity tests check them against torch.
+    # Other sizes against the sam2 package's parameter counts; the slow parity tests check them against torch.
     notes = {
         "sam2.1_hiera_s": ([1, 3, 14], [8, 4, 14]),
         "sam2.1_hiera_b+": ([2, 5, 21], [8, 4, 14]),

@@ -52,7 +52,7 @@ def test_loads_every_memory_key(pair):
         for k, v in numpy_state_dict(tm).items()
         if k.startswith(("memory_attention.", "memory_encoder."))
     )
-    assert n == 5_922_304 + 1_384_608  # porting notes, sec. 1
+    assert n == 5_922_304 + 1_384_608  # parameter count of the sam2 package's model
     np.testing.assert_array_equal(
         np.asarray(mem.memory_encoder.fuser.layers[1].dwconv.kernel[...]),
         tm.memory_encoder.fuser.layers[1].dwconv.weight.detach().numpy().transpose(2, 3, 1, 0),

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
-from convert.weights import load_state_dict, state_dict  # noqa: E402
 from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel, trainable_filter  # noqa: E402
+from safeclick_jax.models.weight_map import load_state_dict, state_dict  # noqa: E402
 from tests.sam2_torch import max_abs, rel_err, torch
 
 IMAGE_SIZE = 256  # E = 16: the decoder's math is size-independent, this keeps the test fast
@@ -195,7 +195,7 @@ def check_gradients(variant, pair):
 
 def state_dict_of(grads_state):
     """torch-layout dict of a State of gradients (same transforms as the weight map)."""
-    from convert.weights import to_torch_layout, torch_key
+    from safeclick_jax.models.weight_map import to_torch_layout, torch_key
 
     return {
         torch_key(p): np.asarray(

@@ -6,9 +6,12 @@ import pytest
 from flax import nnx
 
 from convert.safeclick_torch import build_safeclick_torch  # noqa: E402
-from convert.weights import load_state_dict  # noqa: E402
-from safeclick_jax.models.registry import save_model  # noqa: E402
-from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel, from_sam2  # noqa: E402
+from safeclick_jax.models.registry import (
+    from_sam2,
+    save_model,  # noqa: E402
+)
+from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel  # noqa: E402
+from safeclick_jax.models.weight_map import load_state_dict  # noqa: E402
 from safeclick_jax.predictor import ImagePredictor  # noqa: E402
 from tests.sam2_torch import max_abs, rel_err, torch
 from tests.test_predictor_parity import TorchSteps

@@ -12,7 +12,7 @@ from configs import sam2_t
 from safeclick_jax.data import pipeline, prepare, synthetic
 from safeclick_jax.models.sam2 import encode_image
 from safeclick_jax.training import embedding_cache as ec
-from safeclick_jax.training import train_state as ts
+from safeclick_jax.training import model_init
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
     config = sam2_t.get_config("smoke")
     config.data.cache_dir = str(d / "cache")
     prepare.prepare_dataset([str(d / "synth")], config.data.cache_dir, config.data, progress=False)
-    model = ts.build_model(config, 64, log=lambda *a: None)
+    model = model_init.build_model(config, 64, log=lambda *a: None)
     return d, config, model
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from configs import common
+from safeclick_jax import parallel
+from safeclick_jax.training import model_init
 from safeclick_jax.training import step as step_lib
 from safeclick_jax.training import train_state as ts
 
@@ -33,13 +35,13 @@ def steps():
         config = common.make("sam2.1_hiera_t", "smoke")
         config.train.compute_dtype = dtype
         size = config.data.image_size
-        mesh = ts.make_mesh()
-        model = ts.build_model(config, size, log=lambda *a: None)
+        mesh = parallel.make_mesh()
+        model = model_init.build_model(config, size, log=lambda *a: None)
         graphdef, params, frozen = ts.split_model(model, config)
         opt = ts.make_optimizer(config, 100)
         state = ts.init_state(jax.tree.map(jnp.copy, params), opt, 0)
         fn = step_lib.make_train_step(graphdef, opt, ts.learning_rate(config, 100), config, mesh, model.keep_block)
-        batch = ts.global_batch(step_lib.host_batch(_batch(size, 4)), mesh)
+        batch = parallel.global_batch(step_lib.host_batch(_batch(size, 4)), mesh)
         new, metrics = fn(state, frozen, batch)
         out[dtype] = (params, new, jax.device_get(metrics))
     return out

@@ -44,12 +44,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from safeclick_jax import checkpoint, prompting
+from safeclick_jax import checkpoint, parallel, prompting
 from safeclick_jax.data import pipeline
 from safeclick_jax.data import prompts as prompt_lib
 from safeclick_jax.evaluation import metrics
 from safeclick_jax.models import registry
-from safeclick_jax.training import train_state
 
 CONDITIONS = prompt_lib.CONDITIONS
 CONDITION_NAMES = tuple(prompt_lib.condition_name(k, p) for k, p in CONDITIONS)
@@ -99,19 +98,6 @@ class EvalModel:
         model = registry.build(desc, abstract=True)
         checkpoint.assign_params(model, params, where=directory)
         return cls(name or Path(directory.rstrip("/")).name, directory, desc, model)
-
-
-def base_architecture(model: nnx.Module) -> nnx.Module | None:
-    """For a SafeClick model: the same SAM 2 network without the SafeClick head (shared weights),
-    i.e. its base for the overhead timing; None for a plain SAM 2 model."""
-    if not hasattr(model, "safeclick"):
-        return None
-    from safeclick_jax.models.sam2 import SAM2Image
-
-    base = nnx.eval_shape(lambda: SAM2Image(model.cfg, nnx.Rngs(0)))
-    state = nnx.state(model)
-    nnx.update(base, nnx.State({k: v for k, v in state.items() if k != "safeclick"}))
-    return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +230,10 @@ class RoiSet:
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """Training's 1D `data` mesh over all devices, or over the first num_devices of them."""
     if not num_devices or num_devices == jax.device_count():
-        return train_state.make_mesh()
+        return parallel.make_mesh()
     return jax.make_mesh(
         (num_devices,),
-        (train_state.DATA_AXIS,),
+        (parallel.DATA_AXIS,),
         axis_types=(jax.sharding.AxisType.Auto,),
         devices=jax.devices()[:num_devices],
     )
@@ -274,7 +260,7 @@ class ModelFunctions:
 
     def __init__(self, model: nnx.Module, mesh):
         self.graphdef, state = nnx.split(model)
-        rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(train_state.DATA_AXIS))
+        rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
         self.state = jax.device_put(state, rep)
         graphdef = self.graphdef
 
@@ -380,7 +366,7 @@ def evaluate(
         raise ValueError(f"batch_size {batch_size} is not a multiple of the {ndev} devices")
     if len(rois) == 0:
         raise ValueError(f"{rois.cache_dir}: split {rois.split!r} has no ROI to evaluate")
-    data = NamedSharding(mesh, P(train_state.DATA_AXIS))
+    data = NamedSharding(mesh, P(parallel.DATA_AXIS))
     counts_fn = jax.jit(_counts, in_shardings=(data,) * 5, out_shardings=(data, data))
     fns = [ModelFunctions(m.model, mesh) for m in models]
     n = len(rois)
@@ -497,10 +483,10 @@ def time_base_overhead(model: EvalModel, image_size: int, mesh, batch_size: int,
     """Inference time per ROI (encode + one box prompt) of a SafeClick model and of its base
     network (the same SAM 2 without the SafeClick head) on the same random input, median of
     `repeats`; None for a plain SAM 2 model. Used when the run has no plain SAM 2 of the same size."""
-    base = base_architecture(model.model)
+    base = registry.base_model(model.model)
     if base is None:
         return None
-    data = NamedSharding(mesh, P(train_state.DATA_AXIS))
+    data = NamedSharding(mesh, P(parallel.DATA_AXIS))
     rng = np.random.default_rng(0)
     images = jax.device_put(rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32), data)
     pts = np.full((batch_size, 1, NUM_POINT, 2), image_size / 2, np.float32)

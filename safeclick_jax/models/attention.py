@@ -3,31 +3,31 @@ experts, memory attention).
 
     out = dot_product_attention(q, k, v, key_mask)   # q [B, H, Nq, d], k/v [B, H, Nk, d]
 
-Why not one einsum-softmax-einsum: the full-resolution attentions (Hiera's global blocks, SafeClick's
-E1/E2, memory attention) have 1024-4096+ queries and keys, so the [B, H, Nq, Nk] score tensor is
-hundreds of MB. On CPU, XLA materialises it in freshly allocated memory on every call, and writing
-it (page faults, then DRAM traffic for the exp/max/sum passes) cost more than the two matmuls:
-Hiera-t's global block spent 800 ms in attention against 240 ms for torch's fused SDPA. Here the
-work is cut into pieces (`lax.map`) whose scores stay within `max_scores` elements (cache-sized):
-several whole (batch, head) problems at a time when one fits, else query chunks of one problem
-(`plan_chunks`). The backward pass is hand-written (flash-attention recurrence, `_chunked_bwd`).
-Measured on a 2-core CPU (fp32): Hiera-t global block attention 800 -> ~250 ms; SafeClick expert
-attention at 512 px, batch 8 (64 heads x 1024^2), forward 509 -> 105 ms and forward + backward
-1430 -> 650 ms, then 671 -> 447 ms (dK, dV as transposed products, `_chunked_bwd`; one interleaved
-run, the whole 512 px train step 3873 -> 3215 ms) (torch SDPA: 105 / 434 ms).
+Why not one einsum-softmax-einsum everywhere: the full-resolution attentions (Hiera's global blocks,
+SafeClick's E1/E2, memory attention) have 1024-4096+ queries and keys, so the [B, H, Nq, Nk] score
+tensor is hundreds of MB. On CPU, XLA materialises it in freshly allocated memory on every call, and
+writing it (page faults, then DRAM traffic for the exp/max/sum passes) costs more than the two
+matmuls. The chunked path cuts the work into pieces (`lax.map`) whose scores stay within
+`max_scores` elements (cache-sized): several whole (batch, head) problems at a time when one fits,
+else query chunks of one problem (`plan_chunks`). Its backward pass is hand-written
+(flash-attention recurrence, `_chunked_bwd`), so no [Nq, Nk] tensor beyond one piece is kept for it.
+benchmarks/bench_train.py and benchmarks/step_memory.py measure both paths (results in
+benchmarks/RESULTS.md).
 
-On GPU/TPU XLA fuses the unchunked graph and a sequential loop would only cost parallelism, so
-chunking is on for the CPU backend only (`chunk_queries=None` picks by backend). The one-shot form
-keeps the whole [B, H, Nq, Nk] probabilities for the backward pass, though: on an H200 the
-SafeClick train step (1024 px, batch 8) needed 13.9 GB against torch's 5.0 GB. The environment
-variable SAFECLICK_ATTENTION=chunked (or full) overrides the choice on any backend, and
-SAFECLICK_ATTENTION_MAX_SCORES sets the piece size, so a GPU user can trade speed for memory;
-which is faster on a GPU has not been measured. SAFECLICK_ATTENTION=cudnn (GPU only) sends every
-unmasked bf16/fp16 attention (Hiera's global blocks, E1, E2, the two-way transformer's token->image
-attention) to cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation=
-"cudnn")`), which never stores the [Nq, Nk] probabilities, as torch's SDPA does; masked or fp32
-calls keep the one-shot path (cuDNN's flash kernels take 16-bit inputs only). Not yet measured on a
-GPU (`benchmarks/gpu_run.sh train_t_cudnn`), so it is opt-in.
+The implementation is a process-wide choice (`configure`; training sets it from the config's
+`model.attention`):
+  auto     chunked on the CPU backend, full elsewhere (on GPU/TPU XLA fuses the unchunked graph and a
+           sequential loop would only cost parallelism)
+  chunked  the chunked path on any backend (less memory: the one-shot form keeps the whole
+           [B, H, Nq, Nk] probabilities for the backward pass)
+  full     the one-shot form on any backend
+  cudnn    (GPU only) every unmasked bf16/fp16 call goes to cuDNN's fused flash attention
+           (`jax.nn.dot_product_attention(implementation="cudnn")`), which never stores the
+           probabilities; masked or fp32 calls keep the one-shot form (cuDNN's flash kernels take
+           16-bit inputs only)
+The environment variables SAFECLICK_ATTENTION (a mode) and SAFECLICK_ATTENTION_MAX_SCORES (the piece
+size) override the configured values; they are read when `configure` runs (once, at the first
+attention call, when nothing configured it).
 
 Numerics: scale 1/sqrt(d) applied to q, scores and softmax statistics in fp32 (also for bf16
 inputs), the max subtracted as a constant (softmax is invariant to it, so its gradient is not
@@ -38,6 +38,7 @@ finite logit, so exp() gives exactly 0 and no row becomes NaN while one key is v
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -73,17 +74,44 @@ def plan_chunks(groups: int, nq: int, nk: int, max_scores: int = MAX_SCORES) -> 
 MODES = ("auto", "chunked", "full", "cudnn")
 
 
-def _env_choice() -> tuple[str, int]:
-    """(mode, max_scores) from SAFECLICK_ATTENTION[_MAX_SCORES] (module docstring)."""
-    mode = os.environ.get("SAFECLICK_ATTENTION", "auto")
-    if mode not in MODES:
-        raise ValueError(f"SAFECLICK_ATTENTION={mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"SAFECLICK_ATTENTION=cudnn needs a GPU (cuDNN); the backend is {jax.default_backend()!r}")
-    raw = os.environ.get("SAFECLICK_ATTENTION_MAX_SCORES", str(MAX_SCORES))
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"SAFECLICK_ATTENTION_MAX_SCORES={raw!r}: expected a positive integer")
-    return mode, int(raw)
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    mode: str  # one of MODES
+    max_scores: int  # elements of one piece's score tensor on the chunked path
+    source: str  # where the values came from (for the log line)
+
+
+_choice: Choice | None = None
+
+
+def configure(mode: str = "auto", max_scores: int = -1, env=None) -> Choice:
+    """Sets the implementation every later trace uses (module docstring); max_scores -1: MAX_SCORES.
+    SAFECLICK_ATTENTION / SAFECLICK_ATTENTION_MAX_SCORES in `env` (default os.environ) win."""
+    global _choice
+    env = os.environ if env is None else env
+    source = "config"
+    if "SAFECLICK_ATTENTION" in env:
+        mode, source = env["SAFECLICK_ATTENTION"], "SAFECLICK_ATTENTION"
+        if mode not in MODES:
+            raise ValueError(f"SAFECLICK_ATTENTION={mode!r}: expected one of {', '.join(MODES)}")
+    elif mode not in MODES:
+        raise ValueError(f"model.attention={mode!r}: expected one of {', '.join(MODES)}")
+    if "SAFECLICK_ATTENTION_MAX_SCORES" in env:
+        raw = env["SAFECLICK_ATTENTION_MAX_SCORES"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"SAFECLICK_ATTENTION_MAX_SCORES={raw!r}: expected a positive integer")
+        max_scores, source = int(raw), source + ", SAFECLICK_ATTENTION_MAX_SCORES"
+    elif max_scores == -1:
+        max_scores = MAX_SCORES
+    elif max_scores < 1:
+        raise ValueError(f"model.attention_max_scores={max_scores}: expected a positive integer or -1")
+    _choice = Choice(mode, int(max_scores), source)
+    return _choice
+
+
+def current() -> Choice:
+    """The configured choice (configured from the environment alone on first use)."""
+    return _choice if _choice is not None else configure()
 
 
 def fused_attention(q, k, v, implementation: str = "cudnn"):
@@ -98,12 +126,16 @@ def fused_attention(q, k, v, implementation: str = "cudnn"):
 def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = None, max_scores: int | None = None):
     """softmax(q k^T / sqrt(d)) v for q [B, H, Nq, d], k/v [B, H, Nk, d]; key_mask [B, Nk] bool
     (True = attend) or None. Returns [B, H, Nq, d] in q's dtype. chunk_queries / max_scores None:
-    the environment's choice (module docstring), else chunked on CPU only, MAX_SCORES."""
+    the configured choice (`configure`, module docstring)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    mode, env_max = _env_choice()
-    max_scores = env_max if max_scores is None else max_scores
+    choice = current()
+    mode = choice.mode
+    max_scores = choice.max_scores if max_scores is None else max_scores
+    if mode == "cudnn" and jax.default_backend() != "gpu":
+        name = "SAFECLICK_ATTENTION" if choice.source.startswith("SAFECLICK") else "model.attention"
+        raise ValueError(f"{name}=cudnn needs a GPU (cuDNN); the backend is {jax.default_backend()!r}")
     if chunk_queries is None:
         if mode == "cudnn" and key_mask is None and q.dtype in (jnp.bfloat16, jnp.float16):
             return fused_attention(q, k, v)

@@ -9,7 +9,6 @@ checkpoint carries (sam2.1 adds `no_obj_embed_spatial` and `obj_ptr_tpos_proj`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 
@@ -92,9 +91,6 @@ class SAM2Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAM2Config":

@@ -1,10 +1,10 @@
 """Hiera trunk of SAM 2's image encoder (sam2/modeling/backbones/hieradet.py) in Flax NNX.
 
 Attribute paths mirror the torch keys under `image_encoder.trunk.` (see layers.py), so
-convert/weights.py maps a checkpoint by rule. Feature maps are NHWC; `pos_embed` and
+safeclick_jax/models/weight_map.py maps a checkpoint by rule. Feature maps are NHWC; `pos_embed` and
 `pos_embed_window` keep torch's (1, C, h, w) layout so they load unchanged.
 
-Numerical details reproduced on purpose (porting notes, sec. 3):
+Numerical details reproduced on purpose (docs/sam2_numerics.md):
 - LayerNorm eps 1e-6, exact (erf) GELU, attention scale 1/sqrt(head_dim), no relative-position bias
   (attention.py).
 - Pos-embed: torch bicubic resize (A=-0.75, clamped borders) of `pos_embed` to the token grid plus

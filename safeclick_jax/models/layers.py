@@ -2,14 +2,14 @@
 
 Naming rule used across the project: every Flax attribute path mirrors the PyTorch state_dict key
 (`blocks.3.attn.qkv` <-> `blocks[3].attn.qkv`), so one generic rule converts checkpoints
-(convert/weights.py): Linear weight -> kernel (transposed), Conv weight -> kernel (HWIO),
+(safeclick_jax/models/weight_map.py): Linear weight -> kernel (transposed), Conv weight -> kernel (HWIO),
 LayerNorm weight -> scale, Embedding weight -> embedding; every other tensor keeps its torch layout.
 Feature maps are NHWC throughout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,14 +141,6 @@ class MLP(nnx.Module):
         return jax.nn.sigmoid(x) if self.sigmoid_output else x
 
 
-def resize_bilinear(x, shape: Sequence[int], antialias: bool):
-    """torch F.interpolate(mode='bilinear', align_corners=False[, antialias]) on NHWC/NCHW spatial dims.
-
-    `shape` is the full output shape. jax.image.resize 'linear' matches torch in both modes
-    (porting notes: max diff < 5e-7)."""
-    return jax.image.resize(x, tuple(shape), method="linear", antialias=antialias)
-
-
 def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75):
     """Row-stochastic (n_out, n_in) matrix of torch's bicubic upsampling (align_corners=False).
 
@@ -201,7 +193,8 @@ def resize_bilinear_last2(x, hw: tuple[int, int]):
 
     An axis upsampled by a power-of-two factor takes two gathers and a lerp (equal to torch within
     1e-6), without jax.image.resize's dense resampling matmul: SAM 2's mask post-processing
-    upsamples 256^2 logits to the image size for every prompt (20 ms -> 8 ms at 1024^2 on CPU).
+    upsamples 256^2 logits to the image size for every prompt (8 ms at 1024^2 on CPU, against 20 ms
+    for jax.image.resize).
     Other ratios go through jax.image.resize, which matches torch to 5e-7 there; the two-tap form
     differs by up to 4e-5 where 1/factor is inexact in float (torch's rounding of the source index)."""
     for axis, n_out in ((x.ndim - 2, hw[0]), (x.ndim - 1, hw[1])):

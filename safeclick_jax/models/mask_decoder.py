@@ -1,7 +1,7 @@
 """SAM 2 mask decoder and two-way transformer (sam2/modeling/sam/{mask_decoder,transformer}.py) in
 Flax NNX, NHWC.
 
-Attribute paths mirror the torch keys under `sam_mask_decoder.` (see porting notes, sec. 2), e.g.
+Attribute paths mirror the torch keys under `sam_mask_decoder.` (docs/architecture.md, "Weights"), e.g.
 `transformer.layers.0.cross_attn_token_to_image.q_proj`, `output_upscaling.{0,1,3}` (torch
 nn.Sequential indices; 2 and 4 are GELUs), `output_hypernetworks_mlps.{0..3}.layers.{0,1,2}`.
 

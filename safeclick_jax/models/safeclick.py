@@ -241,37 +241,22 @@ class SafeClickModel(nnx.Module):
         )
 
 
-# --- building from a SAM 2 checkpoint, and what trains -----------------------------------------
-
-
-def from_sam2(base, sc: SafeClickConfig, seed: int = 0) -> SafeClickModel:
-    """A SafeClickModel whose image encoder, prompt encoder and E3 / tokens / upscaling / heads
-    are copied from `base` (a SAM2Image, or a converted SAM 2 model directory); the SafeClick
-    parts (F_transform, E1, E2, CRL) are freshly initialised from `seed`."""
-    from safeclick_jax.models.registry import load_model
-    from safeclick_jax.models.sam2 import SAM2Image
-
-    if isinstance(base, str):
-        directory = base
-        base, desc, _ = load_model(directory)
-        if desc.get("kind") != "sam2":
-            raise ValueError(
-                f"{directory}: a SafeClick model needs a plain SAM 2 base checkpoint, this one is {desc.get('kind')!r}"
-            )
-    if not isinstance(base, SAM2Image):
-        raise TypeError(f"base must be a SAM2Image or a model directory, got {type(base).__name__}")
-    # Only the new parts need random values: build the rest as shapes, then fill it from `base`.
-    model = nnx.eval_shape(lambda: SafeClickModel(base.cfg, sc, nnx.Rngs(seed)))
-    head = SafeClickHead(base.cfg, sc, nnx.Rngs(seed))
-    nnx.update(model, nnx.state(base))
-    nnx.update(model.safeclick, nnx.state(head))
-    return model
+# --- what trains ----------------------------------------------------------------------------
 
 
 # conv_s0/conv_s1 belong to torch's sam_mask_decoder but only project the frozen encoder's
 # high-resolution maps; keeping them frozen lets training cache their (small) outputs instead of
 # the 256-channel maps (16x the bytes).
 FROZEN_DECODER_PARTS = ("conv_s0", "conv_s1")
+
+
+def is_frozen_encoder_path(path) -> bool:
+    """The parameters whose outputs training caches per slice: the image encoder, no_mem_embed and the
+    frozen decoder parts (FROZEN_DECODER_PARTS)."""
+    p = tuple(str(x) for x in path)
+    return p[0] in ("image_encoder", "no_mem_embed") or (
+        p[0] == "sam_mask_decoder" and len(p) > 1 and p[1] in FROZEN_DECODER_PARTS
+    )
 
 
 def trainable_filter(train_prompt_encoder: bool = False, train_mask_decoder: bool = True):

@@ -2,7 +2,7 @@
 
 Attribute names equal the top-level torch keys of SAM2Base (`image_encoder`, `sam_prompt_encoder`,
 `sam_mask_decoder`, `no_mem_embed`), so the official state_dict maps onto it by the generic rule in
-convert/weights.py. The memory/video modules are not part of the image path.
+safeclick_jax/models/weight_map.py. The memory/video modules are not part of the image path.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Both directions are pure transposes, so torch -> flax -> torch is bit-exact.
 
 It lives in the package (numpy + flax only, no torch) because the package itself loads tensors
 kept in torch layout: the memory/video modules load from a model directory's `extra` item.
-convert/weights.py re-exports it for the converters and tests.
+The converters and tests import it from here too.
 """
 
 from __future__ import annotations

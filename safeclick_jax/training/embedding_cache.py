@@ -34,17 +34,11 @@ import numpy as np
 from flax import nnx
 
 from safeclick_jax.data import pipeline, roi_index
+from safeclick_jax.models.safeclick import is_frozen_encoder_path
 from safeclick_jax.models.sam2 import encode_image
 
 FORMAT = 1
 NAMES = ("image_embed", "high_res_0", "high_res_1", "block")
-
-
-def is_frozen_encoder_path(path) -> bool:
-    p = tuple(str(x) for x in path)
-    return p[0] in ("image_encoder", "no_mem_embed") or (
-        p[0] == "sam_mask_decoder" and len(p) > 1 and p[1] in ("conv_s0", "conv_s1")
-    )
 
 
 def encoder_fingerprint(model: nnx.Module) -> str:

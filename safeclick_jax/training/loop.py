@@ -18,12 +18,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from safeclick_jax import parallel
 from safeclick_jax.data import pipeline
-from safeclick_jax.training import embedding_cache
+from safeclick_jax.training import embedding_cache, model_init
 from safeclick_jax.training import step as step_lib
 from safeclick_jax.training import train_state as ts
 from safeclick_jax.training.checkpointing import Checkpointer
-from safeclick_jax.training.metrics import MetricsWriter, Progress, plot_curves
+from safeclick_jax.training.metrics import MetricsWriter, Progress, plot_curves, read_jsonl
 
 
 class DivergenceError(RuntimeError):
@@ -92,7 +93,7 @@ def evaluate(eval_step, params, frozen, mesh, cache, ds, n_batches) -> dict:
         except StopIteration:  # this process has fewer items: an all-padding batch
             b = {k: np.zeros_like(v) for k, v in template.items()}
         hb = step_lib.host_batch(b, cache, strict=False)
-        out = jax.device_get(eval_step(params, frozen, ts.global_batch(hb, mesh)))
+        out = jax.device_get(eval_step(params, frozen, parallel.global_batch(hb, mesh)))
         tot = out if tot is None else {k: tot[k] + out[k] for k in tot}
     r = lambda s, c: float(tot[s] / tot[c]) if tot[c] > 0 else float("nan")
     return {
@@ -108,13 +109,13 @@ def train(config, workdir) -> dict:
     t_start = time.perf_counter()
     setup_compilation_cache(config.get("compilation_cache_dir", ""))
     if not _DISTRIBUTED:
-        _DISTRIBUTED = ts.maybe_initialize_distributed(_log) or True
+        _DISTRIBUTED = parallel.maybe_initialize_distributed(_log) or True
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
     if main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    mesh = ts.make_mesh()
+    mesh = parallel.make_mesh()
     n_dev, n_proc = jax.device_count(), jax.process_count()
     _log(
         f"devices: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
@@ -125,7 +126,7 @@ def train(config, workdir) -> dict:
     ensure_data(dc)
     from safeclick_jax.models.config import get_config as sam2_get
 
-    image_size, why = ts.resolve_image_size(config, sam2_get(config.model.name))
+    image_size, why = model_init.resolve_image_size(config, sam2_get(config.model.name))
     _log(f"image_size: {image_size} px ({why})")
     cdt = step_lib.compute_dtype(config)  # validates train.compute_dtype before any heavy work
     _log(
@@ -138,7 +139,7 @@ def train(config, workdir) -> dict:
     lbs = gbs // n_proc
 
     t0 = time.perf_counter()
-    model = ts.build_model(config, image_size, _log)
+    model = model_init.build_model(config, image_size, _log)
     graphdef, params, frozen = ts.split_model(model, config)
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
@@ -187,13 +188,13 @@ def train(config, workdir) -> dict:
     optimizer = ts.make_optimizer(config, total)
     state = ts.init_state(params, optimizer, int(config.train.seed))
     fsdp, min_size = bool(config.train.fsdp), int(config.train.fsdp_min_size)
-    state_sharding = ts.param_sharding(mesh, state, fsdp, min_size)
-    frozen_sharding = ts.param_sharding(mesh, frozen, fsdp, min_size)
+    state_sharding = parallel.param_sharding(mesh, state, fsdp, min_size)
+    frozen_sharding = parallel.param_sharding(mesh, frozen, fsdp, min_size)
     if fsdp:
         for name, sh, tree in (("train state", state_sharding, state), ("frozen weights", frozen_sharding, frozen)):
-            n_split, n_arrays, frac = ts.sharded_fraction(sh, tree)
+            n_split, n_arrays, frac = parallel.sharded_fraction(sh, tree)
             _log(
-                f"fsdp: {name}: {n_split} of {n_arrays} arrays split over {mesh.shape[ts.DATA_AXIS]} devices, "
+                f"fsdp: {name}: {n_split} of {n_arrays} arrays split over {mesh.shape[parallel.DATA_AXIS]} devices, "
                 f"{100 * frac:.0f}% of a replica per device"
             )
     state = jax.device_put(state, state_sharding)
@@ -264,7 +265,7 @@ def train(config, workdir) -> dict:
     t_loop = time.perf_counter()
     for s in range(start + 1, total + 1):
         batch = next(it)
-        gb = ts.global_batch(step_lib.host_batch(batch, cache), mesh)
+        gb = parallel.global_batch(step_lib.host_batch(batch, cache), mesh)
         state, m = train_step(state, frozen, gb)
         if config.train.step_delay_s > 0:
             time.sleep(config.train.step_delay_s)
@@ -315,7 +316,7 @@ def train(config, workdir) -> dict:
     ckpt.close()
     writer.close()
     png = plot_curves(workdir / "metrics.jsonl", workdir / "curves.png") if main and config.plot else None
-    rows = [r for r in _read(workdir / "metrics.jsonl") if "val_dice" in r]
+    rows = [r for r in read_jsonl(workdir / "metrics.jsonl") if "val_dice" in r]
     summary = {
         "steps": total,
         "resumed_from": start,
@@ -365,9 +366,3 @@ def _to_host(tree):
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(one, tree)
-
-
-def _read(path):
-    from safeclick_jax.training.metrics import read_jsonl
-
-    return read_jsonl(path)

@@ -29,8 +29,8 @@ from flax import nnx
 
 from safeclick_jax import prompting
 from safeclick_jax.models.sam2 import PAD_LABEL, encode_image
+from safeclick_jax.parallel import batch_sharding, replicated
 from safeclick_jax.training import losses
-from safeclick_jax.training.train_state import batch_sharding, replicated
 
 
 def host_batch(batch: dict, cache=None, strict: bool = True) -> dict:
@@ -117,7 +117,7 @@ def _loss_cfg(cfg) -> types.SimpleNamespace:
 
 def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding=None, frozen_sharding=None):
     """The jit-compiled step(state, frozen, batch) -> (state, metrics). Shardings default to
-    replicated (train_state.param_sharding gives the FSDP ones)."""
+    replicated (parallel.param_sharding gives the FSDP ones)."""
     loss_cfg = _loss_cfg(config.loss)
     multimask = bool(config.train.multimask)
     nan_at = int(config.train.nan_at_step)
