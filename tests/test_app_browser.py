@@ -89,7 +89,9 @@ def _wait(driver, js, timeout=40.0):
         if v:
             return v
         time.sleep(0.2)
-    err = driver.execute_script("return document.getElementById('error').textContent")
+    err = driver.execute_script(
+        "return document.getElementById('error').textContent + ' / status: ' + document.getElementById('status').textContent"
+    )
     raise AssertionError(f"timed out waiting for: {js}; page error: {err}")
 
 
@@ -132,11 +134,11 @@ def test_page_click_propagate_overlay(server, driver):
     x, y, w, h = pos
     canvas = driver.find_element("id", "gl")
     ActionChains(driver).move_to_element_with_offset(canvas, int(x - w / 2), int(y - h / 2)).click().perform()
-    _wait(driver, "return document.getElementById('timing').textContent.startsWith('click')")
+    _wait(driver, "return document.getElementById('timing').textContent.startsWith('click')", 150)
     sid = driver.execute_script("return window.safeclick.state.vol.id")
     canvas.send_keys("p")
     driver.find_element("tag name", "body").send_keys("p")
-    _wait(driver, "return document.getElementById('timing').textContent.startsWith('propagate')", 60)
+    _wait(driver, "return document.getElementById('timing').textContent.startsWith('propagate')", 150)
     time.sleep(0.5)
     after = _canvas_pixels(driver)
     import urllib.request
