@@ -90,7 +90,7 @@ def _wait(driver, js, timeout=40.0):
             return v
         time.sleep(0.2)
     err = driver.execute_script(
-        "return document.getElementById('error').textContent + ' / status: ' + document.getElementById('status').textContent"
+        "const t = (id) => document.getElementById(id).textContent; return t('error') + ' / status: ' + t('status')"
     )
     raise AssertionError(f"timed out waiting for: {js}; page error: {err}")
 
