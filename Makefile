@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup lint test test-slow train table2 bench clean
+.PHONY: setup lint test test-slow train table2 bench clean app app-setup browser-deps
 
 setup: $(STAMP)
 
@@ -22,11 +22,29 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import jax, flax, torch, sam2; print('setup ok: jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 
+# The web app's JavaScript (niivue) from safeclick_jax/app/web/package-lock.json.
+APP_WEB := safeclick_jax/app/web
+APP_STAMP := $(APP_WEB)/node_modules/.npm-ci-done
+app-setup: $(APP_STAMP)
+$(APP_STAMP): $(APP_WEB)/package.json $(APP_WEB)/package-lock.json
+	cd $(APP_WEB) && npm ci --no-audit --no-fund
+	touch $(APP_STAMP)
+
+# Headless Chromium + chromedriver for the browser test (Debian packages; apt-get when root).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "browser-deps: install the Debian packages chromium and chromium-driver (as root)"; exit 1; fi
+
+app: setup app-setup
+	$(BIN)/python -m safeclick_jax.app $(APP_ARGS)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup
+test: setup app-setup browser-deps
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

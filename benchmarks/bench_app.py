@@ -1,0 +1,87 @@
+"""Latency of the web app's API on the demo model and example volume (what the page waits for).
+
+    python benchmarks/bench_app.py [--checkpoint workdir/sam2_t/export] [--out benchmarks/results/app]
+
+Times, through FastAPI's test client (the HTTP layer in-process): the model load and compile
+(warm_up), opening the example volume, the first click, a second click on another slice, the
+first propagation, a correction click after it and the second propagation. Writes OUT.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", default="workdir/sam2_t/export")
+    p.add_argument("--out", default="benchmarks/results/app")
+    a = p.parse_args(argv)
+    from fastapi.testclient import TestClient
+
+    from safeclick_jax.app.__main__ import example_volume
+    from safeclick_jax.app.engine import EngineFactory
+    from safeclick_jax.app.server import create_app
+    from safeclick_jax.data.synthetic import make_volume
+
+    rows = {}
+    t0 = time.perf_counter()
+    factory = EngineFactory(a.checkpoint, memory_from_init=True)
+    rows["load model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    factory.warm_up(lambda m: None)
+    rows["compile (warm-up)"] = time.perf_counter() - t0
+    data = Path(tempfile.mkdtemp())
+    path = example_volume(data)
+    _, labels, _ = make_volume(0)
+    k = labels.shape[2] // 2
+    ii, jj = np.nonzero(labels[:, :, k] == 1)
+    with TestClient(create_app(factory, data)) as c:
+
+        def timed(name, method, url, **kw):
+            t = time.perf_counter()
+            r = getattr(c, method)(url, **kw)
+            assert r.status_code == 200, r.text
+            rows[name] = time.perf_counter() - t
+            return r.json()
+
+        v = timed("open volume", "post", "/api/volumes", json={"path": path.name})
+        sid = v["id"]
+        mid = [int(np.median(ii)), int(np.median(jj)), k]
+        timed("first click", "post", f"/api/volumes/{sid}/prompts", json={"object": 1, "voxel": mid, "label": 1})
+        timed("second click", "post", f"/api/volumes/{sid}/prompts", json={"object": 1, "voxel": mid, "label": 1})
+        timed("first propagation", "post", f"/api/volumes/{sid}/propagate", json={"object": 1})
+        other = [mid[0], mid[1], max(0, k - 3)]
+        timed("click after propagation", "post", f"/api/volumes/{sid}/prompts", json={"object": 1, "voxel": other})
+        timed("second propagation", "post", f"/api/volumes/{sid}/propagate", json={"object": 1})
+    result = {
+        "checkpoint": a.checkpoint,
+        "volume": f"{path.name} {v['shape']}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores (shared with other jobs)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seconds": {k: round(s, 3) for k, s in rows.items()},
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(result, indent=2))
+    md = [
+        f"# Web app latency ({result['date']}, {result['machine']})",
+        "",
+        f"model {a.checkpoint}, volume {result['volume']}",
+        "",
+    ]
+    md += ["| step | seconds |", "|---|---|"] + [f"| {k} | {s:.2f} |" for k, s in rows.items()]
+    Path(a.out + ".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

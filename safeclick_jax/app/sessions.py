@@ -1,0 +1,165 @@
+"""Per-browser-tab sessions: one volume, one engine, its object list; freed after idle time."""
+
+from __future__ import annotations
+
+import gzip
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class BadInput(ValueError):
+    """A request the server refuses with 400 and this message."""
+
+
+def nifti_suffix(name: str) -> str:
+    low = name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if low.endswith(suffix):
+            return suffix
+    raise BadInput(f"{name!r}: only .nii and .nii.gz files are accepted")
+
+
+def load_checked(path: Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Parses a NIfTI file with nibabel (never pickle) -> (image, 3D data); BadInput naming
+    what is wrong otherwise (not NIfTI, truncated, not 3D, NaN/Inf)."""
+    if path.suffix.lower() == ".gz":
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                raise BadInput(f"{what}: named .nii.gz but not gzip-compressed")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise BadInput(f"{what}: not a NIfTI-1/2 image")
+        data = np.asanyarray(img.dataobj)
+    except BadInput:
+        raise
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise BadInput(f"{what}: the file is truncated or corrupt ({e})") from None
+    except Exception as e:  # nibabel raises many types for a malformed header or short data
+        raise BadInput(f"{what}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    shape = data.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise BadInput(f"{what}: a 3D volume is needed, the file is {len(shape)}D of shape {tuple(data.shape)}")
+    data = data.reshape(shape)
+    if data.dtype.kind not in "biuf":
+        raise BadInput(f"{what}: unsupported data type {data.dtype}")
+    if min(shape) < 2:
+        raise BadInput(f"{what}: a 3D volume is needed, the file has shape {shape}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise BadInput(f"{what}: the volume contains NaN or Inf values")
+    return img, data
+
+
+@dataclass
+class Session:
+    id: str
+    engine: object
+    name: str  # file name shown in the page
+    path: Path  # the input file (in the session's folder for uploads, in --data-dir otherwise)
+    image: nib.Nifti1Image
+    workdir: Path
+    source: Path | None  # the file in --data-dir it was opened from (for "save beside the input")
+    axis: int = 2
+    objects: dict = field(default_factory=dict)  # id -> {"name": str, "visible": bool}
+    progress: dict = field(default_factory=lambda: {"done": 0, "total": 0, "running": False})
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> dict:
+        zooms = self.image.header.get_zooms()[:3]
+        return {
+            "id": self.id,
+            "name": self.name,
+            "shape": [int(v) for v in self.image.shape[:3]],
+            "spacing": [float(v) for v in zooms],
+            "affine": np.asarray(self.image.affine).tolist(),
+            "axis": self.axis,
+            "num_slices": int(self.engine.num_slices),
+            "objects": [{"id": k, **v} for k, v in sorted(self.objects.items())],
+            "saveable": self.source is not None,
+        }
+
+    def labels_image(self, hide=()) -> nib.Nifti1Image:
+        """The label map with the input's affine and header (uint8, objects in `hide` set to 0)."""
+        lab = self.engine.label_map()
+        if hide:
+            lab = np.where(np.isin(lab, list(hide)), 0, lab).astype(np.uint8)
+        header = self.image.header.copy()
+        header.set_data_dtype(np.uint8)
+        out = type(self.image)(lab.astype(np.uint8), self.image.affine, header=header)
+        out.header.set_slope_inter(1, 0)
+        out.header["cal_min"], out.header["cal_max"] = 0, max(1, int(lab.max()))
+        return out
+
+
+class SessionStore:
+    """Sessions by id; `expire()` frees those idle longer than `idle_s` (their engine and files)."""
+
+    def __init__(self, idle_s: float = 1800.0, max_sessions: int = 8):
+        self.idle_s, self.max_sessions = idle_s, max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.root = Path(tempfile.mkdtemp(prefix="safeclick_app_"))
+
+    def new_workdir(self) -> tuple[str, Path]:
+        sid = secrets.token_urlsafe(12)
+        d = self.root / sid
+        d.mkdir()
+        return sid, d
+
+    def add(self, s: Session) -> None:
+        self.expire()
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                oldest = min(self._sessions.values(), key=lambda x: x.last_used)
+                self._drop(oldest.id)
+            self._sessions[s.id] = s
+
+    def get(self, sid: str) -> Session | None:
+        self.expire()
+        with self._lock:
+            s = self._sessions.get(sid)
+            if s is not None:
+                s.last_used = time.monotonic()
+            return s
+
+    def delete(self, sid: str) -> bool:
+        with self._lock:
+            return self._drop(sid)
+
+    def _drop(self, sid: str) -> bool:
+        s = self._sessions.pop(sid, None)
+        if s is None:
+            return False
+        s.engine = None  # the engine's slices, features and memory bank go with it
+        shutil.rmtree(s.workdir, ignore_errors=True)
+        return True
+
+    def expire(self) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            old = [
+                k for k, s in self._sessions.items() if now - s.last_used > self.idle_s and not s.progress["running"]
+            ]
+            for k in old:
+                self._drop(k)
+        return old
+
+    def __len__(self):
+        return len(self._sessions)
+
+    def close(self):
+        with self._lock:
+            for k in list(self._sessions):
+                self._drop(k)
+        shutil.rmtree(self.root, ignore_errors=True)
