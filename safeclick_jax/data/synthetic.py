@@ -81,22 +81,29 @@ def make_volume(seed: int, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0), noise_hu
 
 def write_dataset(out, num_volumes: int = 10, seed: int = 0, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)) -> Path:
     """Writes `num_volumes` volumes and dataset.json in the MSD layout under `out`."""
+    meta = {"name": "SafeClickSynthetic", "description": "synthetic CT-like volumes (deterministic)", "labels": LABELS}
+    return write_msd(out, make_volume, "synth", meta, num_volumes, seed, shape, spacing)
+
+
+def write_msd(out, make, prefix: str, meta: dict, num_volumes: int, seed: int, shape, spacing) -> Path:
+    """Volume i = make(seed * 100003 + i, shape, spacing) -> (image, labels, affine), written as
+    imagesTr/labelsTr/<prefix>_<i>.nii.gz with a dataset.json (MSD layout) holding `meta`."""
     out = Path(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     training = []
     for i in range(num_volumes):
-        image, labels, affine = make_volume(seed * 100003 + i, shape, spacing)
-        name = f"synth_{i:03d}.nii.gz"
+        image, labels, affine = make(seed * 100003 + i, shape, spacing)
+        name = f"{prefix}_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), str(out / "imagesTr" / name))
         nib.save(nib.Nifti1Image(labels, affine), str(out / "labelsTr" / name))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     meta = {
-        "name": "SafeClickSynthetic",
-        "description": "synthetic CT-like volumes (deterministic)",
+        "name": meta["name"],
+        "description": meta["description"],
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
-        "labels": LABELS,
+        "labels": meta["labels"],
         "numTraining": num_volumes,
         "numTest": 0,
         "training": training,

@@ -21,13 +21,13 @@ from the seed; 15 volumes are written in about a second, split 7:1:2 by `prepare
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from safeclick_jax.data.synthetic import write_msd
 
 LABELS = {
     "0": "background",
@@ -159,30 +159,12 @@ def make_volume(seed: int, shape=SHAPE, spacing=SPACING, noise_hu: float = 12.0)
 
 def write_dataset(out, num_volumes: int = 15, seed: int = 0, shape=SHAPE, spacing=SPACING) -> Path:
     """Writes `num_volumes` volumes and dataset.json in the MSD layout under `out`."""
-    out = Path(out)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    training = []
-    for i in range(num_volumes):
-        image, labels, affine = make_volume(seed * 100003 + i, shape, spacing)
-        name = f"abdomen_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), str(out / "imagesTr" / name))
-        nib.save(nib.Nifti1Image(labels, affine), str(out / "labelsTr" / name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     meta = {
         "name": "SafeClickSyntheticAbdomen",
         "description": "synthetic abdominal CT: touching organs, thin vessels, lesions (deterministic)",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
         "labels": LABELS,
-        "numTraining": num_volumes,
-        "numTest": 0,
-        "training": training,
-        "test": [],
-        "seed": seed,
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return out
+    return write_msd(out, make_volume, "abdomen", meta, num_volumes, seed, shape, spacing)
 
 
 def main(argv=None) -> int:
