@@ -61,16 +61,18 @@ def _install_unraisable_filter() -> None:
 
 @contextlib.contextmanager
 def quiet_orbax():
-    """Around a load: absl logging (orbax logs each restore at INFO/WARNING) shows only ERROR, and
-    the tracebacks a failed restore's pending reads print when collected later ('Event loop is
-    closed', hundreds of lines) are dropped; every other unraisable error is still reported."""
+    """Around a load: absl logging is silenced (orbax logs each restore at INFO/WARNING, and a failed
+    read at ERROR with its traceback; the failure itself comes back as the exception, which the
+    caller reports in one line), and the tracebacks a failed restore's pending reads print when
+    collected later ('Event loop is closed', hundreds of lines) are dropped; every other unraisable
+    error is still reported."""
     import gc
 
     from absl import logging as absl_logging
 
     _install_unraisable_filter()
     before = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.FATAL)
     try:
         yield
     except BaseException:
