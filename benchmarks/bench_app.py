@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     result = {
         "checkpoint": a.checkpoint,
         "volume": f"{path.name} {v['shape']}",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores (shared with other jobs)",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": {k: round(s, 3) for k, s in rows.items()},
     }
