@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -77,6 +78,9 @@ def quiet_orbax():
         yield
     except BaseException:
         gc.collect()  # finalise the failed restore's coroutines now
+        # reads still pending in orbax's event loop report their (same) failure through the asyncio
+        # logger when the loop is collected, possibly at exit: the exception raised here says it once
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise
     finally:
         absl_logging.set_verbosity(before)
