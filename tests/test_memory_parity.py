@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util  # noqa: E402
 
+from convert.sam2_to_flax import MEMORY_PREFIXES
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory, axial_rope, get_1d_sine_pe  # noqa: E402
 from tests.sam2_torch import build_torch_sam2, max_abs, numpy_state_dict, rel_err, torch
@@ -24,17 +25,7 @@ REL_TOL = 1e-4
 def pair():
     tm = build_torch_sam2(MODEL)
     sd = numpy_state_dict(tm)
-    prefixes = (
-        "memory_attention.",
-        "memory_encoder.",
-        "obj_ptr_proj.",
-        "mask_downsample.",
-        "maskmem_tpos_enc",
-        "no_mem_pos_enc",
-        "no_obj_ptr",
-        "no_obj_embed_spatial",
-        "obj_ptr_tpos_proj.",
-    )
+    prefixes = MEMORY_PREFIXES["sam2.1"]  # the converter's split of a checkpoint into image and memory path
     extra = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in sd.items() if k.startswith(prefixes)})
     return tm, SAM2Memory.from_extra(get_config(MODEL), extra)
 
