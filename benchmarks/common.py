@@ -109,9 +109,9 @@ def torch_video_predictor(model: str, image_size: int, seed: int = 0):
     (seeded, so every process builds the same weights), eval mode, CPU.
 
     The object score bias makes the object present on every slice, so every step does the full
-    work and the masks are not empty (a comparison of masks then means something). Hole filling off (SAM 2 runs it only with its
-    CUDA extension; the JAX engine is built with fill_hole_area=0 to match), and a corrected slice
-    becomes a conditioning slice, the JAX engine's semantics."""
+    work and the masks are not empty (a comparison of masks then means something). Hole filling
+    off (SAM 2 runs it only with its CUDA extension; the JAX engine is built with fill_hole_area=0
+    to match), and a corrected slice becomes a conditioning slice, the JAX engine's semantics."""
     import torch
     from sam2.build_sam import build_sam2_video_predictor
 
