@@ -68,7 +68,7 @@ def plan(n: int, hw: int, corrections: int):
     return mid, [[hw / 2, hw / 2]], steps
 
 
-def median_time(fn, repeats: int = 3) -> float:
+def median_time(fn, repeats: int = 2) -> float:
     """fn() blocks until done; compiled already (called once first, not counted)."""
     fn()
     times = []
