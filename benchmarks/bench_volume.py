@@ -3,9 +3,10 @@
     python benchmarks/bench_volume.py [--model sam2.1_hiera_t] [--image-size 512] [--slices 12]
 
 One click on the middle slice, then propagation forward and backward through every slice (image
-encoder + memory attention + decoder + memory encoder per slice). JAX is timed on a second
-propagate() (the first one compiles; the compile time is reported separately); torch on its
-propagate_in_video (both directions), eager fp32. Random weights (speed does not depend on them).
+encoder + memory attention + decoder + memory encoder per slice). JAX is timed on the propagate()
+of a second session on the same volume (the first one compiles; the compile time is reported
+separately); torch on its propagate_in_video (both directions), eager fp32. Random weights (speed
+does not depend on them).
 Writes benchmarks/results/volume.{json,md}.
 """
 
@@ -53,14 +54,17 @@ def main():
     click = [[a.hw / 2, a.hw / 2]]
     tracked = a.slices - 1
 
-    jp.set_volume(vol, axis=2)
-    jp.add_prompt(mid, points=click, labels=[1])
-    t0 = time.perf_counter()
-    jp.propagate()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jp.propagate()  # re-tracks every non-prompted slice, nothing to compile
-    jax_s = time.perf_counter() - t0
+    times = []
+    # The first session compiles. The second sets the volume again, so every slice is encoded again
+    # as torch encodes it (a second propagate() on the same session would find nothing changed, and
+    # one from a given start would read the cached features), with every step compiled.
+    for _ in range(2):
+        jp.set_volume(vol, axis=2)
+        jp.add_prompt(mid, points=click, labels=[1])
+        t0 = time.perf_counter()
+        jp.propagate()
+        times.append(time.perf_counter() - t0)
+    first, jax_s = times
 
     frames = torch_frames(np.array(jp._slices), a.image_size)
     svp.load_video_frames = lambda **kw: (frames, a.hw, a.hw)
