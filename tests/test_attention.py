@@ -91,7 +91,7 @@ def test_values_narrower_than_keys(max_scores):
     q, k, _ = qkv(2, 2, 70, 90, 16, seed=7)
     v = np.random.RandomState(8).randn(2, 2, 90, 4).astype(np.float32)
     key_mask = jnp.asarray(np.arange(90)[None] < np.array([[80], [90]]))
-    want = torch_sdpa(q, k, v, np.asarray(key_mask))
+    want = torch_sdpa(q, k, v, np.array(key_mask))
 
     def f(chunk):
         return lambda q, k, v: dot_product_attention(q, k, v, key_mask, chunk_queries=chunk, max_scores=max_scores)
