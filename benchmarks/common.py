@@ -9,8 +9,6 @@ import platform
 import statistics
 import time
 
-import jax
-
 
 def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
     """fn() must block until its result is ready. Returns first-call and steady-state seconds."""
@@ -60,6 +58,7 @@ def ratio(a: dict, b: dict) -> float:
 
 
 def machine() -> dict:
+    import jax
     import torch
 
     return {
@@ -103,3 +102,42 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def torch_video_predictor(model: str, image_size: int, seed: int = 0):
+    """The torch SAM2VideoPredictor the JAX engine is compared with: torch's default random init
+    (seeded, so every process builds the same weights), eval mode, CPU.
+
+    The object score bias makes the object present on every slice, so every step does the full
+    work and the masks are not empty (a comparison of masks then means something). Hole filling
+    off (SAM 2 runs it only with its CUDA extension; the JAX engine is built with fill_hole_area=0
+    to match), and a corrected slice becomes a conditioning slice, the JAX engine's semantics."""
+    import torch
+    from sam2.build_sam import build_sam2_video_predictor
+
+    version = model.split("_hiera_")[0]
+    torch.manual_seed(seed)
+    tm = build_sam2_video_predictor(
+        f"configs/{version}/{model}.yaml",
+        ckpt_path=None,
+        device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={image_size}"],
+    ).eval()
+    with torch.no_grad():
+        tm.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(20.0)
+    tm.fill_hole_area = 0
+    tm.add_all_frames_to_correct_as_cond = True
+    return tm
+
+
+def torch_frames(slices_uint8, image_size: int):
+    """What SAM2VideoPredictor's load_video_frames makes of an image folder, from a uint8 slice
+    stack [N, H, W]: grey to RGB, resized to the model input, ImageNet-normalised [N, 3, S, S]."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(slices_uint8).float()[:, None].expand(-1, 3, -1, -1) / 255.0
+    x = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std

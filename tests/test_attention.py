@@ -84,6 +84,29 @@ def test_chunked_gradients_equal_one_shot(max_scores, masked):
         assert float(jnp.abs(grads(True)[2][0, :, 80:]).max()) == 0.0
 
 
+@pytest.mark.parametrize("max_scores", [3 * 70 * 90, 16 * 90], ids=["whole_problems", "query_chunks"])
+def test_values_narrower_than_keys(max_scores):
+    """Memory attention weights its 64-d memories before projecting them to the 256-d head: v may
+    have another width than q and k, on both paths, values and gradients."""
+    q, k, _ = qkv(2, 2, 70, 90, 16, seed=7)
+    v = np.random.RandomState(8).randn(2, 2, 90, 4).astype(np.float32)
+    key_mask = jnp.asarray(np.arange(90)[None] < np.array([[80], [90]]))
+    want = torch_sdpa(q, k, v, np.array(key_mask))
+
+    def f(chunk):
+        return lambda q, k, v: dot_product_attention(q, k, v, key_mask, chunk_queries=chunk, max_scores=max_scores)
+
+    for chunk in (True, False):
+        got = np.asarray(f(chunk)(*map(jnp.asarray, (q, k, v))))
+        assert got.shape == (2, 2, 70, 4) and np.abs(got - want).max() <= 1e-5
+    grads = [
+        jax.grad(lambda *a: jnp.sum(jnp.sin(f(c)(*a))), argnums=(0, 1, 2))(*map(jnp.asarray, (q, k, v)))
+        for c in (True, False)
+    ]
+    for a, b in zip(*grads):
+        assert a.shape == b.shape and float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
+
+
 def test_bf16_inputs_keep_fp32_statistics():
     q, k, v = qkv(1, 2, 64, 300, 32, seed=6)
     want = torch_sdpa(q, k, v)

@@ -124,8 +124,8 @@ def fused_attention(q, k, v, implementation: str = "cudnn"):
 
 
 def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = None, max_scores: int | None = None):
-    """softmax(q k^T / sqrt(d)) v for q [B, H, Nq, d], k/v [B, H, Nk, d]; key_mask [B, Nk] bool
-    (True = attend) or None. Returns [B, H, Nq, d] in q's dtype. chunk_queries / max_scores None:
+    """softmax(q k^T / sqrt(d)) v for q / k [B, H, Nq|Nk, d], v [B, H, Nk, dv]; key_mask [B, Nk] bool
+    (True = attend) or None. Returns [B, H, Nq, dv] in q's dtype. chunk_queries / max_scores None:
     the configured choice (`configure`, module docstring)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -148,7 +148,8 @@ def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = N
     # Padding: extra problems and extra queries are computed and dropped; they touch no real row.
     pad_g, pad_q = n_pieces * per - groups, n_chunks * chunk - nq
     qf = jnp.pad(q.reshape(groups, nq, d), ((0, pad_g), (0, pad_q), (0, 0)))
-    kf, vf = (jnp.pad(a.reshape(groups, nk, d), ((0, pad_g), (0, 0), (0, 0))) for a in (k, v))
+    dv = v.shape[-1]  # may differ from d (memory attention attends to unprojected values)
+    kf, vf = (jnp.pad(a.reshape(groups, nk, a.shape[-1]), ((0, pad_g), (0, 0), (0, 0))) for a in (k, v))
     if key_mask is None:
         # An all-True mask rather than none: the select it adds keeps XLA:CPU from fusing the
         # q k^T dot with the max/exp into one YNNPACK fusion, which ran slower (SafeClick's E1 + E2
@@ -159,10 +160,10 @@ def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = N
         mask = jnp.pad(mask, ((0, pad_g), (0, 0)), constant_values=True)
     mask = mask.reshape(n_pieces, per, nk)
     qc = qf.reshape(n_pieces, per, n_chunks, chunk, d).transpose(0, 2, 1, 3, 4)
-    kf, vf = kf.reshape(n_pieces, per, nk, d), vf.reshape(n_pieces, per, nk, d)
-    out = jax.lax.map(lambda a: _chunked_attention(*a), (qc, kf, vf, mask))  # [pieces, chunks, per, c, d]
-    out = out.transpose(0, 2, 1, 3, 4).reshape(n_pieces * per, n_chunks * chunk, d)
-    return out[:groups, :nq].reshape(b, h, nq, d)
+    kf, vf = kf.reshape(n_pieces, per, nk, d), vf.reshape(n_pieces, per, nk, dv)
+    out = jax.lax.map(lambda a: _chunked_attention(*a), (qc, kf, vf, mask))  # [pieces, chunks, per, c, dv]
+    out = out.transpose(0, 2, 1, 3, 4).reshape(n_pieces * per, n_chunks * chunk, dv)
+    return out[:groups, :nq].reshape(b, h, nq, dv)
 
 
 # Chunked attention with a hand-written backward pass (the flash-attention recurrence). Autodiff
@@ -170,7 +171,7 @@ def dot_product_attention(q, k, v, key_mask=None, chunk_queries: bool | None = N
 # element by element: measured 1250 ms for a batch-8, 8-head, 1024-token fwd+bwd on CPU against
 # 193 ms forward. The backward below recomputes each chunk's probabilities from the saved
 # log-sum-exp and needs five matmuls per chunk and no [Nq, Nk] tensor beyond one chunk.
-# qc: [n, G, chunk, d] (already scaled), k/v [G, Nk, d], key_mask [G, Nk] -> [n, G, chunk, d].
+# qc: [n, G, chunk, d] (already scaled), k [G, Nk, d], v [G, Nk, dv], key_mask [G, Nk] -> [n, G, chunk, dv].
 
 
 def _scores(qq, k, key_mask):
@@ -216,7 +217,7 @@ def _chunked_bwd(res, dout):
         return (dkt, dvt), dq
 
     g, nk, d = k.shape
-    zeros = jnp.zeros((g, d, nk), f32), jnp.zeros((g, d, nk), f32)
+    zeros = jnp.zeros((g, d, nk), f32), jnp.zeros((g, v.shape[-1], nk), f32)
     (dkt, dvt), dq = jax.lax.scan(block, zeros, (qc, out, dout, lse))
     return dq, dkt.transpose(0, 2, 1).astype(k.dtype), dvt.transpose(0, 2, 1).astype(v.dtype), None
 
