@@ -80,6 +80,28 @@ def test_label_map_is_the_overlap_rule(predictor):
     assert set(np.unique(labels[both]).tolist()) <= {1, 2, 3}
 
 
+@pytest.mark.parametrize("axis", [2, 0])
+def test_label_slice_and_progress(predictor, axis):
+    """label_slice(t) is the plane of label_map() that slice t is; propagation's progress ends at
+    (slices, slices)."""
+    p = predictor
+    p.set_volume(volume(), axis=axis)
+    n = p.num_slices
+    h, w = p.slice_hw
+    p.add_prompt(n // 2, points=[[w / 2, h / 2]], labels=[1], obj_id=1)
+    p.add_prompt(n // 2 + 1, box=[0, 0, w / 2, h / 2], obj_id=2)
+    calls = []
+    labels = p.propagate(progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (n, n) and all(t == n for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert set(np.unique(labels).tolist()) >= {1, 2}
+    for k in range(SHAPE[axis]):
+        ijk = [0, 0, 0]
+        ijk[axis] = k
+        t = p.voxel_to_slice(ijk)[0]
+        np.testing.assert_array_equal(p.label_slice(t), np.take(labels, k, axis=axis))
+
+
 def test_mask_prompt_is_the_output(predictor):
     """add_new_mask: the mask is the slice's output (logits +-10 downsampled and upsampled)."""
     p = predictor
