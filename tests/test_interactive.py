@@ -262,3 +262,20 @@ def test_refused_calls_keep_the_session(predictor, tmp_path):
     assert p.object_ids == [1, 2, 3, 5]
     with pytest.raises(ValueError, match="smaller than one slice"):
         VolumePredictor(p.model, p.memory, cache_bytes=10)
+
+
+def test_predictors_of_one_model_share_compiled_steps(predictor):
+    """Predictors of one model (or of an equal one: same graph, other weights) share the compiled
+    steps: a second predictor on a volume of another size compiles no model step again."""
+    from safeclick_jax import volume_predictor as vp
+
+    p = predictor
+    p.set_volume(volume(), axis=2)
+    p.add_prompt(2, points=[[5, 5]], labels=[1], obj_id=1)
+    cfg = p.model.cfg
+    other = VolumePredictor(SAM2Image(cfg, nnx.Rngs(5)), SAM2Memory(MemoryConfig.for_model(cfg), nnx.Rngs(6)))
+    assert other._key is p._key
+    compiled = (vp._encode._cache_size(), vp._prompt._cache_size())
+    other.set_volume(volume()[:, :20, :5], axis=2)
+    other.add_prompt(2, points=[[5, 5]], labels=[1], obj_id=1)
+    assert (vp._encode._cache_size(), vp._prompt._cache_size()) == compiled
