@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup lint test test-slow train table2 bench clean app app-setup browser-deps
+.PHONY: setup lint test test-slow train table2 bench clean app app-setup browser-deps screenshot
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ browser-deps:
 
 app: setup app-setup
 	$(BIN)/python -m safeclick_jax.app $(APP_ARGS)
+
+# The README's picture of the page: the browser test on the demo model (`make train` first when absent).
+screenshot: setup app-setup browser-deps
+	APP_SCREENSHOT=docs/images/app.png $(BIN)/python -m pytest -q tests/test_app_browser.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,5 +1,5 @@
 """SAM 2's tracking step for volumes (slices = video frames), as pure functions of
-(image model, SAM2Memory, memory bank) that jit once per volume shape.
+(image model, SAM2Memory, memory bank).
 
 The memory bank is a fixed-size pytree with one entry per slice, so the slice a step reads or
 writes is a traced index and propagation never recompiles:
@@ -21,6 +21,10 @@ the host (`memory_slots`, from a host copy of `kind`) and only those that exist 
 padded to 2, 4 or num_maskmem - 1 slots: near the prompted slice only 1-3 of the 6 exist, and
 attending to all 6 (masked) would make memory attention ~640 of a slice's ~1500 ms on a CPU
 (`benchmarks/bench_volume.py`).
+
+Only `bank_entries` (the gather of the entries slice t attends to) and `write` see the bank, so
+only they depend on the number of slices: the model steps (`condition_features`, `track_step`,
+`encode_memory`) take the gathered entries and compile once for volumes of every size.
 
 Every image model works: SAM2Image and SafeClickModel (whose consensus layer then reads the
 memory-conditioned features, the input SAM 2's decoder reads when tracking).
@@ -64,54 +68,65 @@ def encode_frame(model, image) -> dict:
     return feats
 
 
-def memory_slots(kind: np.ndarray, t: int, reverse: bool, num_maskmem: int):
+def memory_slots(kind: np.ndarray, t: int, reverse: bool, num_maskmem: int, min_slots: int = 1):
     """Host side: which tracked slices t attends to as spatial memories (SAM 2: the slices
     t -+ 1..num_maskmem-1 in the direction of travel that hold a non-conditioning output, at
     t_pos num_maskmem - distance). kind: the bank's `kind` on the host. Returns (idx, t_pos,
-    valid) int32/int32/bool arrays padded to a bucket size (few compiled shapes)."""
+    valid) int32/int32/bool arrays padded to a bucket size of at least `min_slots` (few compiled
+    shapes)."""
     n, sign = len(kind), (-1 if reverse else 1)
     chosen = [(t - (num_maskmem - tp) * sign, tp) for tp in range(1, num_maskmem)]
     chosen = [(i, tp) for i, tp in chosen if 0 <= i < n and kind[i] == 1]
     buckets = [b for b in (2, 4) if b < num_maskmem - 1] + [max(num_maskmem - 1, 1)]
-    size = min(b for b in buckets if b >= len(chosen))
+    size = min(b for b in buckets if b >= max(len(chosen), min_slots))
     idx, tpos, valid = np.zeros(size, np.int32), np.ones(size, np.int32), np.zeros(size, bool)
     for j, (i, tp) in enumerate(chosen):
         idx[j], tpos[j], valid[j] = i, tp, True
     return idx, tpos, valid
 
 
-def gather_memory(mem, bank: dict, t, reverse, cond_idx, cond_valid, prev):
+def bank_entries(bank: dict, t, reverse, cond_idx, prev_idx, max_obj_ptrs: int) -> dict:
+    """The bank entries slice t may attend to: spatial memories of the prompted slices `cond_idx`
+    and of `prev_idx` (memory_slots), object pointers of the prompted slices and of the slices
+    t -+ 1..max_obj_ptrs-1 with whether those were tracked, and the number of slices."""
+    n = bank["kind"].shape[0]
+    tt = t - jnp.arange(1, max_obj_ptrs) * jnp.where(reverse, -1, 1)
+    tt_c = jnp.clip(tt, 0, n - 1)
+    return {
+        "feats": bank["feats"][jnp.concatenate([cond_idx, prev_idx])],
+        "ptr": bank["ptr"][jnp.concatenate([cond_idx, tt_c])],
+        "tracked": (tt >= 0) & (tt < n) & (bank["kind"][tt_c] == 1),
+        "num_slices": jnp.int32(n),
+    }
+
+
+def gather_memory(mem, entries: dict, t, reverse, cond_idx, cond_valid, prev):
     """Memories of slice t: (memory [1,M,mem_dim], pos [1,M,mem_dim], key_mask [1,M], number of
-    pointer tokens). t, reverse: traced scalars; cond_idx / cond_valid [K] the prompted slices;
-    prev: memory_slots(...) of slice t (arrays, traced)."""
+    pointer tokens). entries: bank_entries(...); t, reverse: traced scalars; cond_idx /
+    cond_valid [K] the prompted slices; prev: memory_slots(...) of slice t (arrays, traced)."""
     mc = mem.mc
-    n, e = bank["kind"].shape[0], bank["feats"].shape[1]
+    e = entries["feats"].shape[1]
     sign = jnp.where(reverse, -1, 1)
-    in_range = lambda i: (i >= 0) & (i < n)
-    tracked = lambda i: in_range(i) & (bank["kind"][jnp.clip(i, 0, n - 1)] == 1)
 
     # spatial memories: prompted slices (t_pos 0), then the existing ones of t_pos 1..num_maskmem-1
-    prev_idx, prev_tpos, prev_valid = prev
-    idx = jnp.concatenate([cond_idx, prev_idx])
+    _, prev_tpos, prev_valid = prev
     valid = jnp.concatenate([cond_valid, prev_valid])
     tpos = mem.tpos_enc(jnp.concatenate([jnp.zeros_like(cond_idx), prev_tpos]))  # [K + S, mem_dim]
     sine = jnp.asarray(sine_position_encoding(e, e, mc.mem_dim)).reshape(1, e * e, mc.mem_dim)
-    spatial = bank["feats"][idx].astype(jnp.float32).reshape(-1, e * e, mc.mem_dim)
+    spatial = entries["feats"].astype(jnp.float32).reshape(-1, e * e, mc.mem_dim)
     spatial_pos = sine + tpos[:, None, :]
 
     # object pointers: prompted slices not in the future, then tracked slices t -+ 1..15
-    max_ptrs = min(n, mc.max_obj_ptrs_in_encoder)
+    max_ptrs = jnp.minimum(entries["num_slices"], mc.max_obj_ptrs_in_encoder)
     c_valid = cond_valid
     if mc.only_obj_ptrs_in_the_past_for_eval:
         c_valid = c_valid & (cond_idx * sign <= t * sign)
     c_rel = (t - cond_idx) * sign if mc.use_signed_tpos_enc_to_obj_ptrs else jnp.abs(t - cond_idx)
     t_diff = jnp.arange(1, mc.max_obj_ptrs_in_encoder)
-    tt = t - t_diff * sign
-    p_idx = jnp.concatenate([cond_idx, jnp.clip(tt, 0, n - 1)])
-    p_valid = jnp.concatenate([c_valid, tracked(tt) & (t_diff < max_ptrs)])
+    p_valid = jnp.concatenate([c_valid, entries["tracked"] & (t_diff < max_ptrs)])
     p_pos = mem.obj_ptr_pos(jnp.concatenate([c_rel, t_diff]), max_ptrs)  # [P, mem_dim]
     split = mc.d_model // mc.mem_dim  # a pointer becomes `split` tokens of mem_dim
-    ptrs = bank["ptr"][p_idx].reshape(-1, mc.mem_dim)
+    ptrs = entries["ptr"].reshape(-1, mc.mem_dim)
     ptr_pos = jnp.repeat(p_pos, split, axis=0)
     ptr_valid = jnp.repeat(p_valid, split)
 
@@ -121,10 +136,10 @@ def gather_memory(mem, bank: dict, t, reverse, cond_idx, cond_valid, prev):
     return memory, pos, mask, ptrs.shape[0]
 
 
-def condition_features(model, mem, feats: dict, bank: dict, t, reverse, cond_idx, cond_valid, prev):
+def condition_features(model, mem, feats: dict, entries: dict, t, reverse, cond_idx, cond_valid, prev):
     """Memory attention on slice t's features -> [1,E,E,d] (the decoder's image embedding)."""
     b, e, _, d = feats["pix"].shape
-    memory, pos, mask, n_ptr = gather_memory(mem, bank, t, reverse, cond_idx, cond_valid, prev)
+    memory, pos, mask, n_ptr = gather_memory(mem, entries, t, reverse, cond_idx, cond_valid, prev)
     x = mem.memory_attention(
         feats["pix"].reshape(b, e * e, d), feats["pos"].reshape(b, e * e, d), memory, pos, n_ptr, mask
     )
@@ -183,17 +198,17 @@ def no_prompt(batch: int = 1):
     return coords, labels
 
 
-def track_step(model, mem, feats: dict, bank: dict, t, reverse, cond_idx, cond_valid, prev, size: int):
-    """One propagation step on slice t (not prompted) from its encode_frame features: memory
-    attention, SAM heads with multimask (tracking), memory encoder on the mask upsampled to the
-    input `size`; the slice's entry of the bank is written. -> new bank."""
-    pix = condition_features(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev)
+def track_step(model, mem, feats: dict, entries: dict, t, reverse, cond_idx, cond_valid, prev, size: int):
+    """One propagation step on slice t (not prompted) from its encode_frame features and the
+    bank_entries it attends to: memory attention, SAM heads with multimask (tracking), memory
+    encoder on the mask upsampled to the input `size`. -> (memory features bf16, object pointer,
+    low-res logits, object score), the slice's entry of the bank (`write(..., kind=1, ...)`)."""
+    pix = condition_features(model, mem, feats, entries, t, reverse, cond_idx, cond_valid, prev)
     coords, labels = no_prompt()
     e = feats["pix"].shape[1]
     mask_in = jnp.zeros((1, 4 * e, 4 * e, 1), jnp.float32)
     low, ptr, obj = sam_heads(model, mem, feats, pix, coords, labels, mask_in, jnp.zeros((1,), bool), True)
-    f = encode_memory(mem, feats, low, obj, False, size)
-    return write(bank, t, f, ptr, 1, low, obj)
+    return encode_memory(mem, feats, low, obj, False, size), ptr, low, obj
 
 
 def mask_as_output(model, mem, feats: dict, mask_hr):

@@ -43,9 +43,12 @@ of the input's voxel grid. Results are returned in the input's voxel grid. Inten
 normalised to [0, 1] like the data pipeline (percentile clipping by default, or a CT window),
 quantised to 8 bits and fed as SAM 2's RGB input (bilinear antialiased resize).
 
-Compilation: the per-slice step is compiled per volume shape (the memory bank holds one entry
-per slice) and per memory-slot bucket (2, 4 or 6 previous slices); the prompt decoder once per
-prompt-length bucket and conditioning-slot count (a power of two).
+Compilation: the model steps (slice encoder, prompt decoder, tracking step, memory encoder) are
+module-level jitted functions of (ModelKey, weights, fixed-shape inputs), shared by every
+predictor of the same model and independent of the volume's size: the bank entries a slice
+attends to are gathered by a small step compiled per volume size. They compile per prompt-length
+bucket, multimask or not, with or without memory, and per memory-slot bucket (2, 4 or 6 previous
+slices; prompted slices: a power of two), or once with `fixed_memory_slots`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from safeclick_jax.models.registry import load_model
 
 IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], np.float64)
 MAX_OBJECT_ID = 255  # the label map is uint8
+MIN_COND_SLOTS = 4  # with fixed_memory_slots: prompted slices in memory before a recompile
 HISTORY_DEPTH = 32  # undo steps kept per object (each propagation step holds a bank version)
 
 
@@ -115,6 +119,87 @@ def read_volume(path, volume_index: int | None = None):
     return vol.data, nib.orientations.io_orientation(img.affine), img
 
 
+class ModelKey:
+    """The static jit argument standing for a model's graph definition (nnx's GraphDef holds lists
+    and has no hash). Keys are interned: equal graph definitions (several predictors, or two loads
+    of one checkpoint) get the same key, so every compiled step below is shared by them."""
+
+    _interned: dict = {}
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    @classmethod
+    def of(cls, graphdef) -> "ModelKey":
+        same = cls._interned.setdefault(hash(repr(graphdef)), [])
+        for key in same:
+            if key.graphdef == graphdef:
+                return key
+        same.append(cls(graphdef))
+        return same[-1]
+
+
+# The model steps take slice features and gathered bank entries of fixed shapes, so they compile
+# once per model for every volume; only the small gathers and resizes compile per volume size.
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _model_input(sl, size: int):
+    """uint8 slice [H, W] -> the model's RGB input [1, S, S, 3]."""
+    return preprocess(jnp.broadcast_to(sl[..., None], sl.shape + (3,)), size)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _encode(key: ModelKey, state, image):
+    model, _ = nnx.merge(key.graphdef, state)
+    return video.encode_frame(model, image)
+
+
+_bank_entries = jax.jit(video.bank_entries, static_argnums=(5,))
+_write = jax.jit(video.write, static_argnums=(4,), donate_argnums=(0,))
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _track(key: ModelKey, state, feats, memory):
+    model, mem = nnx.merge(key.graphdef, state)
+    return video.track_step(model, mem, feats, *memory, model.cfg.image_size)
+
+
+@partial(jax.jit, static_argnums=(0, 8))
+def _prompt(key: ModelKey, state, feats, memory, coords, labels, mask_in, has_mask, multimask: bool):
+    """memory: _memory_inputs(...) for a slice that was tracked, None for one that was not."""
+    model, mem = nnx.merge(key.graphdef, state)
+    if memory is None:
+        pix = video.no_memory_features(model, feats)
+    else:
+        pix = video.condition_features(model, mem, feats, *memory)
+    return video.sam_heads(model, mem, feats, pix, coords, labels, mask_in, has_mask, multimask)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _mask_prompt(key: ModelKey, state, feats, mask_hr):
+    model, mem = nnx.merge(key.graphdef, state)
+    return video.mask_as_output(model, mem, feats, mask_hr)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _memory_features(key: ModelKey, state, feats, low, obj):
+    model, mem = nnx.merge(key.graphdef, state)
+    return video.encode_memory(mem, feats, low, obj, True, model.cfg.image_size)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _resize(low, hw):
+    # SAM 2's video-resolution output: bilinear, align_corners=False, no antialias
+    return jax.image.resize(low, (low.shape[0],) + hw, "linear", antialias=False)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _mask_to_input(mask, size: int):
+    # add_new_mask: bilinear antialiased resize to the model's input, then >= 0.5
+    return jax.image.resize(mask.astype(jnp.float32), (size, size), "linear", antialias=True) >= 0.5
+
+
 @dataclasses.dataclass
 class ObjectState:
     """One object's prompts and memory. Values are replaced, never mutated in place, so a shallow
@@ -156,15 +241,21 @@ class VolumePredictor:
         description: dict | None = None,
         fill_hole_area: int = 8,
         cache_bytes: int | None = None,
+        fixed_memory_slots: bool = False,
     ):
         self.model, self.memory = model, memory
+        # True: memory slots padded to one size (MIN_COND_SLOTS prompted slices, num_maskmem - 1
+        # previous ones), so each step compiles once; for small models, where compiling costs
+        # seconds and attending to masked slots almost nothing (the web app's demo)
+        self.fixed_memory_slots = fixed_memory_slots
         self.description = description or {}
         self.cfg = model.cfg
         graphdef, state = nnx.split((model, memory))
-        self.graphdef, self.state = graphdef, jax.device_put(state)
+        self._key, self.state = ModelKey.of(graphdef), jax.device_put(state)
         self.fill_hole_area = fill_hole_area  # SAM2VideoPredictor's default (build_sam.py)
         s = self.cfg.image_size
-        shapes = jax.eval_shape(lambda st: self._encode(st, jnp.zeros((s, s), jnp.uint8)), self.state)
+        image = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+        shapes = jax.eval_shape(partial(_encode, self._key), self.state, image)
         per_slice = [x for k, v in shapes.items() if k != "pos" for x in jax.tree.leaves(v)]  # pos: stored once
         self.bytes_per_slice = int(sum(x.size * x.dtype.itemsize for x in per_slice))
         self.set_cache_budget(cache_bytes)
@@ -306,76 +397,54 @@ class VolumePredictor:
         ras = np.transpose(x, np.argsort([int(o) for o in self._ornt[:, 0]]))
         return to_slices(ras, self._ras_axis)
 
-    # --- jit-compiled steps (graphdef static, state an argument) ----------------------------------
+    # --- compiled steps -------------------------------------------------------------------------
 
-    @partial(jax.jit, static_argnums=(0,))
-    def _encode(self, state, sl):
-        model, _ = nnx.merge(self.graphdef, state)
-        return video.encode_frame(
-            model, preprocess(jnp.broadcast_to(sl[..., None], sl.shape + (3,)), self.cfg.image_size)
-        )
+    def encode_slice(self, slice_index: int) -> None:
+        """Encodes slice t into the feature cache (if not there yet): a click or tracking step on
+        it then runs only the decoder (the web app encodes a volume's slices in the background)."""
+        self._cache.get(self._check_slice(slice_index))
+
+    def compile_volume_steps(self) -> None:
+        """Compiles the small steps that depend on this volume's size (resizes to the slice size,
+        gathers from and writes to the memory bank) by running them on zeros, so the first click
+        and propagation on it do not wait for them (the model steps compile once per model)."""
+        self._require_volume()
+        e, mc, hw = self.cfg.embedding_size, self.memory.mc, self.slice_hw
+        t = self.num_slices // 2
+        low = np.zeros((1, 4 * e, 4 * e), np.float32)
+        _resize(jnp.asarray(low), hw)
+        next(self._upsample_chunks(low))
+        _mask_to_input(jnp.zeros(hw, bool), self.cfg.image_size)
+        _model_input(jnp.asarray(self._slices[t]), self.cfg.image_size)
+        obj = self._new_object_state()
+        obj.bank["masks"][t].block_until_ready()  # label_slice reads one slice
+        self._memory_inputs(obj, t, False, self._cond_slots([t]))
+        bank = jax.tree.map(jnp.copy, obj.bank)  # propagate works on a copy
+        f = jnp.zeros((1, e, e, mc.mem_dim), jnp.bfloat16)
+        ptr, score = jnp.zeros((1, mc.d_model), jnp.float32), jnp.zeros((1, 1), jnp.float32)
+        for kind in (1, 2):  # tracked, prompted
+            bank = _write(bank, jnp.int32(t), f, ptr, kind, jnp.asarray(low), score)
+        jax.block_until_ready(bank)
 
     def _encode_slice(self, t: int) -> dict:
-        return self._encode(self.state, jnp.asarray(self._slices[t]))
+        return _encode(self._key, self.state, _model_input(jnp.asarray(self._slices[t]), self.cfg.image_size))
 
-    @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-    def _track(self, state, bank, feats, t, reverse, cond_idx, cond_valid, prev):
-        model, mem = nnx.merge(self.graphdef, state)
-        return video.track_step(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev, self.cfg.image_size)
-
-    @partial(jax.jit, static_argnums=(0, 13, 14))
-    def _prompt(
-        self,
-        state,
-        bank,
-        feats,
-        t,
-        reverse,
-        cond_idx,
-        cond_valid,
-        prev,
-        coords,
-        labels,
-        mask_in,
-        has_mask,
-        use_memory: bool,
-        multimask: bool,
-    ):
-        model, mem = nnx.merge(self.graphdef, state)
-        if use_memory:
-            pix = video.condition_features(model, mem, feats, bank, t, reverse, cond_idx, cond_valid, prev)
-        else:
-            pix = video.no_memory_features(model, feats)
-        return video.sam_heads(model, mem, feats, pix, coords, labels, mask_in, has_mask, multimask)
-
-    @partial(jax.jit, static_argnums=(0,))
-    def _mask_prompt(self, state, feats, mask_hr):
-        model, mem = nnx.merge(self.graphdef, state)
-        return video.mask_as_output(model, mem, feats, mask_hr)
-
-    @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-    def _commit(self, state, bank, feats, t, low, ptr, obj):
-        _, mem = nnx.merge(self.graphdef, state)
-        f = video.encode_memory(mem, feats, low, obj, True, self.cfg.image_size)
-        return video.write(bank, t, f, ptr, 2, low, obj)
-
-    @partial(jax.jit, static_argnums=(0, 2))
-    def _resize(self, low, hw):
-        # SAM 2's video-resolution output: bilinear, align_corners=False, no antialias
-        return jax.image.resize(low, (low.shape[0],) + hw, "linear", antialias=False)
-
-    @partial(jax.jit, static_argnums=(0,))
-    def _mask_to_input(self, mask):
-        # add_new_mask: bilinear antialiased resize to the model's input, then >= 0.5
-        s = self.cfg.image_size
-        return jax.image.resize(mask.astype(jnp.float32), (s, s), "linear", antialias=True) >= 0.5
+    def _memory_inputs(self, obj: ObjectState, t: int, reverse: bool, cond_slots) -> tuple:
+        """The memory arguments of _prompt / _track for slice t: its bank entries (gathered by a
+        step compiled per volume size) and where they sit."""
+        cond_idx, cond_valid = cond_slots
+        prev = self._memory_slots(obj.kind, t, reverse)
+        ti, rev = jnp.int32(t), jnp.asarray(reverse)
+        entries = _bank_entries(obj.bank, ti, rev, cond_idx, prev[0], self.memory.mc.max_obj_ptrs_in_encoder)
+        return entries, ti, rev, cond_idx, cond_valid, prev
 
     def _memory_slots(self, kind: np.ndarray, t: int, reverse: bool):
-        return tuple(jnp.asarray(a) for a in video.memory_slots(kind, t, reverse, self.memory.mc.num_maskmem))
+        n = self.memory.mc.num_maskmem
+        slots = video.memory_slots(kind, t, reverse, n, min_slots=n - 1 if self.fixed_memory_slots else 1)
+        return tuple(jnp.asarray(a) for a in slots)
 
-    @staticmethod
-    def _cond_slots(cond: list[int]):
-        k = 1 << max(len(cond) - 1, 0).bit_length()
+    def _cond_slots(self, cond: list[int]):
+        k = max(1 << max(len(cond) - 1, 0).bit_length(), MIN_COND_SLOTS if self.fixed_memory_slots else 1)
         idx = np.zeros(k, np.int32)
         idx[: len(cond)] = cond
         return jnp.asarray(idx), jnp.asarray(np.arange(k) < len(cond))
@@ -577,22 +646,15 @@ class VolumePredictor:
         )
         m = 4 * self.cfg.embedding_size
         mask_in = np.zeros((1, m, m, 1), np.float32) if prev is None else np.clip(prev, -32, 32)[None, :, :, None]
-        cond_idx, cond_valid = self._cond_slots(obj.cond)
-        feats = self._cache.get(t)
-        low, ptr, score = self._prompt(
+        low, ptr, score = _prompt(
+            self._key,
             self.state,
-            obj.bank,
-            feats,
-            jnp.int32(t),
-            jnp.asarray(reverse),
-            cond_idx,
-            cond_valid,
-            self._memory_slots(obj.kind, t, reverse),
+            self._cache.get(t),
+            None if is_init else self._memory_inputs(obj, t, reverse, self._cond_slots(obj.cond)),
             jnp.asarray(c),
             jnp.asarray(lab),
             jnp.asarray(mask_in),
             jnp.asarray([prev is not None]),
-            not is_init,
             coords.shape[0] <= 1,  # SAM 2's multimask for 0..1 points (a box is 2)
         )
         low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
@@ -602,7 +664,7 @@ class VolumePredictor:
         new.pending[t] = (low, ptr, score)
         what = f"box on slice {t}" if box is not None else f"click{'s' if len(new_c[-1]) > 1 else ''} on slice {t}"
         self._install(k, created, what, obj, new)
-        out = np.asarray(self._resize(low, self.slice_hw))[0]
+        out = np.asarray(_resize(low, self.slice_hw))[0]
         return out if return_logits else out > 0
 
     def add_mask(self, slice_index: int, mask, obj_id: int = 1, return_logits: bool = False) -> np.ndarray:
@@ -630,16 +692,16 @@ class VolumePredictor:
 
     def _mask_state(self, obj: ObjectState, t: int, mask, what: str | None = None):
         m = self._check_mask(mask, what or f"mask for slice {t}")
-        hr = np.asarray(self._mask_to_input(jnp.asarray(m)))
-        low, ptr, score = self._mask_prompt(
-            self.state, self._cache.get(t), jnp.asarray(hr, jnp.float32)[None, ..., None]
+        hr = np.asarray(_mask_to_input(jnp.asarray(m), self.cfg.image_size))
+        low, ptr, score = _mask_prompt(
+            self._key, self.state, self._cache.get(t), jnp.asarray(hr, jnp.float32)[None, ..., None]
         )
         low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
         new = obj.copy()
         new.points.pop(t, None)
         new.masks[t] = hr
         new.pending[t] = (low, ptr, score)
-        return np.asarray(self._resize(low, self.slice_hw))[0], new
+        return np.asarray(_resize(low, self.slice_hw))[0], new
 
     def set_labels(self, label_map, slices: str = "largest") -> list[int]:
         """Starts from an existing segmentation: a 3D integer label map on the input grid (array,
@@ -746,33 +808,30 @@ class VolumePredictor:
             obj = self._objects[k].copy()
             obj.bank = jax.tree.map(jnp.copy, obj.bank)  # the undo step keeps the old bank
             for t, (low, ptr, score) in sorted(obj.pending.items()):
-                obj.bank = self._commit(self.state, obj.bank, self._cache.get(t), jnp.int32(t), low, ptr, score)
+                f = _memory_features(self._key, self.state, self._cache.get(t), low, score)
+                obj.bank = _write(obj.bank, jnp.int32(t), f, ptr, 2, low, score)
                 obj.kind[t] = 2
                 if t not in obj.cond:
                     obj.cond.append(t)
             obj.pending = {}
             obj.cond.sort()
             work[k] = (obj, self._cond_slots(obj.cond))
-        for i, (t, reverse) in enumerate(order):
+        # progress counts slices: the start slice is visited twice (forward, then backward)
+        done, total = set(), len({t for t, _ in order})
+        for t, reverse in order:
             feats = None
             for k in ids:
-                obj, (cond_idx, cond_valid) = work[k]
+                obj, cond_slots = work[k]
                 if t not in obj.cond:
                     feats = self._cache.get(t) if feats is None else feats
-                    obj.bank = self._track(
-                        self.state,
-                        obj.bank,
-                        feats,
-                        jnp.int32(t),
-                        jnp.asarray(reverse),
-                        cond_idx,
-                        cond_valid,
-                        self._memory_slots(obj.kind, t, reverse),
-                    )
+                    memory = self._memory_inputs(obj, t, reverse, cond_slots)
+                    f, ptr, low, score = _track(self._key, self.state, feats, memory)
+                    obj.bank = _write(obj.bank, jnp.int32(t), f, ptr, 1, low, score)
                     obj.kind[t] = 1
                 obj.tracked[t] = reverse
+            done.add(t)
             if progress is not None:
-                progress(i + 1, len(order))
+                progress(len(done), total)
         call = next(self._calls)
         span = f"slices {min(t for t, _ in order)}..{max(t for t, _ in order)}"
         for k in ids:
@@ -781,15 +840,19 @@ class VolumePredictor:
 
     # --- results --------------------------------------------------------------------------------
 
-    def _low_logits(self, obj: ObjectState) -> np.ndarray:
-        """[N, 4E, 4E] low-res logits of one object (holes filled; NO_OBJ_SCORE where it has none)."""
-        low = np.asarray(obj.bank["masks"]).copy()
-        for t, (pl, *_) in obj.pending.items():
-            low[t] = np.asarray(pl[0])
-        untouched = (obj.kind == 0) & ~np.isin(np.arange(self.num_slices), list(obj.pending))
-        out = np.full_like(low, video.NO_OBJ_SCORE)
-        for t in np.nonzero(~untouched)[0]:
-            out[t] = low[t] if t in obj.pending else fill_holes(low[t], self.fill_hole_area)
+    def _low_logits(self, obj: ObjectState, slices=None) -> np.ndarray:
+        """[n, 4E, 4E] low-res logits of one object on `slices` (default: all), holes filled;
+        NO_OBJ_SCORE where it has none."""
+        slices = range(self.num_slices) if slices is None else slices
+        m = 4 * self.cfg.embedding_size
+        bank = np.asarray(obj.bank["masks"]) if len(slices) > 1 else None  # one slice: read only that one
+        out = np.full((len(slices), m, m), video.NO_OBJ_SCORE, np.float32)
+        for i, t in enumerate(slices):
+            if t in obj.pending:
+                out[i] = np.asarray(obj.pending[t][0][0])
+            elif obj.kind[t] != 0:
+                low = bank[t] if bank is not None else np.asarray(obj.bank["masks"][t])
+                out[i] = fill_holes(low, self.fill_hole_area)
         return out
 
     def _upsample_chunks(self, low: np.ndarray, chunk: int = 16):
@@ -799,7 +862,7 @@ class VolumePredictor:
             c = part.shape[0]
             if c < chunk:
                 part = np.concatenate([part, np.zeros((chunk - c,) + part.shape[1:], np.float32)])
-            yield i, np.asarray(self._resize(jnp.asarray(part), self.slice_hw))[:c]
+            yield i, np.asarray(_resize(jnp.asarray(part), self.slice_hw))[:c]
 
     def slice_logits(self, obj_id: int = 1) -> np.ndarray:
         """One object's current mask logits of every slice at slice resolution [N, H, W] (holes
@@ -814,14 +877,15 @@ class VolumePredictor:
         """bool mask of one object on the input grid, before the overlap rule."""
         return self._to_input_grid(self.slice_logits(obj_id) > 0)
 
-    def slice_label_map(self) -> np.ndarray:
-        """uint8 [N, H, W] label map in slice orientation (see label_map)."""
+    def slice_label_map(self, slices=None) -> np.ndarray:
+        """uint8 [n, H, W] label map of `slices` (default: all) in slice orientation (see label_map)."""
         self._require_volume()
+        slices = list(range(self.num_slices)) if slices is None else [self._check_slice(t) for t in slices]
         ids = self.object_ids
-        out = np.zeros((self.num_slices,) + self.slice_hw, np.uint8)
+        out = np.zeros((len(slices),) + self.slice_hw, np.uint8)
         if not ids:
             return out
-        lows = [self._low_logits(self._objects[k]) for k in ids]
+        lows = [self._low_logits(self._objects[k], slices) for k in ids]
         active = np.nonzero(np.any([(low > 0).any((1, 2)) for low in lows], axis=0))[0]
         if active.size == 0:
             return out
@@ -835,6 +899,13 @@ class VolumePredictor:
                 arg[sl] = np.where(better, k, arg[sl])
         out[active] = np.where(best > 0, arg, 0)
         return out
+
+    def label_slice(self, slice_index: int) -> np.ndarray:
+        """The label map of one slice, as the plane of the input grid it is (label_map()'s values
+        on that plane; the slicing axis dropped): what a click changes, without composing the
+        whole volume."""
+        one = self._to_input_grid(self.slice_label_map([slice_index]))
+        return np.take(one, 0, axis=int(np.nonzero(self._ornt[:, 0] == self._ras_axis)[0][0]))
 
     def label_map(self) -> np.ndarray:
         """uint8 label map on the input's voxel grid (0 background, values = object ids), the

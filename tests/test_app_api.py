@@ -83,6 +83,7 @@ def test_click_propagate_undo_download(client, data_dir):
     # box on object 2 (created by the prompt)
     r = client.post(f"/api/volumes/{sid}/prompts", json={"object": 2, "box": [2, 2, 20, 20], "slice": 2, "axis": 2})
     assert r.status_code == 200, r.text
+    assert np.array_equal(np.asarray(_labels(client, sid).dataobj)[:, :, 2] == 2, np.asarray(r.json()["mask"]) == 1)
     assert 2 in [o["id"] for o in client.get(f"/api/volumes/{sid}").json()["objects"]]
     before = np.asarray(_labels(client, sid).dataobj).copy()
     r = client.post(f"/api/volumes/{sid}/propagate", json={"object": 1})
@@ -90,8 +91,10 @@ def test_click_propagate_undo_download(client, data_dir):
     after = np.asarray(_labels(client, sid).dataobj)
     assert set(r.json()["voxels"]) == {"1", "2"}
     assert r.json()["voxels"]["1"] == int((after == 1).sum())
+    # the final count says every slice is done
+    assert r.json()["progress"] == {"done": 6, "total": 6}
     ev = client.get(f"/api/volumes/{sid}/events").text
-    assert '"running": false' in ev
+    assert ev.startswith('data: {"done": 6, "total": 6, "running": false}')
     assert client.post(f"/api/volumes/{sid}/undo").status_code == 200
     assert np.array_equal(np.asarray(_labels(client, sid).dataobj), before)
     assert client.post(f"/api/volumes/{sid}/redo").status_code == 200
@@ -111,6 +114,21 @@ def test_click_propagate_undo_download(client, data_dir):
     (data_dir / saved).unlink()
     assert client.delete(f"/api/volumes/{sid}").status_code == 200
     assert client.get(f"/api/volumes/{sid}").status_code == 404
+
+
+def test_slices_encoded_after_opening(client):
+    """After opening, the server encodes every slice in the background (a click then runs only
+    the decoder); the volume's description says how far it is."""
+    import time
+
+    sid = _open(client)["id"]
+    for _ in range(300):
+        enc = client.get(f"/api/volumes/{sid}").json()["encoding"]
+        if enc["done"] == enc["total"]:
+            break
+        time.sleep(0.1)
+    assert enc == {"done": 6, "total": 6}
+    assert client.delete(f"/api/volumes/{sid}").status_code == 200
 
 
 def test_upload_and_label_map_start(client, data_dir):

@@ -1,7 +1,9 @@
 """The web page in a real browser: headless Chromium (WebGL through SwiftShader) driven by selenium
 opens the example volume, clicks inside a structure, presses P (propagate) and checks that the
 overlay appeared. Skipped when chromium/chromedriver or niivue (npm ci) are missing:
-`make browser-deps app-setup` installs them. APP_SCREENSHOT=PATH saves the page's screenshot."""
+`make browser-deps app-setup` installs them. APP_SCREENSHOT=PATH saves the page's screenshot,
+taken with the demo model of `make train` (trained first when absent) instead of the test's
+random-weights model, so it shows a plausible segmentation (`make screenshot`)."""
 
 import gzip
 import io
@@ -34,16 +36,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(app_model_dir, tmp_path_factory):
+def server(request, tmp_path_factory):
     import uvicorn
 
-    from safeclick_jax.app.__main__ import example_volume
+    from safeclick_jax.app.__main__ import demo_checkpoint, example_volume
     from safeclick_jax.app.engine import EngineFactory
     from safeclick_jax.app.server import create_app
 
     data = tmp_path_factory.mktemp("appdata")
     path = example_volume(data)
-    app = create_app(EngineFactory(app_model_dir), data, model_name="tiny random")
+    if os.environ.get("APP_SCREENSHOT"):
+        factory, name = EngineFactory(str(demo_checkpoint()), memory_from_init=True), "demo"
+    else:
+        factory, name = EngineFactory(request.getfixturevalue("app_model_dir")), "tiny random"
+    app = create_app(factory, data, model_name=name)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)

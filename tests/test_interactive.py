@@ -80,6 +80,28 @@ def test_label_map_is_the_overlap_rule(predictor):
     assert set(np.unique(labels[both]).tolist()) <= {1, 2, 3}
 
 
+@pytest.mark.parametrize("axis", [2, 0])
+def test_label_slice_and_progress(predictor, axis):
+    """label_slice(t) is the plane of label_map() that slice t is; propagation's progress ends at
+    (slices, slices)."""
+    p = predictor
+    p.set_volume(volume(), axis=axis)
+    n = p.num_slices
+    h, w = p.slice_hw
+    p.add_prompt(n // 2, points=[[w / 2, h / 2]], labels=[1], obj_id=1)
+    p.add_prompt(n // 2 + 1, box=[0, 0, w / 2, h / 2], obj_id=2)
+    calls = []
+    labels = p.propagate(progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (n, n) and all(t == n for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert set(np.unique(labels).tolist()) >= {1, 2}
+    for k in range(SHAPE[axis]):
+        ijk = [0, 0, 0]
+        ijk[axis] = k
+        t = p.voxel_to_slice(ijk)[0]
+        np.testing.assert_array_equal(p.label_slice(t), np.take(labels, k, axis=axis))
+
+
 def test_mask_prompt_is_the_output(predictor):
     """add_new_mask: the mask is the slice's output (logits +-10 downsampled and upsampled)."""
     p = predictor
@@ -240,3 +262,20 @@ def test_refused_calls_keep_the_session(predictor, tmp_path):
     assert p.object_ids == [1, 2, 3, 5]
     with pytest.raises(ValueError, match="smaller than one slice"):
         VolumePredictor(p.model, p.memory, cache_bytes=10)
+
+
+def test_predictors_of_one_model_share_compiled_steps(predictor):
+    """Predictors of one model (or of an equal one: same graph, other weights) share the compiled
+    steps: a second predictor on a volume of another size compiles no model step again."""
+    from safeclick_jax import volume_predictor as vp
+
+    p = predictor
+    p.set_volume(volume(), axis=2)
+    p.add_prompt(2, points=[[5, 5]], labels=[1], obj_id=1)
+    cfg = p.model.cfg
+    other = VolumePredictor(SAM2Image(cfg, nnx.Rngs(5)), SAM2Memory(MemoryConfig.for_model(cfg), nnx.Rngs(6)))
+    assert other._key is p._key
+    compiled = (vp._encode._cache_size(), vp._prompt._cache_size())
+    other.set_volume(volume()[:, :20, :5], axis=2)
+    other.add_prompt(2, points=[[5, 5]], labels=[1], obj_id=1)
+    assert (vp._encode._cache_size(), vp._prompt._cache_size()) == compiled

@@ -1,34 +1,17 @@
 """The segmentation engine behind the web app: one object per browser session.
 
 `EngineFactory(checkpoint)` loads the model once; `factory()` returns a fresh engine for a
-session with the interface of safeclick_jax.volume_predictor.VolumePredictor (several objects,
-undo/redo, label maps; see its docstring). Sessions share the compiled steps: the predictor's
-jit-compiled methods take `self` as a static argument, so engines that hash and compare equal by
-the factory that made them reuse one compilation instead of compiling per session.
+session: a safeclick_jax.volume_predictor.VolumePredictor (several objects, undo/redo, label
+maps; see its docstring). Every engine shares the model's compiled steps, which do not depend on
+the volume's size, so `warm_up` compiles once what every click and propagation of every session
+uses.
 """
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from safeclick_jax.volume_predictor import VolumePredictor
-
-
-class SharedCompilePredictor(VolumePredictor):
-    """A VolumePredictor whose jit cache key is the factory that made it (one model, one config),
-    not its identity. `compile_key` is set before any compiled step runs."""
-
-    def __init__(self, *args, compile_key=None, **kw):
-        self.compile_key = compile_key
-        super().__init__(*args, **kw)
-
-    def __hash__(self):
-        return hash((type(self), id(self.compile_key)))
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.compile_key is self.compile_key is not None
 
 
 class EngineFactory:
@@ -52,19 +35,25 @@ class EngineFactory:
             self.memory_note = f"{checkpoint} has no memory path; propagation uses an untrained one"
         else:
             self.memory = SAM2Memory.from_extra(self.model.cfg, extra, where=memory_checkpoint or checkpoint)
-        self.compile_lock = threading.Lock()
 
     def __call__(self):
-        p = SharedCompilePredictor(self.model, self.memory, self.description, compile_key=self)
-        return p
+        return VolumePredictor(self.model, self.memory, self.description, fixed_memory_slots=True)
 
     def warm_up(self, progress=print) -> None:
-        """Compiles the steps once on a small volume so the first session answers quickly."""
+        """Compiles every model step a session uses (on a small volume), so that no click or
+        propagation of any volume waits for a compilation: a click on a slice not tracked yet and
+        on a tracked one (one point: multimask; more points or a box: single mask), a mask
+        prompt, committing prompts to memory and a tracking step."""
         e = self()
-        progress("compiling the model (first start only takes longest)...")
+        progress("compiling the model (a minute on a small CPU)...")
         vol = np.zeros((32, 32, 4), np.float32)
         vol[8:24, 8:24, :] = 1.0
         e.set_volume(vol, axis=2)
-        e.add_prompt(1, points=[[16, 16]], labels=[1], obj_id=1)
-        e.propagate()
+        for t in (1, 2):  # slice 1 not tracked yet, slice 2 tracked by the propagation
+            e.add_prompt(t, points=[[16, 16]], labels=[1], obj_id=1)
+            e.add_prompt(t, points=[[12, 12]], labels=[0], obj_id=1)
+            if t == 1:
+                e.propagate()
+        e.add_mask(0, vol[:, :, 0].T > 0, obj_id=2)
+        e.label_map()
         progress("model compiled")

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -227,12 +228,28 @@ def create_app(
             s.objects[1] = {"name": "object 1", "visible": True}
             engine.add_object(1)
             store.add(s)
+            threading.Thread(target=encode_slices, args=(s, engine), daemon=True).start()
             return {**s.describe()}
         except BaseException:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    def encode_slices(s: Session, engine) -> None:
+        """After a volume opens: compiles the steps that depend on its size, then encodes its
+        slices (from the middle outwards, as many as the feature cache holds), so a click runs
+        only the decoder. One step per hold of the locks: a request waits for at most one."""
+        n = engine.num_slices
+        order = sorted(range(n), key=lambda t: abs(t - n // 2))[: engine.cache_info()["capacity_slices"]]
+        try:
+            for step in [engine.compile_volume_steps] + [partial(engine.encode_slice, t) for t in order]:
+                with s.lock, compute:
+                    if s.engine is not engine:  # the session was closed
+                        return
+                    step()
+        except Exception:  # a click encodes its slice itself; the page keeps working
+            log.exception("encoding the slices of %s failed", s.name)
 
     @app.get("/api/volumes/{sid}")
     def describe(sid: str):
@@ -255,10 +272,6 @@ def create_app(
         return {"deleted": sid}
 
     # --- prompts --------------------------------------------------------------------------------
-
-    def slice_of(s: Session, axis: int, k: int) -> np.ndarray:
-        lab = s.engine.label_map()
-        return np.take(lab, k, axis=axis)
 
     @app.post("/api/volumes/{sid}/prompts")
     async def prompt(sid: str, request: Request):
@@ -305,7 +318,7 @@ def create_app(
 
         def run():
             s.engine.add_prompt(t, obj_id=o, **kw)
-            return slice_of(s, axis, k)
+            return s.engine.label_slice(t)  # the plane k of the label map along `axis`
 
         mask, ms = await asyncio.to_thread(timed, s, run)
         return {
@@ -343,7 +356,11 @@ def create_app(
                 s.progress["running"] = False
 
         lab, ms = await asyncio.to_thread(timed, s, run)
-        return {"voxels": {str(o): int((lab == o).sum()) for o in sorted(s.objects)}, "ms": ms}
+        return {
+            "voxels": {str(o): int((lab == o).sum()) for o in sorted(s.objects)},
+            "progress": {k: v for k, v in s.progress.items() if k != "running"},
+            "ms": ms,
+        }
 
     @app.get("/api/volumes/{sid}/events")
     async def events(sid: str):

@@ -85,9 +85,15 @@ class Session:
             "affine": np.asarray(self.image.affine).tolist(),
             "axis": self.axis,
             "num_slices": int(self.engine.num_slices),
+            "encoding": self.encoding(),
             "objects": [{"id": k, **v} for k, v in sorted(self.objects.items())],
             "saveable": self.source is not None,
         }
+
+    def encoding(self) -> dict:
+        """Slices encoded so far of those encoded after opening (as many as the feature cache holds)."""
+        info = self.engine.cache_info()
+        return {"done": int(info["cached_slices"]), "total": int(min(self.engine.num_slices, info["capacity_slices"]))}
 
     def labels_image(self, hide=()) -> nib.Nifti1Image:
         """The label map with the input's affine and header (uint8, objects in `hide` set to 0)."""

@@ -141,8 +141,22 @@ async function openVolume(bodyOrForm, isForm) {
     $("volinfo").textContent = `${v.name}: ${v.shape.join(" x ")} voxels, ${v.spacing.map((s) => s.toFixed(2)).join(" x ")} mm`;
     renderObjects();
     await refreshOverlay();
+    watchEncoding(v);
     return v;
   });
+}
+
+// after opening, the server encodes the slices in the background: show how far it is
+async function watchEncoding(v) {
+  while (state.vol && state.vol.id === v.id) {
+    const d = await api("GET", `/api/volumes/${v.id}`).catch(() => null);
+    if (!d || !state.vol || state.vol.id !== v.id) break;
+    const e = d.encoding;
+    if (e.done >= e.total) break;
+    $("encoding").textContent = `encoding slices ${e.done} / ${e.total} (clicks work meanwhile)`;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  $("encoding").textContent = "";
 }
 
 async function prompt(body) {
@@ -162,7 +176,11 @@ async function propagate() {
   };
   const out = await act("propagate", () => api("POST", `/api/volumes/${v.id}/propagate`, { object: state.obj }));
   es.close();
-  if (out) { $("progress").value = $("progress").max; await refreshOverlay(); }
+  if (out) {
+    const p = out.progress;  // the final count: the last event may not have arrived before the answer
+    $("progress").max = p.total; $("progress").value = p.done; $("progtext").textContent = `${p.done} / ${p.total} slices`;
+    await refreshOverlay();
+  }
 }
 
 async function history(what) {
