@@ -132,6 +132,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=-1, help="-1: train ROIs // batch")
     p.add_argument("--seed", type=int, default=0, help="init / shuffle / prompt seed of every model")
     p.add_argument("--ablations", action="store_true", help="also train no_e1, no_e2, no_crl (Table 3)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a model whose workdir already has an export instead of training it again (same flags)",
+    )
     p.add_argument("--eval-max-rois", type=int, default=32, help="val ROIs of the per-epoch validation")
     p.add_argument("--max-slices", type=int, default=None, help="evaluate only this many test slices")
     p.add_argument(
@@ -178,6 +183,10 @@ def main(argv=None) -> int:
     for name, variant in runs.items():
         wd = work / (variant or "safeclick")
         config = "configs/sam2_t.py" + (f":{variant}" if variant else "")
+        if args.reuse and (wd / "export" / "model.json").exists():
+            log(f"reusing {name}: {wd}/export")
+            trained[name] = wd
+            continue
         log(f"training {name} ({config}) -> {wd}")
         times[f"train {name}"] = run(
             [sys.executable, "train.py", f"--config={config}", f"--workdir={wd}", *common], work / f"{wd.name}.log"

@@ -309,6 +309,11 @@ def _plan(run: _Run) -> None:
     )
 
     schedule = ts.learning_rate(config, total)
+    if float(config.optim.head_lr_mult) != 1.0:
+        _log(
+            f"optimizer: SafeClick modules at {config.optim.head_lr_mult:g} x lr "
+            f"({config.optim.head_warmup_steps} warm-up steps), SAM 2's decoder at lr {config.optim.lr:g}"
+        )
     run.optimizer = ts.make_optimizer(config, total)
     state = ts.init_state(run.params, run.optimizer, int(config.train.seed))
     fsdp, min_size = bool(config.train.fsdp), int(config.train.fsdp_min_size)

@@ -25,23 +25,52 @@ def resolve_epochs(config) -> tuple[int, str]:
     return 20, f"auto: the paper's 20 on {jax.default_backend()}"
 
 
-def learning_rate(config, total_steps: int):
+def learning_rate(config, total_steps: int, mult: float = 1.0, warmup_steps: int | None = None):
+    """optim.lr * mult, linear warm-up over warmup_steps (default optim.warmup_steps), then cosine
+    annealing (paper) or constant to the end of the run."""
     o = config.optim
+    lr = o.lr * mult
+    warmup = int(o.warmup_steps if warmup_steps is None else warmup_steps)
     if o.schedule == "constant":
-        sched = optax.constant_schedule(o.lr)
+        sched = optax.constant_schedule(lr)
     elif o.schedule == "cosine":
-        sched = optax.cosine_decay_schedule(o.lr, max(total_steps - o.warmup_steps, 1), alpha=o.min_lr_ratio)
+        sched = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1), alpha=o.min_lr_ratio)
     else:
         raise ValueError(f"optim.schedule {o.schedule!r}: expected 'cosine' or 'constant'")
-    if o.warmup_steps > 0:
-        sched = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), sched], [o.warmup_steps])
+    if warmup > 0:
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
     return sched
 
 
+HEAD, BASE = "head", "base"
+
+
+def param_groups(params):
+    """'head' for the SafeClick modules new to SAM 2 (F_transform, E1, E2, CRL: the `safeclick`
+    subtree), 'base' for everything else (SAM 2's mask decoder, E3 included); same tree as params."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: HEAD if getattr(path[0], "key", None) == "safeclick" else BASE, params
+    )
+
+
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW. With optim.head_lr_mult != 1 the SafeClick modules get
+    their own AdamW at head_lr_mult * lr with a head_warmup_steps warm-up (configs/common.py says
+    why); SAM 2's decoder keeps optim.lr."""
     o = config.optim
     chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    chain.append(optax.adamw(learning_rate(config, total_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+    def adamw(schedule):
+        return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+
+    mult = float(o.get("head_lr_mult", 1.0))
+    if mult == 1.0:
+        chain.append(adamw(learning_rate(config, total_steps)))
+    else:
+        head = learning_rate(config, total_steps, mult=mult, warmup_steps=int(o.get("head_warmup_steps", 0)))
+        chain.append(
+            optax.multi_transform({BASE: adamw(learning_rate(config, total_steps)), HEAD: adamw(head)}, param_groups)
+        )
     return optax.chain(*chain)
 
 
