@@ -71,10 +71,13 @@ def make(
     c.data.image_size = -1  # -1: auto (see module docstring)
     c.data.cpu_image_size = cpu_image_size
     # The embedded data, generated (+ prepared) when a root equals synthetic_root and is missing:
-    # synthetic_kind 'smoke' (synthetic.py) or 'abdomen' (synthetic_abdomen.py, docs/data.md).
-    c.data.synthetic_root = "data/synthetic"
-    c.data.synthetic_kind = "smoke"
-    c.data.synthetic_volumes = 10
+    # synthetic_kind 'abdomen' (synthetic_abdomen.py: touching organs of similar intensity, where a
+    # bad prompt costs a fine-tuned SAM 2 >= 10 Dice points; docs/data.md) or 'smoke' (synthetic.py).
+    c.data.roots = ("data/abdomen",)
+    c.data.cache_dir = "data/cache/abdomen"
+    c.data.synthetic_root = "data/abdomen"
+    c.data.synthetic_kind = "abdomen"
+    c.data.synthetic_volumes = 15  # split 10 / 2 / 3
     c.data.num_threads = 2
 
     c.train = ml_collections.ConfigDict()
@@ -183,6 +186,7 @@ def _smoke(c):
     c.data.batch_size = 4
     c.data.roots = ("data/synthetic_smoke",)
     c.data.synthetic_root = "data/synthetic_smoke"
+    c.data.synthetic_kind = "smoke"
     c.data.cache_dir = "data/cache/synthetic_smoke"
     c.data.synthetic_volumes = 5  # split 3 / 1 / 1
     c.train.epochs = 2
