@@ -176,22 +176,23 @@ def run_torch(a, vol, slices):
     import sam2.sam2_video_predictor as svp
     import torch
 
-    from benchmarks.common import torch_frames, torch_video_predictor
+    from benchmarks.common import torch_device, torch_frames, torch_video_predictor
 
     torch.set_num_threads(2)
-    tm = torch_video_predictor(a.model, a.image_size)
+    device = torch_device()
+    tm = torch_video_predictor(a.model, a.image_size).to(device)
     tm.load_state_dict(torch.load(a.torch_checkpoint, weights_only=True)["model"])  # the JAX side's weights
     n, hw = slices.shape[0], slices.shape[1]
     mid, click, steps = plan(n, hw, a.corrections)
     # SAM2VideoPredictor reads JPEG folders or an mp4; it gets the same slices (resized and
     # normalised as its loader does) when it asks for its frames
-    svp.load_video_frames = lambda **kw: (torch_frames(slices, a.image_size), hw, hw)
+    svp.load_video_frames = lambda **kw: (torch_frames(slices, a.image_size).to(device), hw, hw)
 
     def propagate(state, start=None):
         out = {}
         for rev in (False, True):
             for f, _, m in tm.propagate_in_video(state, start_frame_idx=start, reverse=rev):
-                out[f] = (m[0, 0] > 0).numpy()
+                out[f] = (m[0, 0] > 0).cpu().numpy()  # .cpu() also waits for the GPU
         return np.stack([out[f] for f in range(n)])
 
     res, masks = {}, {}
@@ -209,7 +210,7 @@ def run_torch(a, vol, slices):
             corr.append(time.perf_counter() - t0)
         res["correction_s"] = corr
         if a.profile:
-            img = torch_frames(slices[:1], a.image_size)
+            img = torch_frames(slices[:1], a.image_size).to(device)
             res["slice_breakdown"] = {"image_encoder_s": median_time(lambda: tm.forward_image(img))}
     res["torch_threads"] = torch.get_num_threads()
     return res, masks

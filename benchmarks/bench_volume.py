@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import torch_frames, torch_video_predictor, write  # noqa: E402
+from benchmarks.common import torch_device, torch_frames, torch_video_predictor, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory  # noqa: E402
@@ -66,7 +66,9 @@ def main():
         times.append(time.perf_counter() - t0)
     first, jax_s = times
 
-    frames = torch_frames(np.array(jp._slices), a.image_size)
+    device = torch_device()
+    tm = tm.to(device)
+    frames = torch_frames(np.array(jp._slices), a.image_size).to(device)
     svp.load_video_frames = lambda **kw: (frames, a.hw, a.hw)
     with torch.inference_mode():
         state = tm.init_state(video_path="(frames)")
@@ -75,6 +77,8 @@ def main():
         for rev in (False, True):
             for _ in tm.propagate_in_video(state, reverse=rev):
                 pass
+        if device == "cuda":
+            torch.cuda.synchronize()
         torch_s = time.perf_counter() - t0
 
     rows = [

@@ -104,6 +104,13 @@ def _fmt(v):
     return str(v)
 
 
+def torch_device() -> str:
+    """Where the torch side runs: the GPU when torch sees one (benchmarks/gpu_run.sh), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_video_predictor(model: str, image_size: int, seed: int = 0):
     """The torch SAM2VideoPredictor the JAX engine is compared with: torch's default random init
     (seeded, so every process builds the same weights), eval mode, CPU.

@@ -55,6 +55,8 @@ run_one() {
   overhead_fp32) step 120 "safeclick overhead fp32" python3 $B/bench_safeclick.py --image-size 1024 --train-batch 0 --repeats 10 --name safeclick_overhead_gpu ;;
   overhead_bf16) step 120 "safeclick overhead bf16" python3 $B/bench_safeclick.py --image-size 1024 --train-batch 0 --repeats 10 --dtype bfloat16 --name safeclick_overhead_gpu_bf16 ;;
   bf16_numerics) step 90 "bf16 numerics" python3 $B/bf16_numerics.py --image-size 1024 ;;
+  interactive) step 240 "interactive session vs SAM2VideoPredictor, tiny, 512 and 1024 px, 48 slices" python3 $B/bench_interactive.py --sizes 512,1024 --slices 48,48 ;;
+  volume) step 150 "propagation slices/s vs SAM2VideoPredictor, tiny 1024 px, 48 slices" python3 $B/bench_volume.py --image-size 1024 --slices 48 --hw 512 ;;
   parity) step 150 "parity tests on GPU (highest precision)" env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
             python3 -m pytest -q -x -p no:cacheprovider tests/test_safeclick_parity.py tests/test_attention.py ;;
   *) echo "unknown step $1" | tee -a "$LOG" ;;
@@ -62,7 +64,7 @@ run_one() {
 }
 # Steps in order of priority (arguments pick and order them). Compiles dominate on a GPU: seen on
 # an H200, the SafeClick train step at 1024 px took 45 s to compile, an encoder + step over 150 s.
-for s in "${@:-train_t_fp32 train_l_bf16 train_t_bf16 train_l_fp32 overhead_fp32 bf16_numerics parity overhead_bf16}"; do
+for s in "${@:-train_t_cudnn train_l_bf16 train_l_fp32 overhead_fp32 train_t_chunked interactive volume overhead_bf16}"; do
   for one in $s; do run_one "$one"; done
 done
 grep -h "^|\|^Machine" "$RES"/*.md | tee -a "$LOG"
