@@ -83,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to segment")
     p.add_argument(
         "--normalization",
-        default="percentile",
-        choices=["percentile", "ct_window"],
-        help="intensity normalisation to [0,1] (default: 0.5-99.5 percentile clipping)",
+        default="auto",
+        choices=["auto", "percentile", "ct_window"],
+        help="intensity mapping to [0,1]: auto (default) = the model's training data's when its model.json "
+        "records it, else the CT window for a volume in Hounsfield units and 0.5-99.5 percentile clipping otherwise",
     )
-    p.add_argument("--ct-window", default="40,400", help="level,width in HU for --normalization ct_window")
+    p.add_argument("--ct-window", default=None, help="level,width in HU for the CT window (default 40,400)")
     return p
 
 
@@ -138,9 +139,14 @@ def main(argv=None) -> int:
                 raise ValueError(f"--label {a.label}: must be in 1..65535")
             if ids - {1} or a.init_labels:
                 raise ValueError(f"--label {a.label}: applies to a single object 1; with several, the ids are written")
-        ct_window = tuple(float(v) for v in a.ct_window.split(","))
-        if len(ct_window) != 2:
-            raise ValueError(f"--ct-window {a.ct_window!r}: expected level,width")
+        ct_window = None
+        if a.ct_window is not None:
+            try:
+                ct_window = tuple(float(v) for v in a.ct_window.split(","))
+            except ValueError:
+                ct_window = ()
+            if len(ct_window) != 2 or not ct_window[1] > 0:
+                raise ValueError(f"--ct-window {a.ct_window!r}: expected level,width with width > 0")
         from safeclick_jax.volume_predictor import VolumePredictor, volume_shape
 
         img, shape = volume_shape(a.image, a.volume_index)  # checks before the model loads

@@ -67,7 +67,14 @@ from flax import nnx
 
 from safeclick_jax import prompting, video
 from safeclick_jax.data import nifti
-from safeclick_jax.data.preprocess import axis_index, from_slices, normalize_intensity, to_slices, to_uint8
+from safeclick_jax.data.preprocess import (
+    axis_index,
+    from_slices,
+    normalize_intensity,
+    resolve_mode,
+    to_slices,
+    to_uint8,
+)
 from safeclick_jax.feature_cache import FeatureCache, available_host_bytes
 from safeclick_jax.image import preprocess
 from safeclick_jax.models.memory import SAM2Memory
@@ -260,6 +267,7 @@ class VolumePredictor:
         self.bytes_per_slice = int(sum(x.size * x.dtype.itemsize for x in per_slice))
         self.set_cache_budget(cache_bytes)
         self._slices = None
+        self.normalization = None  # the intensity mapping of the current volume (set_volume)
 
     @classmethod
     def from_checkpoint(
@@ -314,12 +322,17 @@ class VolumePredictor:
         volume,
         axis=2,
         volume_index: int | None = None,
-        normalization: str = "percentile",
-        ct_window=(40.0, 400.0),
+        normalization: str = "auto",
+        ct_window=None,
     ) -> None:
         """volume: a 3D array (any numeric dtype) or a NIfTI path. axis: slicing axis of the input's
-        voxel grid (0/1/2). normalization: 'percentile' (0.5-99.5 %) or 'ct_window' (level, width).
-        Removes every object; slice features are encoded when first needed and cached."""
+        voxel grid (0/1/2). normalization: 'auto', 'percentile' (0.5-99.5 %) or 'ct_window'
+        (ct_window = (level, width) in HU, default 40, 400). 'auto' uses what the model's training
+        data used when its model.json records it (a training export does), else the CT window for a
+        volume in Hounsfield units and percentile clipping otherwise (preprocess.looks_like_ct).
+        The mode used is `self.normalization`. Removes every object; slice features are encoded
+        when first needed and cached."""
+        resolve_mode(normalization)  # a bad name is refused before the file is read
         affine = None
         if isinstance(volume, (str, os.PathLike)):
             data, ornt, img = read_volume(volume, volume_index)
@@ -335,7 +348,16 @@ class VolumePredictor:
         if min(data.shape) < 1:
             raise ValueError(f"volume is empty: shape {data.shape}")
         axis = axis_index(axis)
-        image = to_uint8(normalize_intensity(data, normalization, ct_window=ct_window))
+        trained = self.description.get("training", {}).get("data", {})
+        if normalization == "auto":
+            normalization = trained.get("normalization", "auto")
+        mode = resolve_mode(normalization, data=data)
+        window = tuple(float(v) for v in (ct_window or trained.get("ct_window") or (40.0, 400.0)))
+        if len(window) != 2 or not window[1] > 0:
+            raise ValueError(f"ct_window {ct_window!r}: expected (level, width) with width > 0")
+        percentiles = trained.get("percentiles", (0.5, 99.5))
+        image = to_uint8(normalize_intensity(data, mode, percentiles, window))
+        self.normalization = mode
         self._ornt = np.asarray(ornt)
         self._affine = affine
         self._ras_axis = int(self._ornt[axis, 0])

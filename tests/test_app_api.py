@@ -214,6 +214,23 @@ def test_bad_requests_refused_and_server_still_segments(client):
     client.delete(f"/api/volumes/{sid}")
 
 
+def test_normalization_field(client):
+    """The intensity mapping is chosen when a volume opens (default auto: the CT window for this CT);
+    a bad value is refused with 400 naming it, and no session or file is left behind."""
+    for body, mode in (({}, "ct_window"), ({"normalization": "percentile"}, "percentile")):
+        r = client.post("/api/volumes", json={"path": "ct.nii.gz", **body})
+        assert r.status_code == 200 and r.json()["normalization"] == mode, r.text
+        client.delete(f"/api/volumes/{r.json()['id']}")
+    store = client.app.state.store
+    before = (len(store), sorted(store.root.iterdir()))
+    for bad in ("hu", None, 3):
+        r = client.post("/api/volumes", json={"path": "ct.nii.gz", "normalization": bad})
+        assert r.status_code == 400 and repr(bad) in r.json()["detail"], r.text
+    r = client.post("/api/volumes", files={"file": ("ct.nii.gz", b"x")}, data={"normalization": "hu"})
+    assert r.status_code == 400 and "'hu'" in r.json()["detail"], r.text
+    assert (len(store), sorted(store.root.iterdir())) == before
+
+
 def test_idle_sessions_expire(client):
     store = client.app.state.store
     sid = _open(client)["id"]

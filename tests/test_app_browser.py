@@ -16,6 +16,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage
 
 pytest.importorskip("fastapi")
 selenium = pytest.importorskip("selenium")
@@ -111,18 +112,18 @@ def _canvas_pixels(driver):
 def test_page_click_propagate_overlay(server, driver):
     from selenium.webdriver.common.action_chains import ActionChains
 
-    from safeclick_jax.data.synthetic import make_volume
+    from safeclick_jax.app.__main__ import example_case
 
     url, path = server
     driver.get(url + "/")
     _wait(driver, "const s = window.safeclick; return s && s.state.vol && s.nv.volumes.length === 1 && !s.state.busy")
     before = _canvas_pixels(driver)
-    # a voxel deep inside the liver (label 1) of the example volume, on its middle axial slice
-    _, labels, _ = make_volume(0)
+    # the voxel of the liver (label 1) of the example volume farthest from its boundary, on the
+    # middle axial slice (the liver is not convex: its centroid may lie in a lesion or outside)
+    _, labels, _ = example_case()
     k = labels.shape[2] // 2
-    ii, jj = np.nonzero(labels[:, :, k] == 1)
-    c = int(np.argmin((ii - ii.mean()) ** 2 + (jj - jj.mean()) ** 2))
-    vox = [int(ii[c]), int(jj[c]), k]
+    depth = scipy.ndimage.distance_transform_edt(labels[:, :, k] == 1)
+    vox = [*map(int, np.unravel_index(np.argmax(depth), depth.shape)), k]
     pos = driver.execute_script(
         """const [s, v] = [window.safeclick, arguments[0]];
         const A = s.state.vol.affine;

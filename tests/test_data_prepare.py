@@ -290,3 +290,20 @@ def test_real_ct(tmp_path):
     cfg.min_roi_area = 1
     s1 = prepare.prepare_dataset(CT_SMALL, tmp_path / "a1", cfg, progress=False)
     assert "13" in s1["rois_per_label"] and s1["rois_per_label"]["13"] == 1
+
+
+def test_auto_normalization_rule():
+    """'auto' without a modality: the CT window for Hounsfield units (air at -1000), percentile
+    clipping for an MR-like volume; a modality, when known, decides; a bad name is refused."""
+    from safeclick_jax.data.synthetic_abdomen import make_volume
+
+    ct, _, _ = make_volume(0)
+    mr = np.random.default_rng(0).gamma(2.0, 150.0, (32, 32, 8)).astype(np.float32)  # >= 0, long tail
+    assert preprocess.looks_like_ct(ct) and not preprocess.looks_like_ct(mr)
+    assert not preprocess.looks_like_ct(mr - 300.0)  # zero-centred MR: negative, but not air
+    assert preprocess.resolve_mode("auto", data=ct) == "ct_window"
+    assert preprocess.resolve_mode("auto", data=mr) == "percentile"
+    assert preprocess.resolve_mode("auto", "MRI", data=ct) == "percentile"
+    assert preprocess.resolve_mode("percentile", data=ct) == "percentile"
+    with pytest.raises(ValueError, match="'window'"):
+        preprocess.resolve_mode("window")

@@ -179,3 +179,30 @@ def test_segment_object_and_label_errors(tmp_path, ckpt, capsys):
         with pytest.raises(SystemExit):
             main([*base, "--point", bad])
         assert "object id after @" in capsys.readouterr().err
+
+
+def test_auto_normalization(predictor):
+    """set_volume's default 'auto' shows a CT (Hounsfield units) to the model in the CT window, as
+    `make train` prepared its training data, and an MR-like volume with percentile clipping; a model
+    whose model.json records its training data's normalization gets that one."""
+    from safeclick_jax.data.synthetic_abdomen import make_volume
+
+    ct = make_volume(0)[0][:40, :36, :3]
+    p = predictor
+
+    def slices(volume, **kw):
+        p.set_volume(volume, **kw)
+        return np.asarray(p._slices).copy(), p.normalization
+
+    auto, mode = slices(ct)
+    assert mode == "ct_window"
+    np.testing.assert_array_equal(auto, slices(ct, normalization="ct_window", ct_window=(40, 400))[0])
+    assert not np.array_equal(auto, slices(ct, normalization="percentile")[0])
+    assert slices(ct.astype(np.float32) + 1000.0)[1] == "percentile"  # no air at -1000: not HU
+    p.description = {"training": {"data": {"normalization": "percentile", "percentiles": [0.5, 99.5]}}}
+    try:
+        np.testing.assert_array_equal(slices(ct)[0], slices(ct, normalization="percentile")[0])
+    finally:
+        p.description = {}
+    with pytest.raises(ValueError, match="'hu'"):
+        p.set_volume(ct, normalization="hu")

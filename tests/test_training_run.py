@@ -95,6 +95,12 @@ def test_smoke_run_writes_everything(reference):
 
     p = ImagePredictor.from_checkpoint(str(wd))  # WORKDIR -> WORKDIR/export
     assert p.cfg.image_size == 64 and p.description["kind"] == "safeclick"
+    # the intensity mapping of the training data, which inference applies by default
+    assert p.description["training"]["data"] == {
+        "normalization": "auto",
+        "percentiles": [0.5, 99.5],
+        "ct_window": [40.0, 400.0],
+    }
     p.set_image(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     masks, iou, low = p.predict(point_coords=[[20, 20]], point_labels=[1])
     assert masks.shape == (3, 40, 50) and iou.shape == (3,) and np.isfinite(iou).all()

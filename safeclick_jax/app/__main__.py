@@ -1,8 +1,8 @@
 """The local web app: `python -m safeclick_jax.app [--checkpoint DIR] [--data-dir DIR] [--host H] [--port P]`.
 
 With no --checkpoint it serves the demo: the model `make train` exports (workdir/sam2_t/export,
-trained first when absent) and the synthetic CT example volume in the data folder. Open the
-printed URL in a browser (over SSH: `ssh -L 8000:127.0.0.1:8000 server`, then localhost:8000).
+trained first when absent) and a synthetic abdominal CT (`example_case`) in the data folder. Open
+the printed URL in a browser (over SSH: `ssh -L 8000:127.0.0.1:8000 server`, then localhost:8000).
 See docs/app.md.
 """
 
@@ -21,15 +21,25 @@ DEMO_WORKDIR = REPO / "workdir" / "sam2_t"
 DEMO_DATA = REPO / "workdir" / "app_data"
 
 
-def example_volume(out_dir: Path) -> Path:
-    """Writes the example volume (the synthetic CT of safeclick_jax.data.synthetic) into
-    out_dir once; returns its path."""
-    from safeclick_jax.data.synthetic import make_volume
+# The example volume: synthetic abdomen number 15 of seed 0 (safeclick_jax.data.synthetic_abdomen),
+# the generator and seed of `make train`'s data, one past the 15 volumes it trains, validates and
+# tests on, so the demo model has never seen it.
+EXAMPLE_SEED = 15
 
+
+def example_case():
+    """(image int16 HU, labels uint8, affine) of the example volume."""
+    from safeclick_jax.data.synthetic_abdomen import make_volume
+
+    return make_volume(EXAMPLE_SEED)
+
+
+def example_volume(out_dir: Path) -> Path:
+    """Writes the example volume (`example_case`) into out_dir once; returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "synthetic_ct.nii.gz"
+    path = out_dir / "synthetic_abdomen_015.nii.gz"
     if not path.exists():
-        image, _, affine = make_volume(0)
+        image, _, affine = example_case()
         nib.save(nib.Nifti1Image(image, affine), str(path))
     return path
 

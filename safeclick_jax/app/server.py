@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from safeclick_jax.app.sessions import BadInput, Session, SessionStore, load_checked, nifti_suffix
+from safeclick_jax.data.preprocess import NORMALIZATIONS
 
 HERE = Path(__file__).parent
 NIIVUE_DIST = HERE / "web" / "node_modules" / "@niivue" / "niivue" / "dist"
@@ -193,9 +194,10 @@ def create_app(
         try:
             ctype = request.headers.get("content-type", "")
             source = None
-            axis = 2
+            axis, normalization = 2, "auto"
             if ctype.startswith("multipart/form-data"):
                 form = await request.form()
+                normalization = form.get("normalization", "auto")
                 up = form.get("file")
                 if up is None or not hasattr(up, "filename"):
                     raise BadInput("multipart upload without a `file` field")
@@ -208,6 +210,7 @@ def create_app(
                 body = await body_json(request)
                 rel = body.get("path")
                 axis = body.get("axis", 2)
+                normalization = body.get("normalization", "auto")
                 source = safe_path(data_dir, rel)
                 name = rel
                 nifti_suffix(source.name)
@@ -216,12 +219,15 @@ def create_app(
                 path = source
             if axis not in (0, 1, 2):
                 raise BadInput(f"axis {axis!r}: 0, 1 or 2")
+            if normalization not in NORMALIZATIONS:
+                raise BadInput(f"normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
             img, data = await asyncio.to_thread(load_checked, path, name)
             engine = engine_factory()
 
             def start():
                 with compute:
-                    engine.set_volume(str(path), axis=axis)  # the file: the engine reorients it like training data
+                    # the file, not the array: the engine reorients it like training data
+                    engine.set_volume(str(path), axis=axis, normalization=normalization)
 
             await asyncio.to_thread(start)
             s = Session(sid, engine, name, path, img, work, source, axis=axis)

@@ -84,6 +84,7 @@ class Session:
             "spacing": [float(v) for v in zooms],
             "affine": np.asarray(self.image.affine).tolist(),
             "axis": self.axis,
+            "normalization": self.engine.normalization,
             "num_slices": int(self.engine.num_slices),
             "encoding": self.encoding(),
             "objects": [{"id": k, **v} for k, v in sorted(self.objects.items())],

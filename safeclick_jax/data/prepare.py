@@ -60,7 +60,7 @@ def process_case(case: layouts.Case, index: int, out_dir: str, opts: dict) -> di
         return {**base, "ok": False, "reason": case.problem}
     try:
         image, label = nifti.load_pair(case.image, case.label, case.channel)
-        mode = preprocess.resolve_mode(opts["normalization"], case.modality)
+        mode = preprocess.resolve_mode(opts["normalization"], case.modality, image.data)
         img01 = preprocess.normalize_intensity(image.data, mode, opts["percentiles"], opts["ct_window"])
         target = preprocess.target_spacing_for(image.spacing, opts["target_spacing"])
         img01 = preprocess.resample(img01, image.spacing, target, order=1)

@@ -52,11 +52,32 @@ def normalize_intensity(
     return out.astype(np.float32, copy=False)
 
 
-def resolve_mode(mode: str, modality: str | None) -> str:
-    """'auto' picks the CT window for CT volumes and percentile clipping otherwise."""
-    if mode == "auto":
-        return "ct_window" if (modality or "").strip().upper() == "CT" else "percentile"
-    return mode
+NORMALIZATIONS = ("auto", "percentile", "ct_window")
+
+
+def looks_like_ct(data: np.ndarray) -> bool:
+    """Whether a volume's values are Hounsfield units.
+
+    A NIfTI file carries no modality, so it is decided from the values: CT puts air at -1000 HU, and
+    no MR or PET intensity scale has a 0.5th percentile at or below -500 (air in the field of view),
+    while a CT's 99.5th percentile stays below 4000 (bone ~1000, metal clipped at 3071).
+    """
+    flat = np.asarray(data).ravel()
+    sample = flat[:: max(1, flat.size // 1_000_000)]  # percentiles of a regular subsample: fast, close enough
+    lo, hi = np.percentile(sample.astype(np.float32, copy=False), (0.5, 99.5))
+    return bool(lo <= -500.0 and hi <= 4000.0)
+
+
+def resolve_mode(mode: str, modality: str | None = None, data: np.ndarray | None = None) -> str:
+    """'auto' picks the CT window for CT volumes and percentile clipping otherwise; CT is known from
+    `modality` when given, else from the values (`looks_like_ct`). Other modes are returned as they are."""
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalization {mode!r}: expected one of {', '.join(NORMALIZATIONS)}")
+    if mode != "auto":
+        return mode
+    if modality:
+        return "ct_window" if modality.strip().upper() == "CT" else "percentile"
+    return "ct_window" if data is not None and looks_like_ct(data) else "percentile"
 
 
 def target_spacing_for(spacing, target) -> float | None:

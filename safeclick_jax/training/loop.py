@@ -477,11 +477,17 @@ def _export(run: _Run) -> dict:
     config, ckpt, meta = run.config, run.ckpt, run.meta
     frozen_host = _to_host(run.frozen)
     merged = nnx.merge(run.graphdef, _to_host(run.state["params"]), frozen_host)
+    # the intensity mapping of the training data, which VolumePredictor.set_volume's 'auto' applies
+    data = {
+        "normalization": str(config.data.normalization),
+        "percentiles": [float(p) for p in config.data.percentiles],
+        "ct_window": [float(v) for v in config.data.ct_window],
+    }
     try:
         save_model(
             str(run.workdir / "export"),
             merged,
-            training={"step": run.total, "config": config.model.name, "image_size": run.image_size},
+            training={"step": run.total, "config": config.model.name, "image_size": run.image_size, "data": data},
         )
     except OSError as e:
         raise SaveError(f"writing the model to {run.workdir / 'export'} failed ({type(e).__name__}: {e})") from None
@@ -507,7 +513,9 @@ def _export(run: _Run) -> dict:
         if best_state is not None:
             merged = nnx.merge(run.graphdef, _to_host(best_state["params"]), frozen_host)
             save_model(
-                str(run.workdir / "best"), merged, training={"step": best_step, "val_dice": meta["best_val_dice"]}
+                str(run.workdir / "best"),
+                merged,
+                training={"step": best_step, "val_dice": meta["best_val_dice"], "data": data},
             )
             export["best"] = str(run.workdir / "best")
     ckpt.close()

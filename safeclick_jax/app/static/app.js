@@ -138,7 +138,10 @@ async function openVolume(bodyOrForm, isForm) {
     state.inv = invert4(v.affine);
     await nv.loadVolumes([{ url: `/api/volumes/${v.id}/image.nii.gz`, name: "image.nii.gz" }]);
     nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
-    $("volinfo").textContent = `${v.name}: ${v.shape.join(" x ")} voxels, ${v.spacing.map((s) => s.toFixed(2)).join(" x ")} mm`;
+    const mapping = { ct_window: "CT window", percentile: "percentile clipping" }[v.normalization] || v.normalization;
+    $("volinfo").textContent =
+      `${v.name}: ${v.shape.join(" x ")} voxels, ${v.spacing.map((s) => s.toFixed(2)).join(" x ")} mm; ` +
+      `intensities: ${mapping}`;
     renderObjects();
     await refreshOverlay();
     watchEncoding(v);
