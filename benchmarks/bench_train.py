@@ -74,14 +74,14 @@ def run_jax(args) -> dict:
     import numpy as np
 
     from configs import common
-    from safeclick_jax import parallel
+    from safeclick_jax import compile_cache, parallel
     from safeclick_jax.models.sam2 import encode_image
-    from safeclick_jax.training import loop, model_init
+    from safeclick_jax.training import model_init
     from safeclick_jax.training import step as step_lib
     from safeclick_jax.training import train_state as ts
 
     config = common.make(args.model)
-    loop.setup_compilation_cache(config.compilation_cache_dir)
+    compile_cache.enable(config.compilation_cache_dir)
     config.data.image_size = args.image_size
     config.data.batch_size = args.batch
     config.train.compute_dtype = args.dtype

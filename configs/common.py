@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from safeclick_jax import compile_cache
 from safeclick_jax.data import default_data_config
 from safeclick_jax.models.config import get_config as get_sam2_config
 
@@ -149,7 +150,7 @@ def make(
     c.checkpoint.keep = 3  # last K, plus the best by val Dice
     c.checkpoint.export_best = True  # WORKDIR/best: the best model as a model directory
 
-    c.compilation_cache_dir = "~/.cache/safeclick_jax/xla"  # persistent XLA cache; '' disables
+    c.compilation_cache_dir = compile_cache.DEFAULT_DIR  # persistent XLA cache; '' disables
     c.plot = True
 
     if "paper" in variants:  # the paper's resolution and schedule on any backend

@@ -30,6 +30,7 @@ from collections import defaultdict
 import nibabel as nib
 import numpy as np
 
+from safeclick_jax import compile_cache
 from safeclick_jax.data.nifti import VolumeError
 
 MAX_ID = 255
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         "records it, else the CT window for a volume in Hounsfield units and 0.5-99.5 percentile clipping otherwise",
     )
     p.add_argument("--ct-window", default=None, help="level,width in HU for the CT window (default 40,400)")
+    p.add_argument(
+        "--compilation-cache",
+        default=compile_cache.DEFAULT_DIR,
+        help="folder of JAX's persistent compilation cache: the next run loads the compiled steps ('' disables)",
+    )
     return p
 
 
@@ -127,6 +133,7 @@ def prompts_by_slice(predictor, points=None, boxes=None, axis: int = 2) -> dict:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    compile_cache.enable(a.compilation_cache)
     try:
         from safeclick_jax.data.preprocess import axis_index
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import nibabel as nib
 
+from safeclick_jax import compile_cache
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_WORKDIR = REPO / "workdir" / "sam2_t"
 DEMO_DATA = REPO / "workdir" / "app_data"
@@ -70,11 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024)")
     p.add_argument("--idle-minutes", type=float, default=30.0, help="a session idle this long is freed (default 30)")
+    p.add_argument(
+        "--compilation-cache",
+        default=compile_cache.DEFAULT_DIR,
+        help="folder of JAX's persistent compilation cache: a restart loads the compiled steps ('' disables)",
+    )
     return p
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    compile_cache.enable(a.compilation_cache)
     import uvicorn
 
     from safeclick_jax.app.engine import EngineFactory

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from safeclick_jax import parallel
+from safeclick_jax import compile_cache, parallel
 from safeclick_jax.data import pipeline
 from safeclick_jax.training import embedding_cache, model_init
 from safeclick_jax.training import step as step_lib
@@ -37,15 +37,6 @@ _DISTRIBUTED = False
 def _log(*a):
     if jax.process_index() == 0:
         print(*a, flush=True)
-
-
-def setup_compilation_cache(path: str) -> None:
-    """Persistent XLA cache: eager parameter initialisation and the steps compile once per
-    machine instead of once per run (minutes on a busy CPU)."""
-    if path:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def ensure_data(dc, log=_log) -> None:
@@ -187,7 +178,7 @@ class _Run:
 def _start(config, workdir) -> _Run:
     """Compilation cache, distributed init, workdir, mesh, data, image size and precision."""
     global _DISTRIBUTED
-    setup_compilation_cache(config.get("compilation_cache_dir", ""))
+    compile_cache.enable(config.get("compilation_cache_dir", ""))
     if not _DISTRIBUTED:
         _DISTRIBUTED = parallel.maybe_initialize_distributed(_log) or True
     run = _Run(config, workdir)
