@@ -68,15 +68,11 @@ def plan(n: int, hw: int, corrections: int):
     return mid, [[hw / 2, hw / 2]], steps
 
 
-def median_time(fn, repeats: int = 2) -> float:
-    """fn() blocks until done; compiled already (called once first, not counted)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_time(fn) -> float:
+    """Median of two timed calls of fn() (which blocks until done), after one untimed call."""
+    from benchmarks.common import time_fn
+
+    return time_fn(fn, repeats=2)["median_s"]
 
 
 def slice_breakdown(p, t: int) -> dict:
@@ -88,22 +84,22 @@ def slice_breakdown(p, t: int) -> dict:
     from flax import nnx
 
     from safeclick_jax import video
+    from safeclick_jax import volume_predictor as vp
 
     obj = p._objects[1]
     feats = p._cache.get(t)
-    sl = jnp.asarray(p._slices[t])
-    args = (jnp.int32(t), jnp.asarray(False), *p._cond_slots(obj.cond), p._memory_slots(obj.kind, t, False))
-    bank = jax.tree.map(jnp.copy, obj.bank)
+    memory = p._memory_inputs(obj, t, False, p._cond_slots(obj.cond))  # (entries, t, reverse, slots...)
+    entries, args = memory[0], memory[1:]
     size = p.cfg.image_size
 
     @jax.jit
-    def attention(state, bank, feats, *a):
-        model, mem = nnx.merge(p.graphdef, state)
-        return video.condition_features(model, mem, feats, bank, *a)
+    def attention(state, entries, feats, *a):
+        model, mem = nnx.merge(p._key.graphdef, state)
+        return video.condition_features(model, mem, feats, entries, *a)
 
     @jax.jit
     def heads(state, feats, pix):
-        model, mem = nnx.merge(p.graphdef, state)
+        model, mem = nnx.merge(p._key.graphdef, state)
         coords, labels = video.no_prompt()
         e = feats["pix"].shape[1]
         mask_in = jnp.zeros((1, 4 * e, 4 * e, 1), jnp.float32)
@@ -111,18 +107,17 @@ def slice_breakdown(p, t: int) -> dict:
 
     @jax.jit
     def memory_encoder(state, feats, low, obj):
-        _, mem = nnx.merge(p.graphdef, state)
+        _, mem = nnx.merge(p._key.graphdef, state)
         return video.encode_memory(mem, feats, low, obj, False, size)
 
-    pix = attention(p.state, bank, feats, *args)
+    pix = attention(p.state, entries, feats, *args)
     low, _, score = heads(p.state, feats, pix)
     ready = jax.block_until_ready
     return {
-        "image_encoder_s": median_time(lambda: ready(p._encode(p.state, sl))),
-        # the engine's own step; it donates the bank, so each call gets a fresh copy (copy timed apart)
-        "track_step_s": median_time(lambda: ready(p._track(p.state, jax.tree.map(jnp.copy, bank), feats, *args))),
-        "bank_copy_s": median_time(lambda: ready(jax.tree.map(jnp.copy, bank))),
-        "memory_attention_s": median_time(lambda: ready(attention(p.state, bank, feats, *args))),
+        "image_encoder_s": median_time(lambda: ready(p._encode_slice(t))),
+        "track_step_s": median_time(lambda: ready(vp._track(p._key, p.state, feats, memory))),
+        "bank_gather_s": median_time(lambda: ready(p._memory_inputs(obj, t, False, p._cond_slots(obj.cond)))),
+        "memory_attention_s": median_time(lambda: ready(attention(p.state, entries, feats, *args))),
         "sam_heads_s": median_time(lambda: ready(heads(p.state, feats, pix))),
         "memory_encoder_s": median_time(lambda: ready(memory_encoder(p.state, feats, low, score))),
         "cache_get_s": median_time(lambda: ready(p._cache.get(t))),
@@ -138,15 +133,20 @@ def run_jax(a, vol, slices):
     p = VolumePredictor.from_checkpoint(a.checkpoint, fill_hole_area=0)
     n, hw = slices.shape[0], slices.shape[1]
     mid, click, steps = plan(n, hw, a.corrections)
-    steps_jit = (p._encode, p._track, p._prompt, p._commit, p._resize, p._mask_to_input)
+    compiles = [0]  # XLA compilations in this process (jax.monitoring)
+
+    def on_event(event, duration_s, **kw):
+        compiles[0] += "backend_compile" in event
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     res, masks = {}, {}
     # The cold session compiles every step the warm one runs. Its corrections go at most 7 slices
     # each way: enough to meet every compiled shape (memory-slot buckets of 2, 4 and 6 previous
     # slices, the conditioning-slot counts of the warm session's prompts) without tracking the
-    # whole volume again. The jit caches are per predictor, so the warm session re-uses this one
-    # on the same volume: set_volume starts a new feature cache, every slice is encoded again.
+    # whole volume again. The warm session re-uses the compiled steps on the same volume:
+    # set_volume starts a new feature cache, so every slice is encoded again.
     for session, reach in (("cold", 7), ("warm", None)):
-        compiled = sum(f._cache_size() for f in steps_jit)
+        compiled = compiles[0]
         t0 = time.perf_counter()
         p.set_volume(vol, axis=2)
         p.add_prompt(mid, points=click, labels=[1])
@@ -160,7 +160,7 @@ def run_jax(a, vol, slices):
             p.propagate(start=t, max_slices=reach)
             corr.append(time.perf_counter() - t0)
         res[f"correction_{session}_s"] = corr
-        res[f"compiled_{session}"] = sum(f._cache_size() for f in steps_jit) - compiled
+        res[f"compiled_{session}"] = compiles[0] - compiled
     if res["compiled_warm"]:
         print(f"warning: the warm session compiled {res['compiled_warm']} steps", file=sys.stderr)
     assert np.array_equal(p._slices, slices), "the engine's slices differ from the torch side's frames"
