@@ -32,10 +32,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from fastapi.testclient import TestClient
 
-    from safeclick_jax.app.__main__ import example_volume
+    from safeclick_jax.app.__main__ import example_case, example_volume
     from safeclick_jax.app.engine import EngineFactory
     from safeclick_jax.app.server import create_app
-    from safeclick_jax.data.synthetic import make_volume
 
     rows = {}
     load_before = os.getloadavg()[0]
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     rows["compile (warm-up)"] = time.perf_counter() - t0
     data = Path(tempfile.mkdtemp())
     path = example_volume(data)
-    _, labels, _ = make_volume(0)
+    _, labels, _ = example_case()
     k = labels.shape[2] // 2
     ii, jj = np.nonzero(labels[:, :, k] == 1)
     with TestClient(create_app(factory, data)) as c:
