@@ -32,6 +32,7 @@ import numpy as np
 
 from safeclick_jax import compile_cache
 from safeclick_jax.data.nifti import VolumeError
+from safeclick_jax.data.preprocess import NORMALIZATIONS
 
 MAX_ID = 255
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--normalization",
         default="auto",
-        choices=["auto", "percentile", "ct_window"],
+        choices=NORMALIZATIONS,
         help="intensity mapping to [0,1]: auto (default) = the model's training data's when its model.json "
         "records it, else the CT window for a volume in Hounsfield units and 0.5-99.5 percentile clipping otherwise",
     )
