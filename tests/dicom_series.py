@@ -79,6 +79,8 @@ def write_series(
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
         ds.PatientName, ds.PatientID, ds.Modality = "Test^Phantom", "0", "CT"
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "O", ""
+        ds.StudyID, ds.AccessionNumber = "1", ""
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate, ds.StudyTime, ds.SeriesDescription = "20260101", "120000", description
         ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = 1, 1, int(rng.integers(1, 10_000))

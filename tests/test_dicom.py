@@ -183,3 +183,35 @@ def test_prepare_reads_dicom_series(tmp_path):
     np.testing.assert_allclose(ok["affine_ras"], affine, atol=1e-6)
     (bad,) = summary["failed"]
     assert "image/label affine mismatch" in bad["reason"] and "case2.zip" in bad["reason"]
+
+
+@pytest.mark.parametrize("name", ["axial", "oblique"])
+def test_dicom_seg_references_the_series(name, tmp_path):
+    """A RAS label map written as DICOM SEG: it references every source slice of the series, and its
+    frames, read back by highdicom, are the label map on the series' own grid."""
+    hd = pytest.importorskip("highdicom")
+    from safeclick_jax.data.dicom_seg import write_seg
+
+    folder = tmp_path / "series"
+    paths, (want, _) = _write(folder, name)
+    labels = np.zeros(want.shape, np.uint8)
+    labels[3:10, 4:12, 2:7] = 2
+    labels[12:20, 2:6, 5:11] = 5
+    out = tmp_path / "seg.dcm"
+    assert write_seg(labels, folder, out) == 2
+    seg = hd.seg.segread(str(out))
+    sources = [pydicom.dcmread(p) for p in paths]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert [seg.get_segment_description(n).SegmentLabel for n in (1, 2)] == ["object 2", "object 5"]
+    # frames by source instance, in the order the files were written (slice k at origin + k * step)
+    uids = [ds.SOPInstanceUID for ds in sources]
+    frames = seg.get_pixels_by_source_instance(uids, combine_segments=True)  # (slice, row, column)
+    native = frames.transpose(2, 1, 0)
+    vol = dicom.load_dicom(folder)
+    from safeclick_jax.data.dicom_seg import to_series_grid
+
+    _, _, affine = dicom.read_series(folder)
+    expected = to_series_grid(np.where(labels == 5, 2, np.where(labels == 2, 1, 0)), affine)
+    # read_series sorts by position; the files were written in position order for these geometries
+    assert vol.data.shape == labels.shape and np.array_equal(native, expected)
+    assert int((native > 0).sum()) == int((labels > 0).sum())

@@ -172,8 +172,9 @@ def _pixels(path: Path, name: str, ds) -> np.ndarray:
     return arr.astype(np.float64) * slope + intercept
 
 
-def load_dicom(path) -> Volume:
-    """A DICOM series (folder or .zip, one series) as a RAS `Volume`; `VolumeError` names the cause."""
+def read_series(path) -> tuple[list, np.ndarray, np.ndarray]:
+    """(pydicom datasets in slice order, rescaled values on the (column, row, slice) grid, that
+    grid's voxel -> RAS affine) of a DICOM series folder or zip; `VolumeError` names the cause."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: does not exist")
@@ -190,6 +191,12 @@ def load_dicom(path) -> Volume:
     # pixel_array is [row, column]; the volume's axes are (column, row, slice)
     data = np.stack([_pixels(path, name, ds).T for name, ds in slices], axis=-1)
     data = data.astype(np.float32) if data.dtype.kind == "f" else _narrow(data)
+    return [ds for _, ds in slices], data, affine
+
+
+def load_dicom(path) -> Volume:
+    """A DICOM series (folder or .zip, one series) as a RAS `Volume`; `VolumeError` names the cause."""
+    _, data, affine = read_series(path)
     ornt = nib.orientations.io_orientation(affine)
     affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
     data = nib.orientations.apply_orientation(data, ornt)
