@@ -254,7 +254,7 @@ def save_hf_folder(sd, cfg, out: str) -> None:
     from safetensors.torch import save_file
 
     # own copies: the two Fourier-matrix entries are one array, and safetensors refuses shared memory
-    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in to_hf(sd).items()}
+    tensors = {k: torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in to_hf(sd).items()}
     video = any(k.startswith("memory_") for k in sd)
     os.makedirs(out, exist_ok=True)
     hf_config(cfg, video).save_pretrained(out)
