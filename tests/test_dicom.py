@@ -215,3 +215,12 @@ def test_dicom_seg_references_the_series(name, tmp_path):
     # read_series sorts by position; the files were written in position order for these geometries
     assert vol.data.shape == labels.shape and np.array_equal(native, expected)
     assert int((native > 0).sum()) == int((labels > 0).sum())
+
+
+def test_save_as_nifti(tmp_path):
+    folder = tmp_path / "s"
+    _, (want, affine) = _write(folder, "oblique")
+    dicom.save_as_nifti(folder, tmp_path / "s.nii.gz")
+    back = load_nifti(tmp_path / "s.nii.gz")
+    assert np.array_equal(back.data.astype(np.float64), want)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)

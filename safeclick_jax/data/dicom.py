@@ -204,6 +204,18 @@ def load_dicom(path) -> Volume:
     return Volume(np.ascontiguousarray(data), affine, spacing, str(path))
 
 
+def save_as_nifti(path, out) -> Volume:
+    """Writes the series at `path` as the NIfTI `out` (RAS grid, the affine in sform and qform), for
+    readers that take a NIfTI path; the label maps written for it share that grid."""
+    vol = load_dicom(path)
+    img = nib.Nifti1Image(vol.data, vol.affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(vol.affine, code=1)
+    img.set_sform(vol.affine, code=1)
+    nib.save(img, str(out))
+    return vol
+
+
 def _narrow(data: np.ndarray) -> np.ndarray:
     for dt in (np.int16, np.int32):
         if data.min() >= np.iinfo(dt).min and data.max() <= np.iinfo(dt).max:
