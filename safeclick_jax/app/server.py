@@ -8,21 +8,35 @@ thread; progress of a propagation is pushed as server-sent events (GET .../event
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
+import shutil
 import threading
 import time
 from functools import partial
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
-from safeclick_jax.app.sessions import BadInput, Session, SessionStore, load_checked, nifti_suffix
+from safeclick_jax.app.requests import (
+    EditObject,
+    NewObject,
+    ObjectChoice,
+    ObjectInPath,
+    OpenVolume,
+    Prompt,
+    validation_sentence,
+)
+from safeclick_jax.app.sessions import BadInput, Session, SessionStore, named
 from safeclick_jax.data.preprocess import NORMALIZATIONS
+from safeclick_jax.data.volume_file import MAX_VOXELS, read_label_map, read_volume, volume_suffix
+from safeclick_jax.inference.geometry import voxel_index
 
 HERE = Path(__file__).parent
 NIIVUE_DIST = HERE / "web" / "node_modules" / "@niivue" / "niivue" / "dist"
@@ -86,9 +100,11 @@ def create_app(
     idle_s: float = 1800.0,
     model_name: str | None = None,
     ready: threading.Event | None = None,
+    max_voxels: int = MAX_VOXELS,
 ) -> FastAPI:
     """engine_factory(): a new engine (VolumePredictor interface) per session. `ready`: set once
-    the model is compiled (health reports "loading" until then)."""
+    the model is compiled (health reports "loading" until then). `max_voxels`: the largest volume
+    opened, checked on the file's header before any voxel is read."""
     data_dir = Path(data_dir)
     store = SessionStore(idle_s=idle_s)
     compute = threading.Lock()  # one model call at a time: the CPU is shared by every session
@@ -97,9 +113,13 @@ def create_app(
     app.add_middleware(UploadLimit, limit=int(max_upload_mb * 2**20))
     status = {"state": "ready" if ready is None else "loading", "error": None}
 
-    @app.exception_handler(BadInput)
-    async def bad_input(_, e):
-        return JSONResponse({"detail": str(e)}, status_code=400)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_, e):
+        return JSONResponse({"detail": validation_sentence(e.errors(), located=True)}, status_code=400)
+
+    @app.exception_handler(ValidationError)
+    async def invalid_form(_, e):
+        return JSONResponse({"detail": validation_sentence(e.errors())}, status_code=400)
 
     @app.exception_handler(ValueError)
     async def value_error(_, e):
@@ -120,24 +140,11 @@ def create_app(
             raise HTTPException(404, f"no volume {sid!r} (closed, or expired after idle time)")
         return s
 
-    def obj_id(body: dict, s: Session, create: bool = False) -> int:
-        o = body.get("object", 1)
-        if not isinstance(o, int) or isinstance(o, bool) or not 1 <= o <= 255:
-            raise BadInput(f"object {o!r}: an integer id in 1..255 is needed")
-        if o not in s.objects:
-            if not create:
-                raise BadInput(f"unknown object {o}; objects are {sorted(s.objects)}")
-            s.objects[o] = {"name": f"object {o}", "visible": True}
+    def known(s: Session, o: int | None) -> int | None:
+        """An object of the session (None: all objects)."""
+        if o is not None and o not in s.objects:
+            raise BadInput(f"unknown object {o}; objects are {sorted(s.objects)}")
         return o
-
-    async def body_json(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except Exception:
-            raise BadInput("the request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise BadInput("the request body must be a JSON object")
-        return body
 
     def timed(s: Session, fn):
         t0 = time.perf_counter()
@@ -186,59 +193,51 @@ def create_app(
 
     # --- volumes --------------------------------------------------------------------------------
 
-    @app.post("/api/volumes")
+    @app.post("/api/volumes", openapi_extra=_OPEN_BODY)
     async def open_volume(request: Request):
+        """A volume from --data-dir (JSON: OpenVolume) or uploaded (multipart `file`, with an
+        optional `normalization` form field)."""
         if ready is not None and not ready.is_set():
             raise HTTPException(503, "the model is still compiling; try again in a moment")
         sid, work = store.new_workdir()
         try:
-            ctype = request.headers.get("content-type", "")
-            source = None
-            axis, normalization = 2, "auto"
-            if ctype.startswith("multipart/form-data"):
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 form = await request.form()
-                normalization = form.get("normalization", "auto")
+                req = OpenVolume.model_validate({k: v for k, v in form.items() if k == "normalization"})
                 up = form.get("file")
                 if up is None or not hasattr(up, "filename"):
                     raise BadInput("multipart upload without a `file` field")
-                name = Path(up.filename or "").name
-                path = work / ("input" + nifti_suffix(name))
+                name, source = Path(up.filename or "").name, None
+                path = work / ("input" + volume_suffix(name))
                 with open(path, "wb") as f:
                     while chunk := await up.read(1 << 20):
                         f.write(chunk)
             else:
-                body = await body_json(request)
-                rel = body.get("path")
-                axis = body.get("axis", 2)
-                normalization = body.get("normalization", "auto")
-                source = safe_path(data_dir, rel)
-                name = rel
-                nifti_suffix(source.name)
+                try:
+                    body = await request.json()
+                except ValueError:
+                    raise BadInput("the request body must be JSON") from None
+                req = OpenVolume.model_validate(body)
+                name = req.path
+                path = source = safe_path(data_dir, req.path)
+                volume_suffix(source.name)
                 if not source.is_file():
-                    raise BadInput(f"path {rel!r}: no such file in the data folder")
-                path = source
-            if axis not in (0, 1, 2):
-                raise BadInput(f"axis {axis!r}: 0, 1 or 2")
-            if normalization not in NORMALIZATIONS:
-                raise BadInput(f"normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
-            img, data = await asyncio.to_thread(load_checked, path, name)
+                    raise BadInput(f"path {req.path!r}: no such file in the data folder")
+            vol = await asyncio.to_thread(named, read_volume, path, name, max_voxels=max_voxels)
             engine = engine_factory()
 
             def start():
                 with compute:
-                    # the file, not the array: the engine reorients it like training data
-                    engine.set_volume(str(path), axis=axis, normalization=normalization)
+                    engine.set_volume(vol, axis=req.axis, normalization=req.normalization)
 
             await asyncio.to_thread(start)
-            s = Session(sid, engine, name, path, img, work, source, axis=axis)
+            s = Session(sid, engine, name, path, vol.image, work, source, axis=req.axis)
             s.objects[1] = {"name": "object 1", "visible": True}
             engine.add_object(1)
             store.add(s)
             threading.Thread(target=encode_slices, args=(s, engine), daemon=True).start()
             return {**s.describe()}
         except BaseException:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
             raise
 
@@ -266,8 +265,6 @@ def create_app(
         s = session(sid)
         if s.path.name.lower().endswith(".nii.gz"):
             return FileResponse(s.path, media_type="application/gzip", filename="image.nii.gz")
-        import gzip
-
         return Response(gzip.compress(s.path.read_bytes(), 1), media_type="application/gzip")
 
     @app.delete("/api/volumes/{sid}")
@@ -280,47 +277,24 @@ def create_app(
     # --- prompts --------------------------------------------------------------------------------
 
     @app.post("/api/volumes/{sid}/prompts")
-    async def prompt(sid: str, request: Request):
+    async def prompt(sid: str, body: Prompt):
         s = session(sid)
-        body = await body_json(request)
         shape = s.image.shape[:3]
-        if "voxel" in body:
-            v = body["voxel"]
-            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-                raise BadInput(f"voxel {v!r}: three voxel indices [i, j, k] are needed")
-            v = [int(round(x)) for x in v]
-            if any(not 0 <= x < n for x, n in zip(v, shape)):
-                raise BadInput(f"voxel {v} lies outside the volume of shape {list(shape)}")
-            label = body.get("label", 1)
-            if label not in (0, 1):
-                raise BadInput(f"label {label!r}: 1 (foreground) or 0 (background)")
+        if body.voxel is not None:
+            v = voxel_index(body.voxel, shape)
             t, x, y = s.engine.voxel_to_slice(v)
-            kw = dict(points=[[x, y]], labels=[int(label)])
+            kw = dict(points=[[x, y]], labels=[body.label])
             axis, k = s.axis, v[s.axis]
-        elif "box" in body:
-            b, k, axis = body["box"], body.get("slice"), body.get("axis", s.axis)
+        else:
+            axis, k = (s.axis if body.axis is None else body.axis), body.slice
             if axis != s.axis:
                 raise BadInput(f"axis {axis!r}: boxes go on the slicing axis of this volume ({s.axis})")
-            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b)):
-                raise BadInput(f"box {b!r}: [u0, v0, u1, v1] voxel indices are needed")
-            if not isinstance(k, int) or not 0 <= k < shape[axis]:
+            if not 0 <= k < shape[axis]:
                 raise BadInput(f"slice {k!r}: an integer in 0..{shape[axis] - 1} is needed")
-            inplane = [a for a in range(3) if a != axis]
-            u0, v0, u1, v1 = b
-            if u1 < u0 or v1 < v0:
-                raise BadInput(f"box {b}: needs u1 >= u0 and v1 >= v0")
-            corners = []
-            for u, vv in ((u0, v0), (u1, v1)):
-                if not (0 <= u < shape[inplane[0]] and 0 <= vv < shape[inplane[1]]):
-                    raise BadInput(f"box {b} lies outside the slice of shape {[shape[a] for a in inplane]}")
-                ijk = [0, 0, 0]
-                ijk[axis], ijk[inplane[0]], ijk[inplane[1]] = k, u, vv
-                corners.append(s.engine.voxel_to_slice(ijk))
-            (t, xa, ya), (_, xb, yb) = corners
-            kw = dict(box=[min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)])
-        else:
-            raise BadInput("a prompt needs `voxel` (with `label`) or `box` (with `slice` and `axis`)")
-        o = obj_id(body, s, create=True)
+            t, xy = s.engine.geometry.box_to_slice(body.box, k)
+            kw = dict(box=xy)
+        o = body.object
+        s.objects.setdefault(o, {"name": f"object {o}", "visible": True})
 
         def run():
             s.engine.add_prompt(t, obj_id=o, **kw)
@@ -337,15 +311,10 @@ def create_app(
         }
 
     @app.post("/api/volumes/{sid}/propagate")
-    async def propagate(sid: str, request: Request):
+    async def propagate(sid: str, body: ObjectChoice | None = None):
         s = session(sid)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        if not isinstance(body, dict):
-            raise BadInput("the request body must be a JSON object")
-        ids = None
-        if body.get("object") is not None:
-            ids = [obj_id(body, s)]
+        o = known(s, body.object if body else None)
+        ids = None if o is None else [o]
         if s.progress["running"]:
             raise HTTPException(409, "a propagation is already running for this volume")
 
@@ -388,18 +357,16 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.post("/api/volumes/{sid}/undo")
-    async def undo(sid: str, request: Request):
-        return await _history(sid, request, "undo")
+    async def undo(sid: str, body: ObjectChoice | None = None):
+        return await _history(sid, body, "undo")
 
     @app.post("/api/volumes/{sid}/redo")
-    async def redo(sid: str, request: Request):
-        return await _history(sid, request, "redo")
+    async def redo(sid: str, body: ObjectChoice | None = None):
+        return await _history(sid, body, "redo")
 
-    async def _history(sid, request, what):
+    async def _history(sid: str, body: ObjectChoice | None, what: str):
         s = session(sid)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        o = obj_id(body, s) if isinstance(body, dict) and body.get("object") is not None else None
+        o = known(s, body.object if body else None)
         fn = getattr(s.engine, what)
         msg, ms = await asyncio.to_thread(timed, s, lambda: fn(o))
         return {what: msg, "ms": ms}
@@ -407,38 +374,34 @@ def create_app(
     # --- objects --------------------------------------------------------------------------------
 
     @app.post("/api/volumes/{sid}/objects")
-    async def add_object(sid: str, request: Request):
+    async def add_object(sid: str, body: NewObject | None = None):
         s = session(sid)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        o = s.engine.add_object(body.get("object") if isinstance(body, dict) else None)
-        s.objects.setdefault(o, {"name": (body or {}).get("name") or f"object {o}", "visible": True})
+        body = body or NewObject()
+        o = s.engine.add_object(body.object)
+        s.objects.setdefault(o, {"name": body.name or f"object {o}", "visible": True})
         return {"object": o, **s.objects[o]}
 
     @app.patch("/api/volumes/{sid}/objects/{o}")
-    async def edit_object(sid: str, o: int, request: Request):
+    async def edit_object(sid: str, o: ObjectInPath, body: EditObject):
         s = session(sid)
-        body = await body_json(request)
-        obj_id({"object": o}, s)
-        if "name" in body:
-            if not isinstance(body["name"], str) or not 0 < len(body["name"]) <= 64:
-                raise BadInput("name: 1..64 characters")
-            s.objects[o]["name"] = body["name"]
-        if "visible" in body:
-            s.objects[o]["visible"] = bool(body["visible"])
+        known(s, o)
+        if body.name is not None:
+            s.objects[o]["name"] = body.name
+        if body.visible is not None:
+            s.objects[o]["visible"] = body.visible
         return {"object": o, **s.objects[o]}
 
     @app.post("/api/volumes/{sid}/objects/{o}/clear")
-    def clear_object(sid: str, o: int):
+    def clear_object(sid: str, o: ObjectInPath):
         s = session(sid)
-        obj_id({"object": o}, s)
+        known(s, o)
         _, ms = timed(s, lambda: s.engine.reset_object(o))
         return {"object": o, "ms": ms}
 
     @app.delete("/api/volumes/{sid}/objects/{o}")
-    def delete_object(sid: str, o: int):
+    def delete_object(sid: str, o: ObjectInPath):
         s = session(sid)
-        obj_id({"object": o}, s)
+        known(s, o)
         _, ms = timed(s, lambda: s.engine.remove_object(o))
         del s.objects[o]
         return {"deleted": o, "ms": ms}
@@ -467,14 +430,11 @@ def create_app(
         up = form.get("file")
         if up is None or not hasattr(up, "filename"):
             raise BadInput("multipart upload without a `file` field")
-        path = s.workdir / ("labels" + nifti_suffix(Path(up.filename or "").name))
+        path = s.workdir / ("labels" + volume_suffix(Path(up.filename or "").name))
         path.write_bytes(await up.read())
-        img, data = await asyncio.to_thread(load_checked, path, up.filename)
-        if tuple(data.shape) != tuple(s.image.shape[:3]):
-            raise BadInput(f"{up.filename}: label map of shape {data.shape}, the volume is {s.image.shape[:3]}")
-        if data.dtype.kind == "f" and not np.all(data == np.round(data)):
-            raise BadInput(f"{up.filename}: label values must be integers")
-        ids, ms = await asyncio.to_thread(timed, s, lambda: _set_labels(s.engine, np.asarray(data).astype(np.int64)))
+        lab = await asyncio.to_thread(named, read_label_map, path, str(up.filename), s.engine.volume, max_voxels)
+        # every labelled slice becomes a mask prompt, so the label map shows the upload as it is
+        ids, ms = await asyncio.to_thread(timed, s, lambda: s.engine.set_labels(lab, slices="all"))
         s.objects = {o: s.objects.get(o, {"name": f"object {o}", "visible": True}) for o in ids}
         return {"objects": ids, "ms": ms}
 
@@ -484,7 +444,7 @@ def create_app(
         s = session(sid)
         if s.source is None:
             raise BadInput("an uploaded volume has no place in the data folder; use Download")
-        stem = s.source.name[: -len(nifti_suffix(s.source.name))]
+        stem = s.source.name[: -len(volume_suffix(s.source.name))]
         out = s.source.with_name(stem + "_labels.nii.gz")
         with s.lock:
             nib.save(s.labels_image(), str(out))
@@ -493,15 +453,35 @@ def create_app(
     return app
 
 
-def _set_labels(engine, lab):
-    """Every labelled slice becomes a mask prompt, so the label map shows the upload as it is."""
-    try:
-        return engine.set_labels(lab, slices="all")
-    except TypeError:  # an engine without the `slices` option
-        return engine.set_labels(lab)
-
-
 def _gz(img) -> bytes:
-    import gzip
-
     return gzip.compress(img.to_bytes(), 1)
+
+
+# the two bodies POST /api/volumes takes, for the OpenAPI schema (the route reads the request itself)
+_OPEN_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": OpenVolume.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "normalization": {"type": "string", "enum": list(NORMALIZATIONS)},
+                    },
+                    "required": ["file"],
+                }
+            },
+        }
+    }
+}
+
+
+def engine_factory(checkpoint: str, memory_checkpoint: str | None = None, untrained_memory: bool = False):
+    """The app's engines: a VolumePredictor per session, memory slots of one padded size (each
+    step compiles once: for small models compiling costs seconds, attending to masked slots
+    almost nothing)."""
+    from safeclick_jax.inference import EngineFactory
+
+    memory = "untrained" if untrained_memory else "required"
+    return EngineFactory(checkpoint, memory_checkpoint, memory, fixed_memory_slots=True)
