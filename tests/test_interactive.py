@@ -186,6 +186,50 @@ def test_undo_redo(predictor):
     assert p.object_ids == [] and not p.label_map().any()
 
 
+def test_replayed_interactions_give_the_same_session(predictor):
+    """The JSON of a session's interactions, replayed on a fresh engine on the same volume, gives
+    the same label map, logits and histories (what a saved session resumes from)."""
+    import json
+
+    p = predictor
+    p.set_volume(volume(), axis=2)
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[5:20, 4:18, 1:4] = 4
+    p.set_labels(lab)
+    p.add_mask(2, square(p.slice_hw, 3, 15, 4, 16), obj_id=1)
+    p.add_prompt(4, points=[[12, 9]], labels=[1], obj_id=3)
+    p.add_prompt(1, box=[2, 2, 20, 15], obj_id=5)
+    p.propagate()
+    p.add_prompt(5, points=[[20, 15]], labels=[0], obj_id=1)
+    p.propagate(max_slices=2)
+    p.undo(), p.redo()
+    p.reset_object(3)
+    p.undo(3)
+    p.remove_object(p.add_object())
+    with pytest.raises(ValueError):
+        p.undo(9)  # refused: not recorded
+    state = snapshot(p)
+    log = json.loads(json.dumps(p.interactions))
+    calls = [e["call"] for e in log]
+    assert calls == ["set_labels", "add_mask", "add_prompt", "add_prompt", "propagate", "add_prompt", "propagate"] + [
+        "undo",
+        "redo",
+        "reset_object",
+        "undo",
+        "add_object",
+        "remove_object",
+    ]
+    other = VolumePredictor(p.model, p.memory)
+    other.set_volume(volume(), axis=2)
+    done = []
+    other.replay(log, progress=lambda i, n: done.append((i, n)))
+    assert done[-1] == (len(log), len(log))
+    assert_same(snapshot(other), state)
+    assert json.loads(json.dumps(other.interactions)) == log
+    with pytest.raises(ValueError, match="interaction 0: 'eval' is not a recorded call"):
+        other.replay([{"call": "eval", "args": {}}])
+
+
 def test_cache_encodes_each_slice_once_and_lru_keeps_results(predictor):
     p = predictor
     session(p)

@@ -242,7 +242,7 @@ def test_points_as_users_type_them(tmp_path, ckpt, capsys):
         assert f"{value} is not a" in capsys.readouterr().err
 
 
-def test_model_without_memory_path_names_the_option(tmp_path, capsys):
+def test_model_without_memory_path_names_the_option(tmp_path, ckpt, capsys):
     """A model directory without SAM 2's memory path (a training export): one line naming
     --memory-checkpoint, from the CLI and from Python."""
     from safeclick_jax.checkpoint import ModelDirError
@@ -258,3 +258,11 @@ def test_model_without_memory_path_names_the_option(tmp_path, capsys):
     assert err.startswith(f"error: {d}: has no memory/video tensors") and "--memory-checkpoint DIR" in err
     with pytest.raises(ModelDirError, match="memory_checkpoint=DIR"):
         VolumePredictor.from_checkpoint(d)
+    from safeclick_jax.inference import load_model
+
+    assert load_model(d).memory is None  # the image path alone
+    other = load_model(d, memory_checkpoint=ckpt, memory="required")
+    assert other.memory is not None and other.memory_note is None
+    untrained = load_model(d, memory="untrained")
+    assert untrained.memory is not None
+    assert untrained.memory_note == f"{d} has no memory path; propagation uses an untrained one"

@@ -102,6 +102,8 @@ def validation_sentence(errors: list[dict[str, Any]], located: bool = False) -> 
         if not loc:
             out.append(msg)
             continue
+        if loc[0] == "o":  # the object id in a URL (/objects/{o})
+            loc[0] = "object"
         field = str(loc[0]) + "".join(f"[{x}]" for x in loc[1:])
         value = e.get("input")
         if e.get("type") == "extra_forbidden":

@@ -20,6 +20,21 @@ class BadInput(ValueError):
     """A request the server refuses with 400 and this message."""
 
 
+def safe_path(data_dir: Path, rel: str) -> Path:
+    """`rel` inside data_dir, resolved (symlinks followed); BadInput for anything leaving it."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BadInput(f"path {rel!r}: a file name relative to the data folder is needed")
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+        raise BadInput(f"path {rel!r}: absolute paths are refused; give a name relative to the data folder")
+    if ".." in Path(rel).parts:
+        raise BadInput(f"path {rel!r}: '..' is refused")
+    root = data_dir.resolve()
+    full = (root / rel).resolve()
+    if full != root and root not in full.parents:
+        raise BadInput(f"path {rel!r}: leaves the data folder (symbolic link?)")
+    return full
+
+
 def named(fn, path: Path, name: str, *args, **kw):
     """fn(path, ...) of the volume reader, its VolumeError as BadInput naming the file as the
     user knows it (the server's own paths stay private)."""

@@ -56,11 +56,13 @@ def read_header(path, max_voxels: int = MAX_VOXELS, max_bytes: int = MAX_BYTES) 
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
-                raise VolumeError(f"{path}: named .gz but not gzip-compressed")
+                raise VolumeError(f"{path}: unreadable NIfTI file, named .gz but not gzip-compressed")
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for bad files (ImageFileError, EOFError, ...)
-        raise VolumeError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+        raise VolumeError(
+            f"{path}: unreadable NIfTI file, not a readable NIfTI-1/2 header ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{path}: not a NIfTI-1/2 image (got {type(img).__name__})")
     voxels = 1

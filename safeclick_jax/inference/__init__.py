@@ -6,6 +6,8 @@
 - geometry.py: voxel <-> slice-image coordinates (RAS reorientation, boxes);
 - steps.py: the compiled model steps, shared by every session of a model (`compile_counts`);
 - history.py: each object's state and its undo / redo;
+- prompts.py: one slice's clicks, box or mask, checked (where new kinds of prompt go);
+- interactions.py: a session's calls as JSON, replayed by VolumePredictor.replay;
 - loader.py: the one model loader (`load_model`);
 - engines.py: `EngineFactory`, a model loaded once and one engine per session (the web app);
 - limits.py: MAX_OBJECT_ID.

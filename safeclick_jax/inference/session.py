@@ -69,7 +69,9 @@ from safeclick_jax.feature_cache import FeatureCache, available_host_bytes
 from safeclick_jax.inference import steps
 from safeclick_jax.inference.geometry import IDENTITY_ORNT, SliceGeometry
 from safeclick_jax.inference.history import History, ObjectState
+from safeclick_jax.inference.interactions import check_entry, to_json
 from safeclick_jax.inference.limits import MAX_OBJECT_ID
+from safeclick_jax.inference.prompts import binary_mask, clicks_and_box
 from safeclick_jax.models.memory import SAM2Memory
 
 MIN_COND_SLOTS = 4  # with fixed_memory_slots: prompted slices in memory before a recompile
@@ -106,6 +108,7 @@ class VolumePredictor:
         self.geometry: SliceGeometry | None = None
         self.volume: Volume | None = None
         self.normalization = None  # the intensity mapping of the current volume (set_volume)
+        self.interactions: list[dict] = []  # every call that changed the objects (inference/interactions.py)
 
     @classmethod
     def from_checkpoint(
@@ -194,7 +197,8 @@ class VolumePredictor:
         self._cache = FeatureCache(
             self._encode_slice, self.num_slices, self.bytes_per_slice, self._cache_budget(self.num_slices)
         )
-        self.reset_all()
+        self._history = History()
+        self.interactions = []
 
     @property
     def input_shape(self) -> tuple:
@@ -316,12 +320,14 @@ class VolumePredictor:
         if k in self._history.objects:
             raise ValueError(f"object id {k} exists already (objects: {self.object_ids})")
         self._history.add(k, self._new_object_state())
+        self._record("add_object", obj_id=k)
         return k
 
     def remove_object(self, obj_id) -> None:
         """The object, its prompts, memory, mask and history are gone (not undoable)."""
         self._object(obj_id)
         self._history.remove(int(obj_id))
+        self._record("remove_object", obj_id=int(obj_id))
 
     def reset_object(self, obj_id) -> None:
         """Forgets the object's prompts and memory; the id stays, the reset can be undone."""
@@ -329,11 +335,27 @@ class VolumePredictor:
         if not obj.has_prompts and not obj.tracked:
             return
         self._history.record(int(obj_id), self._history.next_call(), "reset", obj, self._new_object_state())
+        self._record("reset_object", obj_id=int(obj_id))
 
     def reset_all(self) -> None:
         """Removes every object with its prompts, memory and history."""
         self._require_volume()
         self._history = History()
+        self._record("reset_all")
+
+    def _record(self, call: str, **args) -> None:
+        self.interactions.append({"call": call, "args": to_json(args)})
+
+    def replay(self, interactions, progress=None) -> None:
+        """Applies recorded interactions (`interactions` of a session on this same volume, e.g.
+        read back from JSON) in order: the objects, histories and label map come back as they
+        were. `progress(done, total)` after each. A refused entry stops the replay with its error."""
+        self._require_volume()
+        entries = [check_entry(e, i) for i, e in enumerate(interactions)]
+        for i, (call, args) in enumerate(entries):
+            getattr(self, call)(**args)
+            if progress is not None:
+                progress(i + 1, len(entries))
 
     # --- history --------------------------------------------------------------------------------
 
@@ -341,12 +363,16 @@ class VolumePredictor:
         """Undoes the object's last interaction (a click or box, a mask, a propagation, a reset);
         without an id, the last call over all objects. Returns what was undone."""
         self._require_volume()
-        return self._history.undo(None if obj_id is None else self._known(obj_id))
+        done = self._history.undo(None if obj_id is None else self._known(obj_id))
+        self._record("undo", obj_id=obj_id if obj_id is None else int(obj_id))
+        return done
 
     def redo(self, obj_id=None) -> str:
         """Redoes the last undone interaction (of the object, or over all objects)."""
         self._require_volume()
-        return self._history.redo(None if obj_id is None else self._known(obj_id))
+        done = self._history.redo(None if obj_id is None else self._known(obj_id))
+        self._record("redo", obj_id=obj_id if obj_id is None else int(obj_id))
+        return done
 
     def history(self, obj_id) -> list[str]:
         """The object's undoable interactions, oldest first."""
@@ -396,41 +422,13 @@ class VolumePredictor:
         add to them unless `clear`."""
         t = self._check_slice(slice_index)
         k, obj, created = self._prepare_object(obj_id)
-        h, w = self.slice_hw
-        limit = np.array([w, h], np.float32)
-        new_c, new_l = [], []
-        if box is not None:
-            b = np.asarray(box, np.float32).reshape(-1)
-            if b.shape != (4,) or not np.isfinite(b).all():
-                raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1), got {np.asarray(box).tolist()}")
-            if b[2] < b[0] or b[3] < b[1]:
-                raise ValueError(f"box {b.tolist()}: needs x1 >= x0 and y1 >= y0")
-            new_c.append(b.reshape(2, 2))
-            new_l.append(np.array(prompting.BOX_LABELS, np.int32))
-        if (points is None) != (labels is None):
-            raise ValueError("points and labels must be given together")
-        if points is not None:
-            pc, pl = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels).reshape(-1)
-            if pc.shape[0] != pl.shape[0]:
-                raise ValueError(f"{pc.shape[0]} points but {pl.shape[0]} labels")
-            if not np.isfinite(pc).all():
-                raise ValueError(f"points must be finite numbers, got {pc.tolist()}")
-            if not np.isin(pl, (0, 1)).all():
-                raise ValueError(f"labels must be 0 (background) or 1 (foreground); got {np.unique(pl).tolist()}")
-            new_c.append(pc)
-            new_l.append(pl.astype(np.int32))
-        if not new_c:
-            raise ValueError("give points (with labels) or a box")
-        coords, labs = np.concatenate(new_c), np.concatenate(new_l)
-        bad = ((coords < 0) | (coords > limit)).any(-1)
-        if bad.any():
-            raise ValueError(
-                f"prompt at {coords[bad][0].tolist()} lies outside slice {t} (x in [0, {w}], y in [0, {h}])"
-            )
+        given = clicks_and_box(points, labels, box, self.slice_hw, t)
+        coords, labs = given.tokens()
         if box is None and not clear and t in obj.points:
             old_c, old_l = obj.points[t]
             coords, labs = np.concatenate([old_c, coords]), np.concatenate([old_l, labs])
 
+        h, w = self.slice_hw
         is_init = t not in obj.tracked
         reverse = obj.tracked.get(t, False)
         prev = self._previous_logits(obj, t)
@@ -456,8 +454,12 @@ class VolumePredictor:
         new.points[t] = (coords, labs)
         new.masks.pop(t, None)
         new.pending[t] = (low, ptr, score)
-        what = f"box on slice {t}" if box is not None else f"click{'s' if len(new_c[-1]) > 1 else ''} on slice {t}"
+        n = 0 if given.points is None else len(given.points)
+        what = f"box on slice {t}" if box is not None else f"click{'s' if n > 1 else ''} on slice {t}"
         self._install(k, created, what, obj, new)
+        self._record(
+            "add_prompt", slice_index=t, points=given.points, labels=given.labels, box=given.box, obj_id=k, clear=clear
+        )
         out = np.asarray(steps.resize(low, self.slice_hw))[0]
         return out if return_logits else out > 0
 
@@ -469,23 +471,11 @@ class VolumePredictor:
         k, obj, created = self._prepare_object(obj_id)
         out, new = self._mask_state(obj, t, mask)
         self._install(k, created, f"mask on slice {t}", obj, new)
+        self._record("add_mask", slice_index=t, mask=binary_mask(mask, self.slice_hw, "mask"), obj_id=k)
         return out if return_logits else out > 0
 
-    def _check_mask(self, mask, what: str) -> np.ndarray:
-        m = np.asarray(mask)
-        if m.shape != self.slice_hw:
-            raise ValueError(f"{what} has shape {m.shape}; the slices are {self.slice_hw} (rows, columns)")
-        if m.dtype != bool:
-            if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
-                vals = np.unique(m)[:6].tolist() if m.dtype.kind in "biuf" else m.dtype
-                raise ValueError(f"{what} must be binary (0/1 or bool), got values {vals}")
-            m = m.astype(bool)
-        if not m.any():
-            raise ValueError(f"{what} is empty (no foreground pixel)")
-        return m
-
     def _mask_state(self, obj: ObjectState, t: int, mask, what: str | None = None):
-        m = self._check_mask(mask, what or f"mask for slice {t}")
+        m = binary_mask(mask, self.slice_hw, what or f"mask for slice {t}")
         hr = np.asarray(steps.mask_to_input(jnp.asarray(m), self.cfg.image_size))
         low, ptr, score = steps.mask_prompt(
             self.model_key, self.state, self._cache.get(t), jnp.asarray(hr, jnp.float32)[None, ..., None]
@@ -528,7 +518,7 @@ class VolumePredictor:
             for t in chosen:
                 _, obj = self._mask_state(obj, t, stack[t] == k, f"label {k} on slice {t}")
             states[k] = obj
-        self.reset_all()
+        self._history = History()
         call = self._history.next_call()
         for k, obj in states.items():
             self._history.add(k, self._new_object_state())
@@ -538,6 +528,7 @@ class VolumePredictor:
                 else f"masks on {len(obj.pending)} slices"
             )
             self._history.record(k, call, f"{what} (initial labels)", self._history.objects[k], obj)
+        self._record("set_labels", label_map=lab.astype(np.uint8), slices=slices)
         return sorted(states)
 
     def _previous_logits(self, obj: ObjectState, t: int):
@@ -556,6 +547,7 @@ class VolumePredictor:
         most `max_slices` slices beyond `start` each way. `progress(done, total)` after every
         slice. One undo step per object. Returns label_map()."""
         self._require_volume()
+        asked = {"obj_ids": obj_ids, "start": start, "max_slices": max_slices}  # what replay passes again
         objects = self._history.objects
         if start is not None:
             self._check_slice(start)
@@ -617,6 +609,7 @@ class VolumePredictor:
         span = f"slices {min(t for t, _ in order)}..{max(t for t, _ in order)}"
         for k in ids:
             self._history.record(k, call, f"propagation from slice {start} ({span})", objects[k], work[k][0])
+        self._record("propagate", **asked)
         return self.label_map()
 
     # --- results --------------------------------------------------------------------------------
