@@ -65,6 +65,15 @@ def make(
     # weights everywhere (a loud warning; fine for tests and the CPU demo, useless for research).
     c.init.checkpoint = ml_collections.FieldReference(checkpoint, field_type=str)
     c.init.seed = 0  # the SafeClick head's init (and everything without checkpoint)
+    # The memory path written into every export (so volume propagation works on it) when the task
+    # does not train it: from this model directory (a converted SAM 2 of the same size), else from
+    # init.checkpoint, else random from init.seed (with a warning).
+    c.init.memory_checkpoint = ml_collections.FieldReference(None, field_type=str)
+
+    c.task = ml_collections.ConfigDict()
+    # 'slices': the decoder (+ SafeClick head) on single slices, the encoder frozen and cached
+    # (training/slice_task.py); 'clips': the whole model on T-slice clips (variant `full`).
+    c.task.name = "slices"
 
     data = default_data_config().to_dict()
     data["roots"] = tuple(data["roots"])  # a tuple: overridable as --config.data.roots='("a", "b")'
@@ -90,8 +99,6 @@ def make(
     c.train.seed = 0  # the train state's PRNG key
     c.train.multimask = True  # SAM 2: three masks for a single click, loss on the best
     c.train.train_prompt_encoder = False
-    c.train.nan_at_step = -1  # testing: make the loss NaN at this step (-1: never)
-    c.train.step_delay_s = 0.0  # testing: sleep after each step (to kill a run mid-way)
     c.train.progress = True
     # FSDP: split weights and Adam moments of at least fsdp_min_size elements over the `data` axis
     # (memory per device ~1/N for the large sizes) instead of replicating them.
@@ -150,6 +157,10 @@ def make(
     c.checkpoint.keep = 3  # last K, plus the best by val Dice
     c.checkpoint.export_best = True  # WORKDIR/best: the best model as a model directory
 
+    c.debug = ml_collections.ConfigDict()  # test hooks
+    c.debug.nan_at_step = -1  # make the loss NaN at this step (-1: never)
+    c.debug.step_delay_s = 0.0  # sleep after each step (to kill a run mid-way)
+
     c.compilation_cache_dir = compile_cache.DEFAULT_DIR  # persistent XLA cache; '' disables
     c.plot = True
 
@@ -170,6 +181,7 @@ def _smoke(c):
             transformer_num_heads=2,
             iou_head_hidden_dim=32,
             mask_in_chans=4,
+            mem_dim=16,  # <= d_model: an object pointer is d_model / mem_dim memory tokens
             hiera=dict(
                 embed_dim=8,
                 num_heads=1,

@@ -114,7 +114,7 @@ def test_smoke_run_writes_everything(reference):
 def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data_dir):
     ref_wd, _ = reference
     wd = tmp_path / "killed"
-    args = ["--config.train.step_delay_s=1.0"]
+    args = ["--config.debug.step_delay_s=1.0"]
     proc = subprocess.Popen(
         _cmd(wd, data_dir, *args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -176,7 +176,7 @@ def test_four_devices_equal_one_device(reference, tmp_path, data_dir, fsdp):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, reference):
     wd = tmp_path / "nan"
-    p = _run(wd, data_dir, "--config.train.nan_at_step=5")  # the 6th step (0-based step 5)
+    p = _run(wd, data_dir, "--config.debug.nan_at_step=5")  # the 6th step (0-based step 5)
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "loss is nan" in p.stderr and "last good checkpoint is step 4" in p.stderr
     steps = sorted(int(q.name) for q in (wd / "checkpoints").iterdir() if q.name.isdigit())
@@ -226,7 +226,7 @@ def _run_processes(workdir, data_dir, *extra, processes=2, devices=1, timeout=60
 
 
 # two multi-process jobs (~1.5 min each on 2 cores). Slow-marked (make test-slow): one of four runs
-# hung before the fix in loop._agreed (a restore only one process started), and a hang in CI would
+# hung before the fix in parallel.agreed (a restore only one process started), and a hang in CI would
 # block every submission; it has passed every run since.
 @pytest.mark.slow
 def test_two_processes_train_like_one_job(tmp_path, data_dir, reference):
@@ -268,7 +268,7 @@ def test_sigterm_saves_and_resumes_exactly_then_damaged_checkpoints_fall_back(re
     ref_wd, _ = reference
     wd = tmp_path / "preempted"
     proc = subprocess.Popen(
-        _cmd(wd, data_dir, "--config.train.step_delay_s=1.0"),
+        _cmd(wd, data_dir, "--config.debug.step_delay_s=1.0"),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,

@@ -63,11 +63,11 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     def adamw(schedule):
         return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
-    mult = float(o.get("head_lr_mult", 1.0))
+    mult = float(o.head_lr_mult)
     if mult == 1.0:
         chain.append(adamw(learning_rate(config, total_steps)))
     else:
-        head = learning_rate(config, total_steps, mult=mult, warmup_steps=int(o.get("head_warmup_steps", 0)))
+        head = learning_rate(config, total_steps, mult=mult, warmup_steps=int(o.head_warmup_steps))
         chain.append(
             optax.multi_transform({BASE: adamw(learning_rate(config, total_steps)), HEAD: adamw(head)}, param_groups)
         )
