@@ -109,6 +109,38 @@ def test_smoke_run_writes_everything(reference):
     assert _trainable(wd)
 
 
+def test_export_is_a_complete_model_for_the_volume_engine(reference):
+    """The export carries the memory path (random here: no init checkpoint): the volume engine
+    opens it without a memory checkpoint and propagates a click through a volume."""
+    from safeclick_jax.volume_predictor import VolumePredictor
+
+    wd, out = reference
+    assert "memory path: RANDOM (init.seed 0), written into the export" in out
+    p = VolumePredictor.from_checkpoint(str(wd / "export"))
+    vol = np.random.default_rng(0).normal(0, 1, (40, 40, 6)).astype(np.float32)
+    p.set_volume(vol)
+    p.add_prompt(2, points=[[20, 20]], labels=[1])
+    labels = p.propagate()
+    assert labels.shape == (40, 40, 6) and set(np.unique(labels)) <= {0, 1}
+    # every slice got a tracked mask (the random model marks most pixels): propagation reached all
+    assert all(labels[..., i].sum() > 0 for i in range(6)), [int(labels[..., i].sum()) for i in range(6)]
+
+
+def test_memory_checkpoint_of_another_size_is_refused_before_anything_is_written(reference, tmp_path, data_dir):
+    wd = tmp_path / "other_size"
+    p = _run(
+        wd,
+        data_dir,
+        f"--config.init.memory_checkpoint={reference[0] / 'export'}",
+        "--config.model.arch.hiera.embed_dim=16",
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and "--config.init.memory_checkpoint=" in err[0] and "memory path belongs to" in err[0], err
+    assert "Traceback" not in p.stderr and not wd.exists()
+
+
 # three training processes: ~1-4 min on 2 cores; in the default suite because exact resume is a
 # promise of train.py that CI must keep checking
 def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data_dir):
@@ -362,3 +394,20 @@ def test_empty_validation_split_trains_on_a_holdout_and_evaluate_refuses_it(tmp_
     )  # fmt: skip
     assert e.returncode == 2, e.stdout[-2000:] + e.stderr[-2000:]
     assert "the val split has no ROI" in e.stderr and "Traceback" not in e.stderr
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--config.train.parts=('mask_decoder', 'decoder2')", "train.parts: unknown part 'decoder2'"),
+        ("--config.train.parts=('memory',)", "train.parts: 'memory' does not train in the slices task"),
+    ],
+    ids=["unknown", "not_in_task"],
+)
+def test_bad_train_parts_one_line_exit_2_nothing_written(tmp_path, data_dir, arg, message):
+    wd = tmp_path / "parts"
+    p = _run(wd, data_dir, arg, timeout=120)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not wd.exists()

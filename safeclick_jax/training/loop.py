@@ -38,9 +38,9 @@ from safeclick_jax.training import step as step_lib
 from safeclick_jax.training import train_state as ts
 from safeclick_jax.training.checkpointing import Checkpointer, NoCheckpointError, SaveError
 from safeclick_jax.training.metrics import MetricsWriter, Progress, plot_curves, read_jsonl
-from safeclick_jax.training.task import Data, Env, Model, Placed, Steps, Task
+from safeclick_jax.training.task import ConfigError, Data, Env, Model, Placed, Steps, Task
 
-__all__ = ["train", "ensure_data", "DivergenceError", "ResumeError", "Preempted", "SaveError"]
+__all__ = ["train", "ensure_data", "ConfigError", "DivergenceError", "ResumeError", "Preempted", "SaveError"]
 
 
 class DivergenceError(RuntimeError):
@@ -166,7 +166,7 @@ def make_task(config, env: Env) -> Task:
         from safeclick_jax.training.clip_task import ClipTask
 
         return ClipTask(config, env)
-    raise ValueError(f"task.name {name!r}: expected one of {TASKS}")
+    raise ConfigError(f"task.name {name!r}: expected one of {TASKS}")
 
 
 def train(config, workdir) -> dict:

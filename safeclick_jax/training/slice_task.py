@@ -33,7 +33,8 @@ class SliceTask:
         self.memory = None
 
     def check(self, log) -> None:
-        """Bad input before anything is written: the memory path the export will carry."""
+        """Bad input before anything is written: train.parts, the memory path the export will carry."""
+        ts.check_parts(self.config, ts.SLICE_PARTS, self.name)
         self.memory = memory_init.resolve(self.config, log)
         self.memory.check(model_init.model_sam2_config(self.config, self.env.image_size))
 

@@ -18,6 +18,10 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Protocol
 
 
+class ConfigError(ValueError):
+    """A config value the run cannot use; train.py prints it as one line and exits 2."""
+
+
 class Env(NamedTuple):
     """The run's fixed surroundings (loop._start)."""
 
