@@ -15,7 +15,7 @@ The run is a sequence of phases, each returning a named result the next ones tak
     _loop       -> Trained        steps with progress lines, metrics.jsonl, TensorBoard,
                                   evaluation + checkpoint each epoch, NaN stop, preemption
     _export     -> dict           WORKDIR/export (and WORKDIR/best): complete models, the memory
-                                  path included (task.memory_extra)
+                                  path included (task.export_model)
     _summarize  -> dict           curves PNG, WORKDIR/summary.json
 
 The task (config.task.name; training/task.py) is the only part that differs between slice and
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-from flax import nnx
 
 from safeclick_jax import compile_cache, parallel
 from safeclick_jax.training import step as step_lib
@@ -393,10 +392,9 @@ def _export(config, env: Env, task: Task, graphdef, trained: Trained, frozen, ck
     }
 
     def write(name, state, training):
-        params = parallel.to_host(state["params"])
-        merged = nnx.merge(graphdef, params, frozen_host)
+        model, extra = task.export_model(graphdef, parallel.to_host(state["params"]), frozen_host)
         try:
-            save_model(str(env.workdir / name), merged, extra=task.memory_extra(params, frozen_host), training=training)
+            save_model(str(env.workdir / name), model, extra=extra, training=training)
         except OSError as e:
             raise SaveError(f"writing the model to {env.workdir / name} failed ({type(e).__name__}: {e})") from None
         return str(env.workdir / name)

@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from safeclick_jax import parallel
 from safeclick_jax.data import pipeline
@@ -115,8 +116,8 @@ class SliceTask:
             evaluate = lambda params, frozen: _evaluate(eval_step, params, frozen, mesh, cache, ds, n_batches)
         return Steps(train, evaluate, LOG_KEYS)
 
-    def memory_extra(self, params, frozen) -> dict:
-        return self.memory.extra()
+    def export_model(self, graphdef, params, frozen):
+        return nnx.merge(graphdef, params, frozen), self.memory.extra()
 
 
 def _choose_validation(config, log):

@@ -9,8 +9,8 @@ A task is (data source, step function, evaluation), chosen by `config.task.name`
 
 `loop.train` calls the task's methods in order: `check` (bad input, before anything is
 written), `build` (model and what trains), `data` (the training iterator and the validation
-choice), `optimizer`, `steps` (compiled train step and evaluation), and at the end `memory_extra`
-(the memory path written into the export).
+choice), `optimizer`, `steps` (compiled train step and evaluation), and at the end `export_model`
+(the image model and the memory path, torch-keyed as a model directory's `extra`, for the export).
 """
 
 from __future__ import annotations
@@ -83,4 +83,4 @@ class Task(Protocol):
 
     def steps(self, graphdef, placed: Placed, optimizer, schedule, data: Data) -> Steps: ...
 
-    def memory_extra(self, params, frozen) -> dict: ...  # nested torch-keyed memory path for the export
+    def export_model(self, graphdef, params, frozen) -> tuple[Any, dict]: ...  # (image model, memory `extra`)
