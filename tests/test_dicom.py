@@ -68,7 +68,7 @@ def test_reader_equals_known_volume_and_dcm2niix(name, tmp_path):
     np.testing.assert_allclose(ref.affine, vol.affine, atol=1e-3)  # NIfTI stores the affine in float32
 
 
-def test_zip_and_dispatch(tmp_path):
+def test_zip_and_dispatch(tmp_path, monkeypatch):
     folder = tmp_path / "series"
     paths, (want, _) = _write(folder, "axial")
     (folder / "README.txt").write_text("not DICOM: skipped")
@@ -81,6 +81,9 @@ def test_zip_and_dispatch(tmp_path):
     assert np.array_equal(from_zip.data, read_volume(folder).data) and np.array_equal(from_zip.data, want)
     with pytest.raises(VolumeError, match="more than the limit 1000"):
         read_volume(folder, max_voxels=1000)
+    monkeypatch.setattr(dicom, "MAX_BYTES", 5000)  # the declared uncompressed size bounds the inflation
+    with pytest.raises(VolumeError, match="more than the limit 5000"):
+        read_volume(z)
 
 
 def _refusal(folder) -> str:

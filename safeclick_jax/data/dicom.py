@@ -26,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from safeclick_jax.data.nifti import MAX_VOXELS, Volume, VolumeError, load_nifti
+from safeclick_jax.data.nifti import MAX_BYTES, MAX_VOXELS, Volume, VolumeError, load_nifti
 from safeclick_jax.data.nifti import load_pair as load_nifti_pair
 
 # Slice spacing may vary by this fraction of the median spacing (scanners write positions rounded
@@ -59,17 +59,24 @@ def _has_dicom_magic(path: Path) -> bool:
 def _sources(path: Path) -> list[tuple[str, object]]:
     """(name, file-like or path) of every candidate file of the series, folder or zip."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # symbolic links are not followed: a link may lead out of the folder the app serves
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
         return [(str(p.relative_to(path)), p) for p in files if p.name.upper() not in _NOT_SLICES]
     try:
         with zipfile.ZipFile(path) as z:
-            return [
-                (info.filename, io.BytesIO(z.read(info)))
+            members = [
+                info
                 for info in z.infolist()
                 if not info.is_dir()
                 and not Path(info.filename).name.startswith(".")
                 and Path(info.filename).name.upper() not in _NOT_SLICES
             ]
+            # zipfile never inflates a member past its declared size: bounding the declared total
+            # bounds what a small zip can decompress to
+            declared = sum(info.file_size for info in members)
+            if declared > MAX_BYTES:
+                raise VolumeError(f"{path}: the zip declares {declared} bytes, more than the limit {MAX_BYTES}")
+            return [(info.filename, io.BytesIO(z.read(info))) for info in members]
     except (zipfile.BadZipFile, OSError) as e:
         raise VolumeError(f"{path}: unreadable zip file ({e})") from e
 
