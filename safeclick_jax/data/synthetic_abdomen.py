@@ -20,14 +20,13 @@ from the seed; 15 volumes are written in about a second, split 7:1:2 by `prepare
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from safeclick_jax.data.synthetic import write_msd
+from safeclick_jax.data.synthetic import dataset_cli, write_msd
 
 LABELS = {
     "0": "background",
@@ -163,25 +162,22 @@ def write_dataset(out, num_volumes: int = 15, seed: int = 0, shape=SHAPE, spacin
         "name": "SafeClickSyntheticAbdomen",
         "description": "synthetic abdominal CT: touching organs, thin vessels, lesions (deterministic)",
         "labels": LABELS,
+        "modality": "CT",
     }
     return write_msd(out, make_volume, "abdomen", meta, num_volumes, seed, shape, spacing)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m safeclick_jax.data.synthetic_abdomen",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return dataset_cli(
+        argv,
+        "safeclick_jax.data.synthetic_abdomen",
+        __doc__,
+        write_dataset,
+        15,
+        SHAPE,
+        SPACING,
+        "synthetic abdominal volumes",
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-volumes", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE))
-    p.add_argument("--spacing", type=float, nargs=3, default=list(SPACING))
-    a = p.parse_args(argv)
-    out = write_dataset(a.out, a.num_volumes, a.seed, tuple(a.shape), tuple(a.spacing))
-    print(f"wrote {a.num_volumes} synthetic abdominal volumes to {out}")
-    return 0
 
 
 if __name__ == "__main__":
