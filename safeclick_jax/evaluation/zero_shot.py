@@ -41,14 +41,14 @@ from safeclick_jax.evaluation import interactive
 class Dataset:
     root: str
     cache_dir: str
-    generator: str  # module of safeclick_jax.data with write_dataset(out, num_volumes, seed)
+    kind: str  # the generator: a key of safeclick_jax.data.SYNTHETIC_KINDS
     seed: int
     num_volumes: int
     split: str  # a split of the cache, or "all"
 
 
 DATASETS = {
-    "abdomen": Dataset("data/abdomen", "data/cache/abdomen", "synthetic_abdomen", 0, 15, "test"),
+    "abdomen": Dataset("data/abdomen", "data/cache/abdomen", "abdomen", 0, 15, "test"),
     "procedural": Dataset("data/procedural_heldout", "data/cache/procedural_heldout", "procedural", 1, 8, "all"),
 }
 FIELDS = ["dataset", "case", "label", "name", "kind", "slice", "row", "col", "voxels", "dice_2d", "dice_3d"]
@@ -56,15 +56,13 @@ FIELDS = ["dataset", "case", "label", "name", "kind", "slice", "row", "col", "vo
 
 def ensure(ds: Dataset, log=print) -> None:
     """Generates (when the root is missing) and prepares (when the cache is missing) the dataset."""
-    import importlib
-
-    from safeclick_jax.data import default_data_config, prepare
+    from safeclick_jax.data import default_data_config, prepare, write_synthetic
 
     if (Path(ds.cache_dir) / "rois.npy").exists():
         return
     if not Path(ds.root).exists():
-        log(f"[zero-shot] generating {ds.generator} ({ds.num_volumes} volumes, seed {ds.seed}) in {ds.root}")
-        importlib.import_module(f"safeclick_jax.data.{ds.generator}").write_dataset(ds.root, ds.num_volumes, ds.seed)
+        log(f"[zero-shot] generating the {ds.kind} data ({ds.num_volumes} volumes, seed {ds.seed}) in {ds.root}")
+        write_synthetic(ds.kind, ds.root, ds.num_volumes, ds.seed)
     log(f"[zero-shot] preparing {ds.root} -> {ds.cache_dir}")
     prepare.prepare_dataset([ds.root], ds.cache_dir, default_data_config(), progress=False)
 

@@ -1,0 +1,65 @@
+"""The stand-in SAM 2 (`make pretrain` = python pretrain.py): sam2.1 tiny trained from random
+weights on procedural data (safeclick_jax/data/procedural.py), in two phases:
+
+  python train.py --config configs/standin.py:image --workdir workdir/standin/image
+  python train.py --config configs/standin.py:clip --workdir workdir/standin/clip \
+      --config.init.checkpoint=workdir/standin/image/export
+
+`image`: clips of one slice with several objects each, SAM 2's image training (every part trains);
+`clip`: clips of consecutive slices, so the memory path learns to carry a mask from slice to slice.
+Both are the `full` task of configs/common.py (the whole model on clips) with SAM 2's own decoder
+(no SafeClick head). `smoke` (after a comma) shrinks the model and data for tests.
+
+Sizes: the sam2.1 tiny architecture at the CPU image size (128 px) on a CPU, at its own 1024 px on
+a GPU/TPU (data.image_size = -1). Length: a fixed number of steps per phase (`train.total_steps`),
+fewer on a CPU (both phases within 30 minutes on 2 cores, benchmarks/RESULTS.md) than elsewhere.
+The stand-in never starts from a previous stand-in: init.checkpoint is None for the image phase
+(pretrain.py passes the image export to the clip phase).
+"""
+
+import jax
+
+from configs import common
+
+PHASES = ("image", "clip")
+
+
+def get_config(arg=None):
+    variants = [v for v in (arg or "").split(",") if v]
+    phases = [v for v in variants if v in PHASES]
+    if len(phases) != 1:
+        raise ValueError(f"configs/standin.py needs one phase of {PHASES} after the colon, got {arg!r}")
+    phase, rest = phases[0], [v for v in variants if v not in PHASES]
+    c = common.make("sam2.1_hiera_t", ",".join(["full", "baseline", *rest]), cpu_image_size=128, checkpoint=None)
+    c.variant = ",".join(["standin", *variants])
+    c.init.checkpoint = None  # random weights: never the stand-in itself (common's default when it exists)
+
+    # The pretraining data: 40 procedural volumes of 128 x 128 x 48 (seed 0; zero-shot uses seed 1).
+    c.data.roots = ("data/procedural",)
+    c.data.cache_dir = "data/cache/procedural"
+    c.data.synthetic_root = "data/procedural"
+    c.data.synthetic_kind = "procedural"
+    c.data.synthetic_volumes = 40
+    c.data.synthetic_seed = 0
+    c.data.synthetic_shape = (128, 128, 48)
+
+    if phase == "image":
+        _phase(c, frames=1, objects=4, batch=4, cpu_steps=600, steps=20000)
+    else:
+        _phase(c, frames=8, objects=2, batch=1, cpu_steps=200, steps=20000)
+    if "smoke" in rest:
+        c.data.roots = ("data/procedural_smoke",)
+        c.data.cache_dir = "data/cache/procedural_smoke"
+        c.data.synthetic_root = "data/procedural_smoke"
+        c.data.synthetic_volumes = 5
+        c.data.synthetic_shape = (48, 48, 12)
+        _phase(c, frames=1 if phase == "image" else 3, objects=2, batch=2, cpu_steps=3, steps=3)
+    return c
+
+
+def _phase(c, frames: int, objects: int, batch: int, cpu_steps: int, steps: int) -> None:
+    """Clip length, objects per clip, clips per batch and the schedule of one phase."""
+    c.clips.num_frames = frames
+    c.clips.max_objects = objects
+    c.data.batch_size = batch
+    c.train.total_steps = cpu_steps if jax.default_backend() == "cpu" else steps
