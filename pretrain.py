@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra train.py flag for both phases")
     p.add_argument("--max-cases", type=int, default=None, help="zero-shot on at most this many volumes")
     args = p.parse_args(argv)
+    os.chdir(REPO)  # data and workdir paths are relative to the repository, as train.py's
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
