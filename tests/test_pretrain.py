@@ -28,7 +28,7 @@ def test_smoke_pretraining_end_to_end(tmp_path):
     clip_cfg = json.loads((work / "clip" / "config.json").read_text())
     assert image_cfg["init"]["checkpoint"] is None
     assert clip_cfg["init"]["checkpoint"] == str(work / "image" / "export")
-    assert image_cfg["clips"]["num_frames"] == 1 and clip_cfg["clips"]["num_frames"] > 1
+    assert image_cfg["clip"]["num_frames"] == 1 and clip_cfg["clip"]["num_frames"] > 1
     desc = json.loads((work / "export" / "model.json").read_text())
     assert desc["kind"] == "sam2"
     for data in ("abdomen", "procedural"):
