@@ -54,7 +54,7 @@ def get_config(arg=None):
     c.model.dropout = 0.0
 
     if phase == "image":
-        _phase(c, frames=1, objects=4, batch=4, cpu_steps=600, steps=20000)
+        _phase(c, frames=1, objects=8, batch=4, cpu_steps=600, steps=20000)  # an image: many objects
     else:
         _phase(c, frames=-1, objects=2, batch=1, cpu_steps=200, steps=20000)  # -1: 8 slices, 4 on a CPU
     if "smoke" in rest:

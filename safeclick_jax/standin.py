@@ -58,8 +58,11 @@ def model_line(directory: str) -> str:
     path = os.path.join(directory, "model.json")
     if not os.path.isfile(path):
         path = os.path.join(directory, "export", "model.json")
-    desc = json.loads(open(path).read()) if os.path.isfile(path) else {}
-    training = desc["training"] if "training" in desc else {}
+    try:
+        desc = json.loads(open(path).read())
+    except (OSError, ValueError):  # the loader reports a broken directory in its own words
+        return f"{directory}: no readable model.json"
+    training = desc["training"] if isinstance(desc, dict) and "training" in desc else {}
     if "init" not in training:
         return f"{directory}: its own weights (no training init recorded)"
     return f"{directory}: fine-tuned from {training['init'] or 'RANDOM weights'}" + (

@@ -50,6 +50,10 @@ def test_present_is_every_default_init(in_tmp, capsys):
     assert standin.model_line("rand").endswith("fine-tuned from RANDOM weights")
     assert standin.model_line("conv").endswith("its own weights (no training init recorded)")
     assert standin.model_line(str(in_tmp / standin.EXPORT)).endswith("the stand-in SAM 2 itself (zero-shot)")
+    (in_tmp / "broken").mkdir()
+    (in_tmp / "broken" / "model.json").write_text("{")
+    assert standin.model_line("broken").endswith("no readable model.json")
+    assert standin.model_line("nowhere").endswith("no readable model.json")
     assert standin.main(["ft", "missing"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[1].startswith("ft: fine-tuned from")
