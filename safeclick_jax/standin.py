@@ -51,23 +51,34 @@ def encoder_line(checkpoint: str | None) -> str:
     return f"encoder: {checkpoint}"
 
 
+def _read_json(path):
+    try:
+        out = json.loads(open(path).read())
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
 def model_line(directory: str) -> str:
-    """What a model directory is built on, from its model.json (training exports record their init)."""
+    """What a model directory is built on: a training export's init.checkpoint, from its model.json
+    (`training.init`) or its training workdir's config.json."""
     if is_standin(directory):
         return f"{directory}: the stand-in SAM 2 itself (zero-shot)"
-    path = os.path.join(directory, "model.json")
-    if not os.path.isfile(path):
-        path = os.path.join(directory, "export", "model.json")
-    try:
-        desc = json.loads(open(path).read())
-    except (OSError, ValueError):  # the loader reports a broken directory in its own words
+    model_dir = directory
+    if not os.path.isfile(os.path.join(directory, "model.json")):
+        model_dir = os.path.join(directory, "export")  # a training workdir
+    desc = _read_json(os.path.join(model_dir, "model.json"))
+    if desc is None:  # the loader reports a broken directory in its own words
         return f"{directory}: no readable model.json"
-    training = desc["training"] if isinstance(desc, dict) and "training" in desc else {}
-    if "init" not in training:
-        return f"{directory}: its own weights (no training init recorded)"
-    return f"{directory}: fine-tuned from {training['init'] or 'RANDOM weights'}" + (
-        " (the stand-in)" if is_standin(training["init"]) else ""
-    )
+    training = desc["training"] if "training" in desc else None
+    config = _read_json(os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json"))
+    if training is not None and "init" in training:
+        init = training["init"]
+    elif training is not None and config is not None and "init" in config:
+        init = config["init"]["checkpoint"]
+    else:
+        return f"{directory}: its own weights (not a training export)"
+    return f"{directory}: fine-tuned from {init or 'RANDOM weights'}" + (" (the stand-in)" if is_standin(init) else "")
 
 
 def main(argv=None) -> int:
