@@ -59,6 +59,9 @@ def get_config(arg=None):
 
     if phase == "image":
         _phase(c, frames=1, objects=8, batch=4, cpu_steps=600, steps=20000)  # an image: many objects
+        # A mask prompt on a single frame is its own output (SAM2Train): only clicks and boxes teach
+        # a random decoder to segment, so the image phase always gets one of them.
+        c.clip.prob_to_use_pt_input = 1.0
     else:
         _phase(c, frames=-1, objects=2, batch=1, cpu_steps=200, steps=20000)  # -1: 8 slices, 4 on a CPU
     if "smoke" in rest:
