@@ -95,14 +95,20 @@ def loss_curve(workdir: Path) -> list[tuple[int, float]]:
 
 
 def summary_md(workdir: Path, times: dict, zero_shot: dict) -> str:
+    """The phases (command time, else the phase's own wall time from its summary.json; steps; the
+    training loss at the first and last logged step) and the zero-shot tables."""
     cmd = " ".join(["pretrain.py", *sys.argv[1:]])
     md = ["# The stand-in SAM 2", "", f"`python {cmd}`, {os.cpu_count()} CPU cores", ""]
-    md += ["| phase | time | steps | loss first -> last |", "|---|---:|---:|---|"]
+    md += ["| phase | time | steps | steps / s | loss first -> last | curves |", "|---|---:|---:|---:|---|---|"]
     for phase in PHASES:
         curve = loss_curve(workdir / phase)
-        first_last = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else "n/a"
-        seconds = f"{times[phase] / 60:.1f} min" if phase in times else "done before"
-        md.append(f"| {phase} | {seconds} | {curve[-1][0] if curve else 'n/a'} | {first_last} |")
+        path = workdir / phase / "summary.json"
+        run = json.loads(path.read_text()) if path.exists() else {"wall_seconds": None, "steps": "n/a"}
+        seconds = times[phase] if phase in times else run["wall_seconds"]
+        minutes = "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+        speed = f"{run['steps_per_s']:.2f}" if "steps_per_s" in run else "n/a"
+        loss = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else "n/a"
+        md.append(f"| {phase} | {minutes} | {run['steps']} | {speed} | {loss} | {phase}/curves.png |")
     md.append("")
     for name, path in zero_shot.items():
         md += [f"## Zero-shot on {name}", "", *path.read_text().splitlines()[2:], ""]
