@@ -58,7 +58,7 @@ def get_config(arg=None):
     c.model.dropout = 0.0
 
     if phase == "image":
-        _phase(c, frames=1, objects=8, batch=4, cpu_steps=600, steps=20000)  # an image: many objects
+        _phase(c, frames=1, objects=6, batch=4, cpu_steps=600, steps=20000)  # an image: many objects (>= 7 a volume)
         # A mask prompt on a single frame is its own output (SAM2Train): only clicks and boxes teach
         # a random decoder to segment, so the image phase always gets one of them.
         c.clip.prob_to_use_pt_input = 1.0
