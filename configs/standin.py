@@ -47,15 +47,12 @@ def get_config(arg=None):
     c.data.synthetic_seed = 0
     c.data.synthetic_shape = (128, 128, 48) if cpu else (512, 512, 64)
 
-    # From scratch, not a fine-tuning: sam2's fine-tuning lr (5e-6, the trunk at 0.6x with layer
-    # decay 0.9) would barely move random weights; one lr with a warm-up as SAM's pretraining
-    # (AdamW, linear warm-up, cosine), no stochastic depth or dropout (a short run underfits).
+    # From scratch, not a fine-tuning: sam2's fine-tuning lr (5e-6, the trunk at 3e-6 with layer
+    # decay 0.9) would barely move random weights; one lr for every part, as SAM's pretraining
+    # (AdamW, cosine), with sam2's clipping and weight decay.
     c.optim.lr = 3e-4
-    c.optim.vision_lr_mult = 1.0
+    c.optim.vision_lr = 3e-4
     c.optim.layer_decay = 1.0
-    c.optim.warmup_steps = 50
-    c.model.drop_path = 0.0
-    c.model.dropout = 0.0
 
     if phase == "image":
         _phase(c, frames=1, objects=6, batch=4, cpu_steps=600, steps=20000)  # an image: many objects (>= 7 a volume)
@@ -70,7 +67,6 @@ def get_config(arg=None):
         c.data.synthetic_root = "data/procedural_smoke"
         c.data.synthetic_volumes = 5
         c.data.synthetic_shape = (48, 48, 12)
-        c.optim.warmup_steps = 0
         _phase(c, frames=1 if phase == "image" else 2, objects=2, batch=1, cpu_steps=3, steps=3)
     return c
 
