@@ -12,7 +12,7 @@ Both are the `full` task of configs/common.py (the whole model on clips) with SA
 
 Sizes: the sam2.1 tiny architecture at the CPU image size (128 px) on a CPU, at its own 1024 px on
 a GPU/TPU (data.image_size = -1). Length: a fixed number of steps per phase (`train.total_steps`),
-fewer on a CPU (both phases within 30 minutes on 2 cores, benchmarks/RESULTS.md) than elsewhere.
+fewer on a CPU (sized for 30 minutes on 2 cores in all; docs/pretraining.md) than elsewhere.
 The stand-in never starts from a previous stand-in: init.checkpoint is None for the image phase
 (pretrain.py passes the image export to the clip phase).
 """

@@ -27,7 +27,7 @@ def test_absent_says_how_to_build_it_and_how_long(in_tmp):
 
     assert not standin.available() and standin.default_checkpoint() is None
     line = standin.encoder_line(None)
-    assert "RANDOM" in line and "make pretrain" in line and "30 minutes" in line
+    assert "RANDOM" in line and "make pretrain" in line and "30 minutes on a 2-core CPU" in line
     assert sam2_t.get_config().init.checkpoint is None
 
 
