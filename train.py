@@ -29,7 +29,8 @@ def main(argv):
     from safeclick_jax import checkpoint, standin
     from safeclick_jax.training import loop
 
-    print(standin.encoder_line(_CONFIG.value.init.checkpoint), flush=True)
+    config = _CONFIG.value
+    print(standin.encoder_line(config.init.checkpoint, config.variant.startswith("standin")), flush=True)
     try:
         loop.train(_CONFIG.value, _WORKDIR.value)
     except checkpoint.ModelDirError as e:

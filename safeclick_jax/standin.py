@@ -39,8 +39,11 @@ def absent_line() -> str:
     return f"no stand-in at {EXPORT}: `{BUILD}` pretrains one, {BUILD_TIME}"
 
 
-def encoder_line(checkpoint: str | None) -> str:
-    """What a run initialised from `checkpoint` (None: random weights) starts from, in one line."""
+def encoder_line(checkpoint: str | None, pretraining: bool = False) -> str:
+    """What a run initialised from `checkpoint` (None: random weights) starts from, in one line;
+    `pretraining`: the run is a phase of the stand-in's own pretraining (configs/standin.py)."""
+    if checkpoint is None and pretraining:
+        return "encoder: RANDOM weights (the stand-in's pretraining starts from them)"
     if checkpoint is None:
         return (
             f"encoder: RANDOM weights ({absent_line()}; or convert a SAM 2 checkpoint and pass "

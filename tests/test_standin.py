@@ -29,6 +29,7 @@ def test_absent_says_how_to_build_it_and_how_long(in_tmp):
     line = standin.encoder_line(None)
     assert "RANDOM" in line and "make pretrain" in line and "30 minutes on a 2-core CPU" in line
     assert sam2_t.get_config().init.checkpoint is None
+    assert "make pretrain" not in standin.encoder_line(None, pretraining=True)
 
 
 def test_present_is_every_default_init(in_tmp, capsys):
