@@ -11,6 +11,7 @@ one prompt on a fresh object, and the 2D Dice of the slice's mask against the la
     its deepest pixel, kept where it stays >= 1 px inside the object (the longest such run);
   - `walk`: a random walk from the deepest pixel (1.5 px steps, heading jittered by 0.5 rad,
     turned back at 1 px from the boundary; about 2 sqrt(area) steps, seeded per case);
+  (in a structure too thin for that, a one-pixel stroke through its deepest pixel);
 - conversions: `even k` (k = 2..8 points evenly spaced by arc length, ends included: what the
   engine does, prompts.scribble_points); `ends+bends` (the two ends and the two points of largest
   turning, 4 points); `mask` (the stroke's pixels, dilated by one pixel, as the slice's mask
@@ -56,7 +57,7 @@ def axis_stroke(mask: np.ndarray) -> np.ndarray:
     c = np.rint(line[:, 0]).astype(int)
     ok = (r >= 0) & (r < mask.shape[0]) & (c >= 0) & (c < mask.shape[1])
     inside = np.zeros(len(s), bool)
-    inside[ok] = depth[r[ok], c[ok]] >= 1.5  # >= 1 px from the boundary
+    inside[ok] = depth[r[ok], c[ok]] >= min(1.5, depth.max())  # >= 1 px from the boundary (if it can)
     i0 = int(np.argmin(np.abs(s)))  # the run through the deepest pixel
     lo, hi = i0, i0
     while lo > 0 and inside[lo - 1]:
@@ -78,11 +79,13 @@ def walk_stroke(mask: np.ndarray, seed: int) -> np.ndarray:
             h = heading + rng.normal(0, 0.5)
             nxt = pos + 1.5 * np.array([np.cos(h), np.sin(h)])
             r, c = int(round(nxt[1])), int(round(nxt[0]))
-            if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and depth[r, c] >= 1.5:
+            if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and depth[r, c] >= min(1.5, depth.max()):
                 pos, heading = nxt, h
                 out.append(pos.copy())
                 break
             heading += np.pi / 2 + rng.normal(0, 0.5)  # turn away from the boundary
+    if len(out) == 1:  # no room to move: a one-pixel stroke through the deepest pixel
+        out.append(start + [1.0, 0.0])
     return np.asarray(out)
 
 
