@@ -12,8 +12,10 @@ one prompt on a fresh object, and the 2D Dice of the slice's mask against the la
   - `walk`: a random walk from the deepest pixel (1.5 px steps, heading jittered by 0.5 rad,
     turned back at 1 px from the boundary; about 2 sqrt(area) steps, seeded per case);
   (in a structure too thin for that, a one-pixel stroke through its deepest pixel);
-- conversions: `even k` (k = 2..8 points evenly spaced by arc length, ends included: what the
-  engine does, prompts.scribble_points); `ends+bends` (the two ends and the two points of largest
+- conversions: `even k` (k = 2..8 points evenly spaced by arc length, ends included);
+  `centred k` (k = 1..8: the middles of k equal parts of the stroke; k = 1 is its midpoint, one
+  click, which SAM 2 answers with its best of three masks as for any single click);
+  `ends+bends` (the two ends and the two points of largest
   turning, 4 points); `mask` (the stroke's pixels, dilated by one pixel, as the slice's mask
   prompt: SAM 2's add_new_mask makes it the output); `mask+even 4` (that mask, then 4 points,
   which refine it with the mask as the dense prompt).
@@ -152,7 +154,11 @@ def main(argv=None) -> int:
         m[np.clip(q[:, 1], 0, hw[0] - 1), np.clip(q[:, 0], 0, hw[1] - 1)] = True
         return ndimage.binary_dilation(m)
 
+    def centred(k):  # the middles of k equal parts of the stroke: its ends, often near the boundary, left out
+        return lambda st: along(st, np.hypot(*np.diff(st, axis=0).T).sum() * (np.arange(k) + 0.5) / k)
+
     conversions = {f"even {k}": even(k) for k in range(2, 9)}
+    conversions.update({f"centred {k}": centred(k) for k in range(1, 9)})
     conversions["ends+bends"] = ends_and_bends
     results: dict[str, list[float]] = {"click": []}
     times: dict[str, list[float]] = {"click": []}
@@ -185,6 +191,11 @@ def main(argv=None) -> int:
                 m, dt = run(t, mask_then_points)
                 results.setdefault(f"{kind} mask+even 4", []).append(dice(m, gt))
                 times.setdefault(f"{kind} mask+even 4", []).append(dt)
+    structures = sorted({k for _, k in cases})
+    per_label = {
+        name: {k: float(np.mean([d for d, (_, kk) in zip(v, cases) if kk == k])) for k in structures}
+        for name, v in results.items()
+    }
     rows = {
         name: {
             "mean_dice": float(np.mean(v)),
@@ -198,6 +209,7 @@ def main(argv=None) -> int:
         "cases": len(cases),
         "objects": sorted({k for _, k in cases}),
         "rows": rows,
+        "per_structure": per_label,
         "dice": results,
         "machine": platform.processor() or platform.machine(),
         "loadavg": os.getloadavg()[0],

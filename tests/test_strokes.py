@@ -91,8 +91,8 @@ def test_strokes_replay_undo_redo(predictor):
     other.replay(log)
     assert_same(snapshot(other), state)
     # undo the whole scribble (one step), then the lasso's propagation and the lasso itself
-    assert p.undo(2) == "background scribble on slice 3"
-    assert p.undo(2).startswith("propagation") and p.undo(2) == "lasso on slice 3"
+    assert p.undo(2) == "background scribble on slice 3 of object 2"
+    assert p.undo(2).startswith("propagation") and p.undo(2) == "lasso on slice 3 of object 2"
     assert not (p.label_map() == 2).any()
 
 
