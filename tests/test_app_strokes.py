@@ -7,6 +7,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from safeclick_jax.inference.interactions import from_json  # noqa: E402
+from safeclick_jax.inference.prompts import scribble_points  # noqa: E402
 from tests import test_app_api  # noqa: E402
 from tests.test_app_api import _labels, _open  # noqa: E402
 
@@ -23,11 +25,13 @@ def test_scribble_and_lasso(client):
     assert p["slice"] == 3 and p["axis"] == 2 and np.asarray(p["mask"]).shape == (32, 28)
     lab = np.asarray(_labels(client, sid).dataobj)
     np.testing.assert_array_equal(lab[:, :, 3] == 1, np.asarray(p["mask"]) == 1)
-    # the engine got the voxels' positions on the slice image, in order
+    # the engine got the voxels' positions on the slice image, in order, and clicked their midpoint
     entry = engine.interactions[-1]
-    assert entry["call"] == "add_scribble" and entry["args"]["label"] == 1 and entry["args"]["slice_index"] == 3
-    want = [engine.voxel_to_slice(v)[1:] for v in stroke]
-    np.testing.assert_array_equal(engine.object_state(1).points[3][0][[0, -1]], np.float32([want[0], want[-1]]))
+    t = engine.voxel_to_slice(stroke[0])[0]
+    assert entry["call"] == "add_scribble" and entry["args"]["label"] == 1 and entry["args"]["slice_index"] == t
+    want = np.array([engine.voxel_to_slice(v)[1:] for v in stroke])
+    np.testing.assert_array_equal(from_json(entry["args"]["stroke"]), want)
+    np.testing.assert_array_equal(engine.object_state(1).points[t][0], scribble_points(want, engine.slice_hw, t))
 
     # a lasso on slice 2: a rectangle of voxels i in 4..14, j in 5..12 (closed by its last point)
     ring = [[4, 5, 2], [14, 5, 2], [14, 12, 2], [4, 12, 2], [4, 6, 2]]

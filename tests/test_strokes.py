@@ -20,15 +20,16 @@ predictor = test_interactive.predictor  # the fixture: a tiny random SAM 2 at 12
 HW = (26, 30)  # the test volume's slices (rows, columns)
 
 
-def test_scribble_points_are_evenly_spaced_along_the_stroke():
-    # an L of length 6 + 6 = 12 (a repeated point is dropped): 4 points at arc lengths 0, 4, 8, 12
+def test_scribble_points_are_the_middles_of_equal_parts():
+    # an L of length 6 + 6 = 12 (a repeated point is dropped): its midpoint is the corner; 4 parts
+    # of length 3 have their middles at arc lengths 1.5, 4.5, 7.5, 10.5
     stroke = [[2, 3], [8, 3], [8, 3], [8, 9]]
+    assert SCRIBBLE_POINTS == 1
+    np.testing.assert_array_equal(scribble_points(stroke, HW, 0), np.float32([[8, 3]]))
     got = scribble_points(stroke, HW, 0, k=4)
-    np.testing.assert_array_equal(got, np.array([[2, 3], [6, 3], [8, 5], [8, 9]], np.float32))
+    np.testing.assert_array_equal(got, np.float32([[3.5, 3], [6.5, 3], [8, 4.5], [8, 7.5]]))
     assert got.dtype == np.float32
-    # k points for any k, both ends included; the default is SCRIBBLE_POINTS
-    np.testing.assert_allclose(scribble_points([[0, 0], [10, 0]], HW, 0, k=6)[:, 0], [0, 2, 4, 6, 8, 10])
-    assert scribble_points([[0, 0], [10, 0]], HW, 0).shape == (SCRIBBLE_POINTS, 2)
+    np.testing.assert_allclose(scribble_points([[0, 0], [10, 0]], HW, 0, k=5)[:, 0], [1, 3, 5, 7, 9])
 
 
 def test_lasso_mask_is_the_enclosed_pixels():

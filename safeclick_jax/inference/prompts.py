@@ -80,7 +80,7 @@ def binary_mask(mask, slice_hw: tuple[int, int], what: str) -> np.ndarray:
 
 # --- scribbles and lassos: freehand strokes on one slice, as the prompts above ------------------------
 
-SCRIBBLE_POINTS = 4  # points a scribble becomes (benchmarks/scribble_vs_click.py chose it; docs/interactive.md)
+SCRIBBLE_POINTS = 1  # clicks a scribble becomes: its midpoint (benchmarks/scribble_vs_click.py; docs/interactive.md)
 LASSO_CLOSE_FRACTION = 0.2  # a lasso closes when its end lies within this fraction of its length from its start
 CONTOUR_STEP = 0.25  # pixels between the samples of a lasso's contour that mark its outline pixels
 
@@ -111,11 +111,12 @@ def along(p: np.ndarray, s) -> np.ndarray:
 
 
 def scribble_points(points, slice_hw: tuple[int, int], t: int, k: int = SCRIBBLE_POINTS) -> np.ndarray:
-    """A scribble -> k points evenly spaced along it by arc length, its two ends included
-    (float32 [k, 2], x, y): the clicks it stands for."""
+    """A scribble -> the middles (by arc length) of k equal parts of it (float32 [k, 2], x, y):
+    the clicks it stands for; k = 1, the default, is its midpoint. The ends are left out: a
+    stroke often ends near the object's boundary."""
     p = stroke(points, slice_hw, t, "scribble")
     length = np.hypot(*np.diff(p, axis=0).T).sum()
-    return along(p, np.linspace(0.0, length, k)).astype(np.float32)
+    return along(p, length * (np.arange(k) + 0.5) / k).astype(np.float32)
 
 
 def lasso_mask(points, slice_hw: tuple[int, int], t: int) -> np.ndarray:

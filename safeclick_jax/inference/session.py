@@ -471,7 +471,7 @@ class VolumePredictor:
 
     def add_scribble(self, slice_index: int, stroke, label: int = 1, obj_id: int = 1, return_logits: bool = False):
         """A freehand stroke on slice t, foreground (label 1) or background (0): points [N, 2]
-        (x, y), N >= 2. It becomes SCRIBBLE_POINTS clicks of that label, evenly spaced along it
+        (x, y), N >= 2. It becomes a click of that label at its midpoint by arc length
         (prompts.scribble_points; docs/interactive.md says why), added to the slice's clicks.
         Returns the object's mask on the slice."""
         t = self._check_slice(slice_index)
