@@ -15,7 +15,7 @@ from convert import hf_layout
 from convert.flax_to_torch import main as export_main
 from convert.sam2_to_flax import main as convert_main
 from convert.torch_io import load_torch_state_dict, save_torch_state_dict
-from tests.sam2_torch import rel_err, torch
+from tests.sam2_torch import max_abs, rel_err, torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,6 +138,7 @@ def test_image_path_equals_transformers_forward(hf_model):
         "object score": rel_err(obj, ref.object_score_logits[0].numpy()),
     }
     assert masks.shape == (1, 3, e4, e4)
+    print("PARITY", errs, max_abs(masks, ref.pred_masks[0].numpy()))
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from safeclick_jax.data.nifti import Volume, VolumeError, load_nifti
+from safeclick_jax.data.nifti import MAX_BYTES, MAX_VOXELS, Volume, VolumeError, load_nifti
 from safeclick_jax.data.nifti import load_pair as load_nifti_pair
 
 # Slice spacing may vary by this fraction of the median spacing (scanners write positions rounded
@@ -59,17 +59,24 @@ def _has_dicom_magic(path: Path) -> bool:
 def _sources(path: Path) -> list[tuple[str, object]]:
     """(name, file-like or path) of every candidate file of the series, folder or zip."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # symbolic links are not followed: a link may lead out of the folder the app serves
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
         return [(str(p.relative_to(path)), p) for p in files if p.name.upper() not in _NOT_SLICES]
     try:
         with zipfile.ZipFile(path) as z:
-            return [
-                (info.filename, io.BytesIO(z.read(info)))
+            members = [
+                info
                 for info in z.infolist()
                 if not info.is_dir()
                 and not Path(info.filename).name.startswith(".")
                 and Path(info.filename).name.upper() not in _NOT_SLICES
             ]
+            # zipfile never inflates a member past its declared size: bounding the declared total
+            # bounds what a small zip can decompress to
+            declared = sum(info.file_size for info in members)
+            if declared > MAX_BYTES:
+                raise VolumeError(f"{path}: the zip declares {declared} bytes, more than the limit {MAX_BYTES}")
+            return [(info.filename, io.BytesIO(z.read(info))) for info in members]
     except (zipfile.BadZipFile, OSError) as e:
         raise VolumeError(f"{path}: unreadable zip file ({e})") from e
 
@@ -172,9 +179,10 @@ def _pixels(path: Path, name: str, ds) -> np.ndarray:
     return arr.astype(np.float64) * slope + intercept
 
 
-def read_series(path) -> tuple[list, np.ndarray, np.ndarray]:
+def read_series(path, max_voxels: int = MAX_VOXELS) -> tuple[list, np.ndarray, np.ndarray]:
     """(pydicom datasets in slice order, rescaled values on the (column, row, slice) grid, that
-    grid's voxel -> RAS affine) of a DICOM series folder or zip; `VolumeError` names the cause."""
+    grid's voxel -> RAS affine) of a DICOM series folder or zip; `VolumeError` names the cause.
+    The size the headers declare is checked against `max_voxels` before any pixel is decoded."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: does not exist")
@@ -182,6 +190,11 @@ def read_series(path) -> tuple[list, np.ndarray, np.ndarray]:
     slices, row, col, pos = _geometry(path, slices)
     _check_spacing(path, slices, pos)
     first = slices[0][1]
+    voxels = int(first.Rows) * int(first.Columns) * len(slices)
+    if voxels > max_voxels:
+        raise VolumeError(
+            f"{path}: {first.Columns} x {first.Rows} x {len(slices)} voxels, more than the limit {max_voxels}"
+        )
     dr, dc = (float(v) for v in first.PixelSpacing)
     p0 = np.array([float(v) for v in first.ImagePositionPatient])
     p1 = np.array([float(v) for v in slices[-1][1].ImagePositionPatient])
@@ -194,14 +207,19 @@ def read_series(path) -> tuple[list, np.ndarray, np.ndarray]:
     return [ds for _, ds in slices], data, affine
 
 
-def load_dicom(path) -> Volume:
-    """A DICOM series (folder or .zip, one series) as a RAS `Volume`; `VolumeError` names the cause."""
-    _, data, affine = read_series(path)
-    ornt = nib.orientations.io_orientation(affine)
-    affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-    data = nib.orientations.apply_orientation(data, ornt)
+def load_dicom(path, max_voxels: int = MAX_VOXELS) -> Volume:
+    """A DICOM series (folder or .zip, one series) as a RAS `Volume`; `VolumeError` names the cause.
+    Its input grid (`Volume.image`, what prompts index and label maps are written on) is the
+    series' own: voxel (column, row, slice number in position order), the affine to RAS mm."""
+    _, native, native_affine = read_series(path, max_voxels)
+    image = nib.Nifti1Image(native, native_affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(native_affine, code=1)
+    ornt = nib.orientations.io_orientation(native_affine)
+    affine = native_affine @ nib.orientations.inv_ornt_aff(ornt, native.shape)
+    data = nib.orientations.apply_orientation(native, ornt)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    return Volume(np.ascontiguousarray(data), affine, spacing, str(path))
+    return Volume(np.ascontiguousarray(data), affine, spacing, str(path), np.asarray(ornt), image)
 
 
 def _narrow(data: np.ndarray) -> np.ndarray:
@@ -209,11 +227,6 @@ def _narrow(data: np.ndarray) -> np.ndarray:
         if data.min() >= np.iinfo(dt).min and data.max() <= np.iinfo(dt).max:
             return data.astype(dt)
     return data
-
-
-def load_volume(path, channel: int | None = None) -> Volume:
-    """An image volume from a NIfTI file, a DICOM series folder or a .zip of one."""
-    return load_dicom(path) if is_series(path) else load_nifti(path, channel)
 
 
 def load_pair(image_path, label_path, channel: int | None = None, affine_atol: float = 1e-3):

@@ -1,40 +1,32 @@
 """A label map as a DICOM Segmentation (SEG) that references its source series, written with
 highdicom (optional: `pip install highdicom`).
 
-The label map is on the RAS grid of `dicom.load_dicom(series)` (what `segment` writes as NIfTI);
-it is put back on the series' (column, row, slice) grid, one frame per source slice, each object id
-one segment ("object <id>").
+The label map is on the series' own grid, (column, row, slice in position order): the input grid
+of `dicom.load_dicom(series)`, on which `segment` writes its NIfTI. One frame per source slice,
+each object id one segment ("object <id>").
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from safeclick_jax.data import dicom
 from safeclick_jax.data.nifti import VolumeError
 
 
-def to_series_grid(labels_ras: np.ndarray, series_affine: np.ndarray) -> np.ndarray:
-    """Inverse of load_dicom's reorientation: a RAS-ordered array back to (column, row, slice)."""
-    ornt = nib.orientations.io_orientation(series_affine)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    return nib.orientations.apply_orientation(labels_ras, back)
-
-
-def write_seg(labels_ras: np.ndarray, series, out, software_version: str = "safeclick-jax") -> int:
+def write_seg(labels: np.ndarray, series, out, software_version: str = "safeclick-jax") -> int:
     """Writes `out` (a DICOM SEG file) for `series` (folder or zip); returns the number of segments."""
     try:
         import highdicom as hd
         from pydicom.sr.codedict import codes
     except ImportError as e:
         raise VolumeError(f"{out}: writing DICOM SEG needs highdicom (pip install highdicom): {e}") from None
-    datasets, data, affine = dicom.read_series(series)
-    labels = to_series_grid(np.asarray(labels_ras), affine)
+    datasets, data, _ = dicom.read_series(series)
+    labels = np.asarray(labels)
     if labels.shape != data.shape:
-        raise VolumeError(f"{out}: label map of shape {labels_ras.shape} is not on the grid of {series}")
+        raise VolumeError(f"{out}: label map of shape {labels.shape} is not on the grid {data.shape} of {series}")
     ids = [int(i) for i in np.unique(labels) if i > 0]
     if not ids:
         raise VolumeError(f"{out}: the label map is empty; a DICOM SEG needs at least one segment")
