@@ -57,12 +57,45 @@ def ratio(a: dict, b: dict) -> float:
     return statistics.median(x / y for x, y in zip(a["round_s"], b["round_s"]))
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512", "amx", "avx_vnni", "f16c")  # prefixes of the flags the md line names
+
+
+def cpu_info() -> dict:
+    """lscpu's model name and flags (the speed of XLA:CPU and oneDNN depends on the vector
+    extensions: AVX2, AVX-512, AVX512_BF16, AMX); {} where lscpu is missing."""
+    import subprocess
+
+    try:
+        env = dict(os.environ, LC_ALL="C")
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, env=env).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("Flags", "").split()
+    return {
+        "model_name": fields.get("Model name", ""),
+        "family_model": f"{fields.get('CPU family', '?')}/{fields.get('Model', '?')}",
+        "vector_flags": [f for f in flags if f.startswith(VECTOR_FLAGS)],
+        "flags": flags,
+    }
+
+
+def cpu_line() -> str:
+    """'AMD EPYC (family/model 25/17; avx2 avx512f ...)': the CPU as the result files name it."""
+    c = cpu_info()
+    if not c:
+        return platform.processor() or platform.machine()
+    return f"{c['model_name']} (family/model {c['family_model']}; {' '.join(c['vector_flags']) or 'no AVX2'})"
+
+
 def machine() -> dict:
     import jax
     import torch
 
     return {
         "cpu": platform.processor() or platform.machine(),
+        "lscpu": cpu_info(),
         "cores": os.cpu_count(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
@@ -87,7 +120,7 @@ def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     m = machine()
-    where = f"{m['jax_devices'][0]}" if m["jax_backend"] != "cpu" else f"{m['cpu']}, {m['cores']} cores"
+    where = f"{m['jax_devices'][0]}" if m["jax_backend"] != "cpu" else f"{cpu_line()}, {m['cores']} cores"
     md = (
         "\n".join(lines) + f"\n\nMachine: {where}, jax {m['jax']} ({m['jax_backend']}), "
         f"torch {m['torch']} ({m['torch_cuda'] or str(m['torch_threads']) + ' threads'}).\n"
