@@ -9,6 +9,7 @@ Feature maps are NHWC throughout.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
@@ -28,7 +29,59 @@ def gelu(x):
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # eps differs per module in SAM 2 (1e-6 Hiera/LayerNorm2d, 1e-5 two-way transformer), so it is
     # always passed explicitly. use_fast_variance=False computes E[(x-mean)^2] like torch.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    return LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm (same parameters, same forward values) with a hand-written backward pass
+    (`normalize_last_axis`)."""
+
+    def __call__(self, x):
+        return normalize_last_axis(x, self.scale[...], self.bias[...], self.epsilon)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_last_axis(x, scale, bias, eps: float):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, computed in float32 (also
+    for bf16 inputs, as flax), output in the promoted dtype of x, scale and bias.
+
+    Why a custom VJP: autodiff of the two-pass variance differentiates mean, (x - mean)^2 and
+    rsqrt one by one, and XLA:CPU runs the result as several full passes over x and the cotangent.
+    The closed form dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * scale, needs one
+    pass for the two row means and one for dx."""
+    return _ln_fwd(x, scale, bias, eps)[0]
+
+
+def _ln_stats(x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return x32, mean, var
+
+
+def _ln_fwd(x, scale, bias, eps):
+    dtype = jnp.result_type(x, scale, bias)
+    x32, mean, var = _ln_stats(x)
+    rstd = jax.lax.rsqrt(var + eps)
+    # flax's order of operations (nnx.normalization._normalize), so the values are flax's
+    y = (x32 - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _ln_bwd(eps, res, dy):
+    x, mean, rstd, scale, bias = res
+    f32 = jnp.float32
+    xhat = (x.astype(f32) - mean) * rstd
+    dy32 = dy.astype(f32)
+    g = dy32 * scale.astype(f32)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    axes = tuple(range(dy.ndim - 1))
+    dscale = (dy32 * xhat).sum(axes)
+    dbias = dy32.sum(axes)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+normalize_last_axis.defvjp(_ln_fwd, _ln_bwd)
 
 
 def linear(din: int, dout: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
