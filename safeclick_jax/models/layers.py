@@ -85,7 +85,50 @@ normalize_last_axis.defvjp(_ln_fwd, _ln_bwd)
 
 
 def linear(din: int, dout: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, rngs=rngs)
+    return Linear(din, dout, use_bias=use_bias, rngs=rngs)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear (same parameters and forward values) whose kernel gradient transposes the
+    narrower of the input and the output cotangent (`dense`)."""
+
+    def __call__(self, x):
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[1],), kernel.dtype)
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        return dense(x, kernel, bias)
+
+
+@jax.custom_vjp
+def dense(x, kernel, bias):
+    """x @ kernel + bias over x's last axis.
+
+    Why a custom VJP: the kernel gradient x^T dy sums over the tokens, the leading (major) axis
+    of both x [T, din] and dy [T, dout], and XLA:CPU's dot kernels take the summed axis minor on
+    the left operand, so one operand is transposed in memory first. Autodiff leaves the choice to
+    XLA, which also transposed the wider one (dqkv [T, 3 * dim] rather than x [T, dim]); here the
+    narrower one is the left operand."""
+    return _dense_fwd(x, kernel, bias)[0]
+
+
+def _dense_fwd(x, kernel, bias):
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,)), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+    x, kernel = res
+    din, dout = kernel.shape
+    x2, dy2 = x.reshape(-1, din), dy.reshape(-1, dout)
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    if din <= dout:
+        dk = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
+    else:
+        dk = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), dy2.sum(0).astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def conv(
