@@ -17,12 +17,13 @@ from flax import traverse_util
 
 from convert.torch_io import save_torch_state_dict
 from safeclick_jax import checkpoint
-from safeclick_jax.models.registry import load_model
+from safeclick_jax.inference.loader import load_model
 from safeclick_jax.models.weight_map import state_dict
 
 
 def export_state_dict(model_dir: str) -> "OrderedDict":
-    model, _, extra = load_model(model_dir)
+    m = load_model(model_dir)
+    model, extra = m.network, m.extra
     sd = state_dict(model)
     for k, v in traverse_util.flatten_dict(extra).items():
         sd[".".join(k)] = v
