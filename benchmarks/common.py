@@ -76,6 +76,7 @@ def cpu_info() -> dict:
     return {
         "model_name": fields.get("Model name", ""),
         "family_model": f"{fields.get('CPU family', '?')}/{fields.get('Model', '?')}",
+        "cpus": fields.get("CPU(s)", ""),
         "vector_flags": [f for f in flags if f.startswith(VECTOR_FLAGS)],
         "flags": flags,
     }
@@ -103,22 +104,6 @@ def machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def cpu_info() -> dict:
-    """lscpu's model name and flags (what decides XLA:CPU's and oneDNN's kernels: AVX-512, AMX ...)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {"model_name": platform.processor(), "flags": None}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {
-        "model_name": fields.get("Model name", "").strip(),
-        "flags": fields.get("Flags", "").strip(),
-        "cpus": fields.get("CPU(s)", "").strip(),
     }
 
 
