@@ -54,13 +54,14 @@ class Compiled:
         return jax.block_until_ready(self.compiled(*self.args))
 
 
-def jax_fns(model, size: int, batch: int, options: dict | None = None) -> tuple[Compiled, Compiled]:
-    """(forward, gradient) of the JAX encoder, compiled with XLA `options` (DebugOptions fields).
-    Parameters are device arrays, as the predictors and the trainer hold them (numpy arrays would
-    be copied in on every call)."""
+def jax_fns(model, size: int, batch: int, options: dict | None = None, dtype=jnp.float32) -> tuple[Compiled, Compiled]:
+    """(forward, gradient) of the JAX encoder, compiled with XLA `options` (DebugOptions fields),
+    parameters and input cast to `dtype` (as train.compute_dtype does). Parameters are device
+    arrays, as the predictors and the trainer hold them (numpy arrays would be copied in on every
+    call)."""
     graphdef, params = nnx.split(model.image_encoder)
-    params = jax.device_put(params)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3), np.float32))
+    params = jax.device_put(jax.tree.map(lambda v: v.astype(dtype), params))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3), np.float32), dtype)
 
     def loss(p, x):
         fpn = nnx.merge(graphdef, p)(x)["backbone_fpn"]
@@ -91,7 +92,12 @@ def main():
     p.add_argument("--model", default="sam2.1_hiera_t")
     p.add_argument("--cases", nargs="+", default=["1024x1:fwd", "128x8:grad", "256x4:grad"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--which", choices=("both", "jax"), default="both")
+    p.add_argument(
+        "--which",
+        choices=("both", "jax", "jax-bf16"),
+        default="both",
+        help="both: JAX vs torch (fp32); jax: JAX alone; jax-bf16: JAX fp32 vs JAX bf16 weights and activations",
+    )
     p.add_argument("--name", default="", help="suffix of the result files (encoder_grad_NAME)")
     a = p.parse_args()
     cases = [parse_case(c) for c in a.cases]
@@ -112,6 +118,14 @@ def main():
         if a.which == "jax":
             r = time_fn(jf, a.repeats)
             row.update(jax_ms=r["median_s"] * 1e3, jax_compile_s=compile_s)
+        elif a.which == "jax-bf16":
+            bf = jax_fns(jmodel, size, batch, dtype=jnp.bfloat16)[kind == "grad"]
+            r = time_interleaved({"jax": jf, "bf16": bf}, a.repeats)
+            row.update(
+                jax_ms=r["jax"]["median_s"] * 1e3,
+                jax_bf16_ms=r["bf16"]["median_s"] * 1e3,
+                **{"bf16/fp32": ratio(r["bf16"], r["jax"])},
+            )
         else:
             tf = torch_fns(tmodel, size, batch)[kind == "grad"]
             r = time_interleaved({"jax": jf, "torch": tf}, a.repeats)
@@ -130,6 +144,8 @@ def main():
         "attention": os.environ.get("SAFECLICK_ATTENTION", ""),
     }
     cols = ["case", "jax_ms", "torch_ms", "jax/torch", "jax_compile_s"]
+    if a.which == "jax-bf16":
+        cols = ["case", "jax_ms", "jax_bf16_ms", "bf16/fp32"]
     write("encoder_grad" + (f"_{a.name}" if a.name else ""), rows, cols, meta)
 
 
