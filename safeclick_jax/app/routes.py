@@ -252,6 +252,11 @@ async def prompt(body: Prompt, s: Live, st: State):
         return s.engine.label_slice(t)  # the plane k of the label map along `axis`
 
     mask, ms = await asyncio.to_thread(st.timed, s, run)
+    return slice_answer(s, o, axis, k, mask, ms)
+
+
+def slice_answer(s: Session, o: int, axis: int, k: int, mask, ms: float) -> dict:
+    """The answer to a prompt: object o's mask on plane k of `axis` (its label map there)."""
     s.objects.setdefault(o, {"name": f"object {o}", "visible": True})
     return {
         "object": o,
