@@ -37,8 +37,9 @@ browser-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "browser-deps: install the Debian packages chromium and chromium-driver (as root)"; exit 1; fi
 
+# The demo (demo.py): the model `make train` exports (trained first when absent) and an example CT.
 app: setup app-setup
-	$(BIN)/python -m safeclick_jax.app $(APP_ARGS)
+	$(BIN)/python demo.py $(APP_ARGS)
 
 # The README's picture of the page: the browser test on the demo model (`make train` first when absent).
 screenshot: setup app-setup browser-deps

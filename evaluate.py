@@ -248,7 +248,9 @@ def run_interactive(cache_dir, image_size: int, seed: int, names: list[str]):
     rows, noc_rows = [], [] if _NOC.value else None
     rois = noc.load_rois(cache_dir, _SPLIT.value, _NOC_MAX_ROIS.value) if _NOC.value else []
     for name, d in zip(names, _CHECKPOINT.value):
-        m = volume_session.volume_model(name, d, image_size, _MEMORY_CHECKPOINT.value)
+        m = volume_session.volume_model(
+            name, d, image_size, _MEMORY_CHECKPOINT.value, memory_option="--memory_checkpoint=DIR"
+        )
         new, _ = interactive.run(
             [m], cases, seed, _BOX.value, notes if not rows else {}, log if _PROGRESS.value else None
         )

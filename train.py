@@ -8,7 +8,9 @@ A restart with the same --workdir resumes from its newest checkpoint that restor
 are moved to checkpoints/<step>.damaged). Exit codes: 0 done; 2 bad input that stops the run (a
 model directory that does not load, no checkpoint restores, a checkpoint save failed); 3 the loss
 diverged (NaN/Inf; the last good checkpoint is kept); 4 preempted (SIGTERM: the current step was
-finished and saved; a restart resumes exactly). See docs/training.md.
+finished and saved; a restart resumes exactly); 2 also for a config value the run cannot use
+(unknown train.parts, a memory path of another model size), found before anything is written.
+See docs/training.md.
 """
 
 import sys
@@ -31,7 +33,7 @@ def main(argv):
         loop.train(_CONFIG.value, _WORKDIR.value)
     except checkpoint.ModelDirError as e:
         checkpoint.exit_on_model_error(e)
-    except (loop.ResumeError, loop.SaveError) as e:
+    except (loop.ConfigError, loop.ResumeError, loop.SaveError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except loop.DivergenceError as e:

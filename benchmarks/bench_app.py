@@ -32,14 +32,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from fastapi.testclient import TestClient
 
-    from safeclick_jax.app.__main__ import example_case, example_volume
-    from safeclick_jax.app.engine import EngineFactory
-    from safeclick_jax.app.server import create_app
+    from demo import example_case, example_volume
+    from safeclick_jax.app.server import create_app, engine_factory
 
     rows = {}
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    factory = EngineFactory(a.checkpoint, memory_from_init=True)
+    factory = engine_factory(a.checkpoint, untrained_memory=True)
     rows["load model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     factory.warm_up(lambda m: None)

@@ -84,22 +84,22 @@ def slice_breakdown(p, t: int) -> dict:
     from flax import nnx
 
     from safeclick_jax import video
-    from safeclick_jax import volume_predictor as vp
+    from safeclick_jax.inference import steps
 
-    obj = p._objects[1]
-    feats = p._cache.get(t)
-    memory = p._memory_inputs(obj, t, False, p._cond_slots(obj.cond))  # (entries, t, reverse, slots...)
+    obj = p.object_state(1)
+    feats = p.slice_features(t)
+    memory = p.memory_inputs(obj, t, False)  # (entries, t, reverse, slots...)
     entries, args = memory[0], memory[1:]
     size = p.cfg.image_size
 
     @jax.jit
     def attention(state, entries, feats, *a):
-        model, mem = nnx.merge(p._key.graphdef, state)
+        model, mem = nnx.merge(p.model_key.graphdef, state)
         return video.condition_features(model, mem, feats, entries, *a)
 
     @jax.jit
     def heads(state, feats, pix):
-        model, mem = nnx.merge(p._key.graphdef, state)
+        model, mem = nnx.merge(p.model_key.graphdef, state)
         coords, labels = video.no_prompt()
         e = feats["pix"].shape[1]
         mask_in = jnp.zeros((1, 4 * e, 4 * e, 1), jnp.float32)
@@ -107,7 +107,7 @@ def slice_breakdown(p, t: int) -> dict:
 
     @jax.jit
     def memory_encoder(state, feats, low, obj):
-        _, mem = nnx.merge(p._key.graphdef, state)
+        _, mem = nnx.merge(p.model_key.graphdef, state)
         return video.encode_memory(mem, feats, low, obj, False, size)
 
     pix = attention(p.state, entries, feats, *args)
@@ -115,12 +115,12 @@ def slice_breakdown(p, t: int) -> dict:
     ready = jax.block_until_ready
     return {
         "image_encoder_s": median_time(lambda: ready(p._encode_slice(t))),
-        "track_step_s": median_time(lambda: ready(vp._track(p._key, p.state, feats, memory))),
-        "bank_gather_s": median_time(lambda: ready(p._memory_inputs(obj, t, False, p._cond_slots(obj.cond)))),
+        "track_step_s": median_time(lambda: ready(steps.track(p.model_key, p.state, feats, memory))),
+        "bank_gather_s": median_time(lambda: ready(p.memory_inputs(obj, t, False))),
         "memory_attention_s": median_time(lambda: ready(attention(p.state, entries, feats, *args))),
         "sam_heads_s": median_time(lambda: ready(heads(p.state, feats, pix))),
         "memory_encoder_s": median_time(lambda: ready(memory_encoder(p.state, feats, low, score))),
-        "cache_get_s": median_time(lambda: ready(p._cache.get(t))),
+        "cache_get_s": median_time(lambda: ready(p.slice_features(t))),
     }
 
 
@@ -128,7 +128,7 @@ def run_jax(a, vol, slices):
     import jax
     import numpy as np
 
-    from safeclick_jax.volume_predictor import VolumePredictor
+    from safeclick_jax.inference import VolumePredictor
 
     p = VolumePredictor.from_checkpoint(a.checkpoint, fill_hole_area=0)
     n, hw = slices.shape[0], slices.shape[1]
@@ -163,7 +163,7 @@ def run_jax(a, vol, slices):
         res[f"compiled_{session}"] = compiles[0] - compiled
     if res["compiled_warm"]:
         print(f"warning: the warm session compiled {res['compiled_warm']} steps", file=sys.stderr)
-    assert np.array_equal(p._slices, slices), "the engine's slices differ from the torch side's frames"
+    assert np.array_equal(p.slices, slices), "the engine's slices differ from the torch side's frames"
     masks["final"] = p.slice_logits(1) > 0
     res.update(cache=p.cache_info(), device=str(jax.devices()[0]))
     if a.profile:

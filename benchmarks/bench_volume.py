@@ -25,9 +25,9 @@ import torch  # noqa: E402
 
 from benchmarks.common import torch_device, torch_frames, torch_video_predictor, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
+from safeclick_jax.inference import VolumePredictor  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory  # noqa: E402
-from safeclick_jax.volume_predictor import VolumePredictor  # noqa: E402
 
 
 def main():
@@ -68,7 +68,7 @@ def main():
 
     device = torch_device()
     tm = tm.to(device)
-    frames = torch_frames(np.array(jp._slices), a.image_size).to(device)
+    frames = torch_frames(np.array(jp.slices), a.image_size).to(device)
     svp.load_video_frames = lambda **kw: (frames, a.hw, a.hw)
     with torch.inference_mode():
         state = tm.init_state(video_path="(frames)")

@@ -73,6 +73,22 @@ def machine() -> dict:
     }
 
 
+def cpu_info() -> dict:
+    """lscpu's model name and flags (what decides XLA:CPU's and oneDNN's kernels: AVX-512, AMX ...)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"model_name": platform.processor(), "flags": None}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {
+        "model_name": fields.get("Model name", "").strip(),
+        "flags": fields.get("Flags", "").strip(),
+        "cpus": fields.get("CPU(s)", "").strip(),
+    }
+
+
 def results_dir() -> str:
     """benchmarks/results, or $BENCH_RESULTS (runs on a lent GPU write elsewhere)."""
     return os.environ.get("BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")

@@ -57,6 +57,10 @@ run_one() {
   bf16_numerics) step 90 "bf16 numerics" python3 $B/bf16_numerics.py --image-size 1024 ;;
   interactive) step 240 "interactive session vs SAM2VideoPredictor, tiny, 512 and 1024 px, 48 slices" python3 $B/bench_interactive.py --sizes 512,1024 --slices 48,48 ;;
   volume) step 150 "propagation slices/s vs SAM2VideoPredictor, tiny 1024 px, 48 slices" python3 $B/bench_volume.py --image-size 1024 --slices 48 --hw 512 ;;
+  train_full_bf16) step 300 "full training step vs SAM2Train + loss + AdamW, tiny bf16, 512 px x 8 frames x 3 objects" \
+            python3 $B/bench_train_full.py --sizes 512 --frames 8 --objects 3 --dtype bfloat16 --repeats 5 ;;
+  train_full_fp32) step 240 "full training step vs SAM2Train + loss + AdamW, tiny fp32, 128 and 512 px x 4 frames" \
+            python3 $B/bench_train_full.py --sizes 128,512 --frames 4 --objects 2 --repeats 5 ;;
   parity) step 150 "parity tests on GPU (highest precision)" env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
             python3 -m pytest -q -x -p no:cacheprovider tests/test_safeclick_parity.py tests/test_attention.py ;;
   *) echo "unknown step $1" | tee -a "$LOG" ;;

@@ -10,6 +10,9 @@ frozen. Everything is overridable from the command line, e.g.
   smoke     a miniature model (64 px, tiny widths) on a small synthetic dataset, a few steps:
             for tests, well under a minute on a CPU once compiled
   paper     the paper's resolution (1024 px, 512 for MedSAM 2) and 20 epochs, even on a CPU
+  full      the whole model (image encoder, memory path, decoder) on T-slice clips with up to K
+            objects, as sam2's SAM2Train trains it (task `clips`, sections `clip`, `optim`, `loss`;
+            see `_full`). Composes with smoke, baseline, paper and the data flags.
 
 Image size: `data.image_size = -1` means "auto": the model's own input size (1024 / 512) on a
 GPU/TPU, `data.cpu_image_size` (128) on a CPU, so `make train` finishes on a laptop. The choice is
@@ -24,8 +27,9 @@ import ml_collections
 from safeclick_jax import compile_cache
 from safeclick_jax.data import default_data_config
 from safeclick_jax.models.config import get_config as get_sam2_config
+from safeclick_jax.training.train_state import PARTS
 
-VARIANTS = ("baseline", "no_e1", "no_e2", "no_crl", "smoke", "paper")
+VARIANTS = ("baseline", "no_e1", "no_e2", "no_crl", "smoke", "paper", "full")
 
 
 def make(
@@ -46,6 +50,8 @@ def make(
     # auto | chunked | full | cudnn (safeclick_jax/models/attention.py); SAFECLICK_ATTENTION overrides it
     c.model.attention = "auto"
     c.model.attention_max_scores = -1  # chunk size in score elements; -1: attention.MAX_SCORES
+    c.model.drop_path = 0.0  # Hiera's stochastic depth when the encoder trains (`full`)
+    c.model.dropout = 0.0  # memory attention dropout when the memory path trains (`full`)
     c.model.safeclick = ml_collections.ConfigDict(
         dict(
             intermediate_block=-1,
@@ -65,6 +71,15 @@ def make(
     # weights everywhere (a loud warning; fine for tests and the CPU demo, useless for research).
     c.init.checkpoint = ml_collections.FieldReference(checkpoint, field_type=str)
     c.init.seed = 0  # the SafeClick head's init (and everything without checkpoint)
+    # The memory path written into every export (so volume propagation works on it) when the task
+    # does not train it: from this model directory (a converted SAM 2 of the same size), else from
+    # init.checkpoint, else random from init.seed (with a warning).
+    c.init.memory_checkpoint = ml_collections.FieldReference(None, field_type=str)
+
+    c.task = ml_collections.ConfigDict()
+    # 'slices': the decoder (+ SafeClick head) on single slices, the encoder frozen and cached
+    # (training/slice_task.py); 'clips': the whole model on T-slice clips (variant `full`).
+    c.task.name = "slices"
 
     data = default_data_config().to_dict()
     data["roots"] = tuple(data["roots"])  # a tuple: overridable as --config.data.roots='("a", "b")'
@@ -89,9 +104,10 @@ def make(
     c.train.log_every = 10
     c.train.seed = 0  # the train state's PRNG key
     c.train.multimask = True  # SAM 2: three masks for a single click, loss on the best
-    c.train.train_prompt_encoder = False
-    c.train.nan_at_step = -1  # testing: make the loss NaN at this step (-1: never)
-    c.train.step_delay_s = 0.0  # testing: sleep after each step (to kill a run mid-way)
+    # What trains, among training.train_state.PARTS: the slice task trains the mask decoder (E3, tokens, upscaling,
+    # heads) and the SafeClick head ('safeclick', ignored for `baseline`), optionally the prompt
+    # encoder; the clip task (`full`) any of them. The rest stays as init.checkpoint has it.
+    c.train.parts = ("mask_decoder", "safeclick")
     c.train.progress = True
     # FSDP: split weights and Adam moments of at least fsdp_min_size elements over the `data` axis
     # (memory per device ~1/N for the large sizes) instead of replicating them.
@@ -150,15 +166,84 @@ def make(
     c.checkpoint.keep = 3  # last K, plus the best by val Dice
     c.checkpoint.export_best = True  # WORKDIR/best: the best model as a model directory
 
+    c.debug = ml_collections.ConfigDict()  # test hooks
+    c.debug.nan_at_step = -1  # make the loss NaN at this step (-1: never)
+    c.debug.step_delay_s = 0.0  # sleep after each step (to kill a run mid-way)
+
     c.compilation_cache_dir = compile_cache.DEFAULT_DIR  # persistent XLA cache; '' disables
     c.plot = True
 
     if "paper" in variants:  # the paper's resolution and schedule on any backend
         c.data.image_size = get_sam2_config(model_name).image_size
         c.train.epochs = 20
+    if "full" in variants:
+        _full(c, model_name)
     if "smoke" in variants:
         _smoke(c)
+        if "full" in variants:
+            _smoke_full(c)
     return c
+
+
+def _full(c, model_name: str):
+    """Whole-model training on clips, sam2's recipe (configs/sam2.1_training/*.yaml of the sam2
+    package: SAM2Train's prompt simulation, MultiStepMultiMasksAndIous, AdamW with a lower lr for
+    the vision trunk and layer-wise decay). Every field is settable with --config.clip.X etc."""
+    c.task.name = "clips"
+    c.train.parts = PARTS
+    c.embed.enabled = False  # the encoder trains: no cached features
+
+    c.clip = ml_collections.ConfigDict()
+    # Clips: num_frames (T) consecutive slices of one volume with up to max_objects (K) of its labels
+    # present in them (sam2's RandomUniformSampler num_frames / max_num_objects). T = 1: images.
+    c.clip.num_frames = -1  # -1: auto, accelerator_num_frames on a GPU/TPU, cpu_num_frames on a CPU
+    c.clip.accelerator_num_frames = 8  # sam2's yaml and MedSAM 2
+    c.clip.cpu_num_frames = 4  # the CPU size, with data.cpu_image_size (128 px)
+    c.clip.max_objects = 3
+    # Prompts (SAM2Train.prepare_prompt_inputs; sam2's names without _for_train). With probability
+    # prob_to_use_pt_input the initial conditioning frames get clicks or boxes, else their mask;
+    # given clicks, prob_to_use_box_input makes it a box (0.5 x 0.5 = a box a quarter of the time).
+    c.clip.prob_to_use_pt_input = 0.5
+    c.clip.prob_to_use_box_input = 0.5
+    # 1..num_init_cond_frames initial conditioning frames (frame 0 always; random count if rand_*)
+    c.clip.num_init_cond_frames = 2
+    c.clip.rand_init_cond_frames = True
+    # corrections: num_correction_pt_per_frame iterative clicks from the error region on
+    # 1..num_frames_to_correct frames (the initial conditioning frames first)
+    c.clip.num_frames_to_correct = 2
+    c.clip.rand_frames_to_correct = True
+    c.clip.num_correction_pt_per_frame = 7
+    c.clip.prob_to_sample_from_gt = 0.1  # a correction click drawn from the GT mask, not the error
+    c.clip.add_all_frames_to_correct_as_cond = True  # a corrected frame becomes a conditioning frame
+    # masks entering the memory encoder: sigmoid of the logits (SAM2Train, training mode); True
+    # binarises masks of frames prompted by clicks (SAM2Base in eval mode)
+    c.clip.binarize_mask_from_pts_for_mem_enc = False
+    # a frozen image encoder (image_encoder not in train.parts) may read cached features
+    c.clip.cached_features = False
+
+    # sam2's optimiser: the image encoder at vision_lr_mult * lr (3e-6 / 5e-6 in the yaml), the Hiera
+    # trunk's blocks with layer-wise decay layer_decay^(depth - layer) (layer_decay_param_modifier;
+    # pos_embed at 1.0), no weight decay on biases and norms, cosine to min_lr_ratio * lr.
+    c.optim.lr = 5e-6
+    c.optim.vision_lr_mult = 0.6
+    c.optim.layer_decay = 0.9
+    c.optim.weight_decay = 0.1
+    c.optim.min_lr_ratio = 0.1
+    c.optim.grad_clip = 0.1
+    c.model.drop_path = 0.1  # Hiera's stochastic depth (drop_path_rate)
+    c.model.dropout = 0.1  # memory attention (dropout of its layers)
+
+    c.loss.iou_loss = "l1"  # iou_use_l1_loss: true
+    c.data.batch_size = 1  # clips per step (train_batch_size); each has up to K objects
+    if "paper" in c.variant.split(","):
+        c.clip.num_frames = c.clip.accelerator_num_frames
+
+
+def _smoke_full(c):
+    """`smoke,full`: 2-frame clips of 2 objects, 2 corrective clicks, a few steps (tests)."""
+    c.clip.update(num_frames=2, max_objects=2, num_correction_pt_per_frame=2)
+    c.data.batch_size = 1
+    c.train.steps_per_epoch = 3
 
 
 def _smoke(c):
@@ -170,6 +255,7 @@ def _smoke(c):
             transformer_num_heads=2,
             iou_head_hidden_dim=32,
             mask_in_chans=4,
+            mem_dim=16,  # <= d_model: an object pointer is d_model / mem_dim memory tokens
             hiera=dict(
                 embed_dim=8,
                 num_heads=1,

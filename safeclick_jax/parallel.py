@@ -91,3 +91,57 @@ def global_batch(local: dict, mesh) -> dict:
     """Host-local numpy batch (this process's rows) -> global jax arrays sharded on `data`."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# Multi-process agreement. Decisions that lead to collectives (a checkpoint restore, a move aside)
+# must be the same on every process, and each process lists the checkpoint directory on its own: a
+# 2-process test hung in a restore that only one process started.
+
+
+def agreed(value: int) -> int:
+    """Process 0's integer on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def all_true(flag: bool) -> bool:
+    """True on every process when `flag` is true on every process (a collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def any_true(flag: bool) -> bool:
+    """True on every process when `flag` is true on some process (a collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+    """numpy copies of a (possibly multi-process, possibly FSDP-split) pytree of jax.Arrays. An
+    array whose shards live partly on other processes is all-gathered (collective: every process
+    calls this in the same order)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)

@@ -23,7 +23,6 @@ from flax import nnx
 from safeclick_jax import prompting
 from safeclick_jax.image import preprocess
 from safeclick_jax.models import layers
-from safeclick_jax.models.registry import load_model
 from safeclick_jax.models.sam2 import PAD_LABEL
 from safeclick_jax.prompting import PROMPT_BUCKET  # noqa: F401  (re-exported)
 
@@ -54,8 +53,10 @@ class ImagePredictor:
 
     @classmethod
     def from_checkpoint(cls, directory: str) -> "ImagePredictor":
-        model, desc, _ = load_model(directory)
-        return cls(model, desc)
+        from safeclick_jax.inference.loader import load_model
+
+        m = load_model(directory)
+        return cls(m.network, m.description)
 
     def reset_predictor(self):
         self._features = None

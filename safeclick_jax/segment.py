@@ -4,15 +4,16 @@
         [--point X,Y,Z[,L][@ID] ...] [--box U0,V0,U1,V1,S[@ID] ...] [--init-labels LABELS.nii.gz] \\
         [--world] [--axis 2] [--label 1]
 
-Coordinates are voxel indices of the input file (0-based, as in ITK-SNAP's or nibabel's array
-order), or with `--world` world millimetres (RAS+, as the file's affine maps voxels; rounded to the
-nearest voxel). `--point X,Y,Z[,L]`: a click at (X, Y, Z), L = 1 foreground (default) or 0
-background; several points may lie on several slices. `--box U0,V0,U1,V1,S`: a box on slice S of
+Coordinates are voxel indices of the input file (0-based integers, as in ITK-SNAP's or nibabel's
+array order; 1.5, NaN or Inf is refused), or with `--world` world millimetres (RAS+, as the file's
+affine maps voxels; rounded to the nearest voxel; negative values as typed: `--point -95.2,40.1,12`
+or `--point=-95.2,40.1,12`). `--point X,Y,Z[,L]`: a click at (X, Y, Z), L = 1 foreground (default)
+or 0 background; several points may lie on several slices. `--box U0,V0,U1,V1,S`: a box on slice S of
 the slicing axis, U and V being the two other voxel axes in increasing order (for the default
 --axis 2: X0,Y0,X1,Y1,Z). A suffix `@ID` names the object (structure) a prompt belongs to, 1..255
 (default 1). `--init-labels`: a label map on the same grid (shape and affine) to start from; each
 label is an object, prompted with its largest slice as a mask (clicks and boxes then refine it).
-SAM 2's memory then propagates every object through the volume (safeclick_jax.volume_predictor).
+SAM 2's memory then propagates every object through the volume (safeclick_jax.inference).
 
 The output has the input's voxel grid, affine and orientation (header copied): one label map,
 values = object ids (uint8; where objects overlap, the one with the highest logit). `--label V`
@@ -24,6 +25,8 @@ unusable input.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from collections import defaultdict
 
@@ -33,23 +36,30 @@ import numpy as np
 from safeclick_jax import compile_cache
 from safeclick_jax.data.nifti import VolumeError
 from safeclick_jax.data.preprocess import NORMALIZATIONS
+from safeclick_jax.inference.limits import MAX_OBJECT_ID
 
-MAX_ID = 255
+NUMERIC_OPTIONS = ("--point", "--box", "--ct-window")  # values that may start with a minus sign
 
 
 def _numbers(text: str, n: tuple[int, ...], what: str) -> tuple[list[float], int]:
     body, _, oid = text.partition("@")
-    try:
-        vals = [float(v) for v in body.split(",")]
-    except ValueError:
-        vals = None
-    if vals is None or len(vals) not in n or not np.isfinite(vals).all():
-        forms = " or ".join(f"{k} comma-separated numbers" for k in n)
+    forms = " or ".join(f"{k} comma-separated numbers" for k in n)
+    vals = []
+    for v in body.split(","):
+        try:
+            vals.append(float(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} {text!r}: {v.strip()!r} is not a number; expected {forms}, optionally followed by @ID"
+            ) from None
+        if not math.isfinite(vals[-1]):
+            raise argparse.ArgumentTypeError(f"{what} {text!r}: {v.strip()} is not a finite number")
+    if len(vals) not in n:
         raise argparse.ArgumentTypeError(f"{what} {text!r}: expected {forms}, optionally followed by @ID")
     obj = 1
     if oid:
-        if not oid.isdigit() or not 1 <= int(oid) <= MAX_ID:
-            raise argparse.ArgumentTypeError(f"{what} {text!r}: the object id after @ must be in 1..{MAX_ID}")
+        if not oid.isdigit() or not 1 <= int(oid) <= MAX_OBJECT_ID:
+            raise argparse.ArgumentTypeError(f"{what} {text!r}: the object id after @ must be in 1..{MAX_OBJECT_ID}")
         obj = int(oid)
     return vals, obj
 
@@ -60,6 +70,21 @@ def parse_point(text: str):
 
 def parse_box(text: str):
     return _numbers(text, (5,), "--box")
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--point -95.2,40.1,12` -> `--point=-95.2,40.1,12`: argparse reads a value that starts with
+    a minus sign and is not a plain number as an option; world coordinates and CT windows are often
+    negative."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in NUMERIC_OPTIONS and i + 1 < len(argv) and re.match(r"-[0-9.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,41 +124,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def world_to_voxel(affine, xyz) -> list[float]:
+def world_to_voxel(affine, xyz) -> list[int]:
     """World millimetres (RAS+) -> the nearest voxel index of the file."""
     ijk = np.linalg.solve(np.asarray(affine, np.float64), np.append(np.asarray(xyz, np.float64), 1.0))[:3]
-    return np.round(ijk).tolist()
+    return [int(v) for v in np.round(ijk)]
 
 
-def prompts_by_slice(predictor, points=None, boxes=None, axis: int = 2) -> dict:
+def _show(vals) -> str:
+    return ",".join(f"{v:g}" for v in vals)
+
+
+def prompts_by_slice(geometry, points=None, boxes=None) -> dict:
     """Voxel-space prompts [(values, obj_id), ...] -> {(obj_id, slice): {"points": [...],
-    "labels": [...], "box": ...}} on the predictor's slice images."""
+    "labels": [...], "box": ...}} on the slice images of `geometry` (inference.SliceGeometry)."""
+    from safeclick_jax.inference.geometry import voxel_index
+
     out = defaultdict(lambda: {"points": [], "labels": [], "box": None})
     for pt, obj in points or []:
         if len(pt) == 4 and pt[3] not in (0, 1):
-            raise ValueError(f"--point {pt}: the label (4th value) must be 0 or 1")
-        s, x, y = predictor.voxel_to_slice(pt[:3])
+            raise ValueError(f"--point {_show(pt)}: the label (4th value) must be 0 or 1")
+        ijk = voxel_index(pt[:3], geometry.input_shape, f"--point {_show(pt)}: voxel")
+        s, x, y = geometry.voxel_to_slice(ijk)
         out[obj, s]["points"].append((x, y))
         out[obj, s]["labels"].append(int(pt[3]) if len(pt) == 4 else 1)
     for box, obj in boxes or []:
         u0, v0, u1, v1, s = box
         if u1 < u0 or v1 < v0:
-            raise ValueError(f"--box {box}: needs U1 >= U0 and V1 >= V0")
-        inplane = [a for a in range(3) if a != axis]
-        corners = []
-        for u, v in ((u0, v0), (u1, v1)):
-            ijk = [0.0] * 3
-            ijk[axis], ijk[inplane[0]], ijk[inplane[1]] = s, u, v
-            corners.append(predictor.voxel_to_slice(ijk))
-        (s0, xa, ya), (_, xb, yb) = corners
+            raise ValueError(f"--box {_show(box)}: needs U1 >= U0 and V1 >= V0")
+        if s != round(s):
+            raise ValueError(f"--box {_show(box)}: slice {s:g} is not an integer voxel index")
+        try:
+            s0, xy = geometry.box_to_slice([u0, v0, u1, v1], int(s))
+        except ValueError as e:
+            raise ValueError(f"--box {_show(box)}: {e}") from None
         if out[obj, s0]["box"] is not None:
-            raise ValueError(f"--box {box}: object {obj} has a second box on slice {s0:g}")
-        out[obj, s0]["box"] = (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
+            raise ValueError(f"--box {_show(box)}: object {obj} has a second box on slice {s0}")
+        out[obj, s0]["box"] = tuple(xy)
     return dict(out)
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    a = build_parser().parse_args(attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     compile_cache.enable(a.compilation_cache)
     try:
         from safeclick_jax.data.preprocess import axis_index
@@ -155,36 +186,37 @@ def main(argv=None) -> int:
                 ct_window = ()
             if len(ct_window) != 2 or not ct_window[1] > 0:
                 raise ValueError(f"--ct-window {a.ct_window!r}: expected level,width with width > 0")
-        from safeclick_jax.volume_predictor import VolumePredictor, volume_shape
+        from safeclick_jax.data.volume_file import read_label_map, read_volume
+        from safeclick_jax.inference import SliceGeometry, VolumePredictor
 
-        img, shape = volume_shape(a.image, a.volume_index)  # checks before the model loads
+        vol = read_volume(a.image, a.volume_index)  # every check of the input before the model loads
+        img, shape = vol.image, vol.input_shape
         points = []
         for pt, obj in a.point or []:
-            ijk = world_to_voxel(img.affine, pt[:3]) if a.world else pt[:3]
-            if any(not 0 <= v <= n - 1 for v, n in zip(ijk, shape)):
-                where = f" = voxel {[int(v) for v in ijk]}" if a.world else ""
-                raise ValueError(
-                    f"--point {','.join(f'{v:g}' for v in pt)}{where} lies outside the volume "
-                    f"(voxel indices 0..n-1 of shape {shape})"
-                )
-            points.append((list(ijk) + pt[3:], obj))
+            if a.world:
+                ijk = world_to_voxel(img.affine, pt[:3])
+                if any(not 0 <= v <= n - 1 for v, n in zip(ijk, shape)):
+                    raise ValueError(
+                        f"--point {_show(pt)} = voxel {ijk} lies outside the volume "
+                        f"(voxel indices 0..n-1 of shape {shape})"
+                    )
+                pt = ijk + pt[3:]
+            points.append((pt, obj))
+        init = None
         if a.init_labels:
-            lab = nib.load(a.init_labels)
-            if tuple(lab.shape[:3]) != shape or any(n != 1 for n in lab.shape[3:]):
-                raise ValueError(f"--init-labels {a.init_labels}: shape {lab.shape} differs from the image's {shape}")
-            if not np.allclose(lab.affine, img.affine, atol=1e-4):
-                raise ValueError(f"--init-labels {a.init_labels}: its affine differs from the image's")
+            try:
+                init = read_label_map(a.init_labels, vol)
+            except VolumeError as e:
+                raise ValueError(f"--init-labels {e}") from None
+        prompts = prompts_by_slice(SliceGeometry(vol.ornt, vol.data.shape, axis), points, a.box)
         predictor = VolumePredictor.from_checkpoint(a.checkpoint, memory_checkpoint=a.memory_checkpoint)
-        predictor.set_volume(
-            a.image, axis=axis, volume_index=a.volume_index, normalization=a.normalization, ct_window=ct_window
-        )
-        if a.init_labels:
-            predictor.set_labels(a.init_labels)
-        prompts = prompts_by_slice(predictor, points, a.box, axis)
+        predictor.set_volume(vol, axis=axis, normalization=a.normalization, ct_window=ct_window)
+        if init is not None:
+            predictor.set_labels(init)
         for (obj, s), pr in sorted(prompts.items()):
             predictor.add_prompt(s, points=pr["points"] or None, labels=pr["labels"] or None, box=pr["box"], obj_id=obj)
         labels = predictor.propagate(progress=_progress)
-    except (VolumeError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     value = a.label or 1

@@ -11,13 +11,14 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from safeclick_jax.data.synthetic import make_volume  # noqa: E402
+from tests.test_volume_file import bomb  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def factory(app_model_dir):
-    from safeclick_jax.app.engine import EngineFactory
+    from safeclick_jax.app.server import engine_factory
 
-    return EngineFactory(app_model_dir)
+    return engine_factory(app_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def data_dir(tmp_path_factory):
     raw = gzip.compress(nib.Nifti1Image(image, affine).to_bytes())
     (d / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
     (d / "notnifti.nii").write_bytes(b"hello, not a NIfTI header" * 20)
+    bomb(d / "bomb.nii.gz", (1500, 1500, 1500))  # 29 kB claiming 6.3 GiB of int16 zeros
     (d / "sub").mkdir()
     outside = tmp_path_factory.mktemp("outside")
     nib.save(nib.Nifti1Image(image, affine), str(outside / "secret.nii.gz"))
@@ -164,6 +166,7 @@ BAD_OPEN = [
     ({"path": "nan.nii.gz"}, "NaN"),
     ({"path": "truncated.nii.gz"}, "truncated"),
     ({"path": "notnifti.nii"}, "not a readable NIfTI"),
+    ({"path": "bomb.nii.gz"}, "bomb.nii.gz: the header declares 1500 x 1500 x 1500 = 3375000000 voxels, above"),
     ({"path": "sub"}, "only .nii"),
     ({"path": 3}, "relative"),
 ]
@@ -211,6 +214,32 @@ def test_bad_requests_refused_and_server_still_segments(client):
     assert r.status_code == 200
     assert client.post(f"/api/volumes/{sid}/propagate").status_code == 200
     assert np.asarray(_labels(client, sid).dataobj).any() or r.json()["voxels"] == 0
+    client.delete(f"/api/volumes/{sid}")
+
+
+def test_voxels_must_be_finite_integers(client):
+    """A non-integer, NaN or Inf voxel index is refused with 400 naming the value (never rounded),
+    and the session keeps its state."""
+    sid = _open(client)["id"]
+    url = f"/api/volumes/{sid}/prompts"
+    assert client.post(url, json={"object": 1, "voxel": [12, 12, 3], "label": 1}).status_code == 200
+    before = (np.asarray(_labels(client, sid).dataobj), client.get(f"/api/volumes/{sid}").json())
+    for raw, words in (
+        (b'{"voxel": [1.5, 1, 1]}', "voxel [1.5, 1, 1]: 1.5 is not an integer voxel index"),
+        (b'{"voxel": [NaN, 1, 1]}', "voxel [nan, 1, 1]: nan is not a finite number"),
+        (b'{"voxel": [1, Infinity, 1]}', "voxel [1, inf, 1]: inf is not a finite number"),
+        (b'{"box": [1, 1, 5.5, 5], "slice": 2}', "5.5 is not an integer voxel index"),
+        (b'{"box": [1, 1, 5, 5], "slice": 2.5}', "slice 2.5: Input should be a valid integer"),
+        (b'{"voxel": [1, 1, 1], "object": 1.5}', "object 1.5: Input should be a valid integer"),
+        (b'{"voxel": [1, 1, 1], "lable": 0}', "lable: unknown field"),
+    ):
+        r = client.post(url, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and words in r.json()["detail"], (raw, r.text)
+    after = (np.asarray(_labels(client, sid).dataobj), client.get(f"/api/volumes/{sid}").json())
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1]["objects"] == before[1]["objects"]
+    undone = client.post(f"/api/volumes/{sid}/undo").json()["undo"]  # the one click before, no other
+    assert undone.startswith("click on slice") and undone.endswith("of object 1") and "," not in undone
     client.delete(f"/api/volumes/{sid}")
 
 

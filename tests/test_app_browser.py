@@ -40,16 +40,15 @@ def _free_port() -> int:
 def server(request, tmp_path_factory):
     import uvicorn
 
-    from safeclick_jax.app.__main__ import demo_checkpoint, example_volume
-    from safeclick_jax.app.engine import EngineFactory
-    from safeclick_jax.app.server import create_app
+    from demo import demo_checkpoint, example_volume
+    from safeclick_jax.app.server import create_app, engine_factory
 
     data = tmp_path_factory.mktemp("appdata")
     path = example_volume(data)
     if os.environ.get("APP_SCREENSHOT"):
-        factory, name = EngineFactory(str(demo_checkpoint()), memory_from_init=True), "demo"
+        factory, name = engine_factory(str(demo_checkpoint()), untrained_memory=True), "demo"
     else:
-        factory, name = EngineFactory(request.getfixturevalue("app_model_dir")), "tiny random"
+        factory, name = engine_factory(request.getfixturevalue("app_model_dir")), "tiny random"
     app = create_app(factory, data, model_name=name)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -112,7 +111,7 @@ def _canvas_pixels(driver):
 def test_page_click_propagate_overlay(server, driver):
     from selenium.webdriver.common.action_chains import ActionChains
 
-    from safeclick_jax.app.__main__ import example_case
+    from demo import example_case
 
     url, path = server
     driver.get(url + "/")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from safeclick_jax.inference import VolumePredictor
 from safeclick_jax.models.config import get_config
 from safeclick_jax.models.memory import MemoryConfig, SAM2Memory
 from safeclick_jax.models.sam2 import SAM2Image
-from safeclick_jax.volume_predictor import VolumePredictor
 
 SIZE = 128
 SHAPE = (30, 26, 6)  # the volume: 6 slices of 26 x 30 (rows x columns) along axis 2
@@ -70,11 +70,11 @@ def test_label_map_is_the_overlap_rule(predictor):
     logits = np.stack([p.slice_logits(k) for k in p.object_ids])
     # SAM 2's _apply_non_overlapping_constraints: the highest logit keeps the voxel
     expect = np.where(logits.max(0) > 0, np.array([1, 2, 3], np.uint8)[logits.argmax(0)], 0)
-    np.testing.assert_array_equal(labels, p._to_input_grid(expect.astype(np.uint8)))
+    np.testing.assert_array_equal(labels, p.to_input_grid(expect.astype(np.uint8)))
     # the two masks overlap on slice 3 (object 2's prompt slice): there object 2's mask logit
     # (+10 inside its prompt) exceeds object 1's tracked logits where those are lower
     for k in p.object_ids:
-        np.testing.assert_array_equal(p.object_mask(k), p._to_input_grid(p.slice_logits(k) > 0))
+        np.testing.assert_array_equal(p.object_mask(k), p.to_input_grid(p.slice_logits(k) > 0))
     both = p.object_mask(1) & p.object_mask(2)
     assert both.any(), "the test needs an overlap"
     assert set(np.unique(labels[both]).tolist()) <= {1, 2, 3}
@@ -126,7 +126,7 @@ def test_set_labels_starts_from_a_segmentation(predictor, tmp_path):
     assert p.set_labels(lab) == [3, 9] and p.object_ids == [3, 9]
     assert p.history(3) == ["mask on slice 1 (initial labels)"]
     z9 = p.voxel_to_slice((10, 12, 3))[0]
-    assert list(p._objects[9].pending) == [z9]
+    assert list(p.object_state(9).pending) == [z9]
     before = p.label_map()
     got = before[..., 3] == 9
     assert (got == (lab[..., 3] == 9)).mean() > 0.95
@@ -136,7 +136,7 @@ def test_set_labels_starts_from_a_segmentation(predictor, tmp_path):
     np.testing.assert_array_equal(p.label_map(), before)
     # every labelled slice as a mask prompt
     assert p.set_labels(lab, slices="all") == [3, 9]
-    assert sorted(p._objects[3].pending) == sorted(p.voxel_to_slice((6, 5, z))[0] for z in range(1, 5))
+    assert sorted(p.object_state(3).pending) == sorted(p.voxel_to_slice((6, 5, z))[0] for z in range(1, 5))
     # a NIfTI path: shape and affine are checked against the volume file
     aff = np.diag([0.8, 0.8, 2.0, 1.0])
     nib.save(nib.Nifti1Image(volume(), aff), str(tmp_path / "v.nii.gz"))
@@ -173,7 +173,7 @@ def test_undo_redo(predictor):
     p.undo(), p.undo()
     assert p.undo() == ", ".join(f"propagation from slice 2 (slices 0..5) of object {k}" for k in (1, 2, 3))
     for k in (1, 2, 3):
-        assert not p._objects[k].tracked and p._objects[k].pending
+        assert not p.object_state(k).tracked and p.object_state(k).pending
     p.redo()
     np.testing.assert_array_equal(p.label_map(), first)
     # reset of one object is undoable; reset_all forgets everything
@@ -184,6 +184,50 @@ def test_undo_redo(predictor):
     assert p.object_ids == [1, 2] and not (p.label_map() == 3).any()
     p.reset_all()
     assert p.object_ids == [] and not p.label_map().any()
+
+
+def test_replayed_interactions_give_the_same_session(predictor):
+    """The JSON of a session's interactions, replayed on a fresh engine on the same volume, gives
+    the same label map, logits and histories (what a saved session resumes from)."""
+    import json
+
+    p = predictor
+    p.set_volume(volume(), axis=2)
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[5:20, 4:18, 1:4] = 4
+    p.set_labels(lab)
+    p.add_mask(2, square(p.slice_hw, 3, 15, 4, 16), obj_id=1)
+    p.add_prompt(4, points=[[12, 9]], labels=[1], obj_id=3)
+    p.add_prompt(1, box=[2, 2, 20, 15], obj_id=5)
+    p.propagate()
+    p.add_prompt(5, points=[[20, 15]], labels=[0], obj_id=1)
+    p.propagate(max_slices=2)
+    p.undo(), p.redo()
+    p.reset_object(3)
+    p.undo(3)
+    p.remove_object(p.add_object())
+    with pytest.raises(ValueError):
+        p.undo(9)  # refused: not recorded
+    state = snapshot(p)
+    log = json.loads(json.dumps(p.interactions))
+    calls = [e["call"] for e in log]
+    assert calls == ["set_labels", "add_mask", "add_prompt", "add_prompt", "propagate", "add_prompt", "propagate"] + [
+        "undo",
+        "redo",
+        "reset_object",
+        "undo",
+        "add_object",
+        "remove_object",
+    ]
+    other = VolumePredictor(p.model, p.memory)
+    other.set_volume(volume(), axis=2)
+    done = []
+    other.replay(log, progress=lambda i, n: done.append((i, n)))
+    assert done[-1] == (len(log), len(log))
+    assert_same(snapshot(other), state)
+    assert json.loads(json.dumps(other.interactions)) == log
+    with pytest.raises(ValueError, match="interaction 0: 'eval' is not a recorded call"):
+        other.replay([{"call": "eval", "args": {}}])
 
 
 def test_cache_encodes_each_slice_once_and_lru_keeps_results(predictor):
@@ -267,15 +311,15 @@ def test_refused_calls_keep_the_session(predictor, tmp_path):
 def test_predictors_of_one_model_share_compiled_steps(predictor):
     """Predictors of one model (or of an equal one: same graph, other weights) share the compiled
     steps: a second predictor on a volume of another size compiles no model step again."""
-    from safeclick_jax import volume_predictor as vp
+    from safeclick_jax.inference.steps import compile_counts
 
     p = predictor
     p.set_volume(volume(), axis=2)
     p.add_prompt(2, points=[[5, 5]], labels=[1], obj_id=1)
     cfg = p.model.cfg
     other = VolumePredictor(SAM2Image(cfg, nnx.Rngs(5)), SAM2Memory(MemoryConfig.for_model(cfg), nnx.Rngs(6)))
-    assert other._key is p._key
-    compiled = (vp._encode._cache_size(), vp._prompt._cache_size())
+    assert other.model_key is p.model_key
+    compiled = [compile_counts()[k] for k in ("encode", "prompt")]
     other.set_volume(volume()[:, :20, :5], axis=2)
     other.add_prompt(2, points=[[5, 5]], labels=[1], obj_id=1)
-    assert (vp._encode._cache_size(), vp._prompt._cache_size()) == compiled
+    assert [compile_counts()[k] for k in ("encode", "prompt")] == compiled

@@ -81,7 +81,7 @@ class TorchMulti(TorchVideo):
 def test_multi_object_session_parity(models, monkeypatch):  # noqa: F811
     tm, jp = models
     jp.set_volume(synthetic_volume(n=N), axis=2)
-    tv = TorchMulti(tm, np.array(jp._slices), monkeypatch)
+    tv = TorchMulti(tm, np.array(jp.slices), monkeypatch)
     hw = jp.slice_hw
 
     pt1, pt2, box3 = [[26.0, 21.0]], [[30.0, 24.0]], [15.0, 12.0, 38.0, 32.0]
@@ -104,7 +104,7 @@ def test_multi_object_session_parity(models, monkeypatch):  # noqa: F811
     # the label map: per voxel the object with the highest logit, SAM 2's non-overlap rule
     stack = np.stack([first[k] for k in jp.object_ids])
     expect = np.where(stack.max(0) > 0, np.asarray(jp.object_ids, np.uint8)[stack.argmax(0)], 0).astype(np.uint8)
-    np.testing.assert_array_equal(labels, jp._to_input_grid(expect))
+    np.testing.assert_array_equal(labels, jp.to_input_grid(expect))
     assert len(np.unique(labels)) > 2  # several objects visible
 
     # correction on a slice object 1 was tracked on, then re-propagation from that slice

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from safeclick_jax.checkpoint import ModelDirError
-from safeclick_jax.models.registry import load_model
+from safeclick_jax.inference.loader import load_model
 from safeclick_jax.predictor import ImagePredictor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,9 +80,9 @@ def test_safeclick_predictor_parity(safeclick_dir):
 
 
 def test_from_sam2_copies_base_and_checks_block(sam2_tiny_dir):
-    from safeclick_jax.models.registry import load_model
+    from safeclick_jax.inference.loader import load_model
 
-    base, _, _ = load_model(sam2_tiny_dir)
+    base = load_model(sam2_tiny_dir).network
     model = from_sam2(sam2_tiny_dir, SafeClickConfig(), seed=0)
     assert np.array_equal(
         np.asarray(model.sam_mask_decoder.transformer.layers[0].self_attn.q_proj.kernel[...]),

@@ -10,13 +10,14 @@ import pytest
 from flax import nnx, traverse_util
 
 from safeclick_jax.data.preprocess import normalize_intensity, to_uint8
+from safeclick_jax.inference import VolumePredictor
+from safeclick_jax.inference.geometry import IDENTITY_ORNT
 from safeclick_jax.models.config import get_config
 from safeclick_jax.models.memory import MemoryConfig, SAM2Memory
 from safeclick_jax.models.registry import save_model
 from safeclick_jax.models.sam2 import SAM2Image
 from safeclick_jax.models.weight_map import state_dict
 from safeclick_jax.segment import main
-from safeclick_jax.volume_predictor import IDENTITY_ORNT, VolumePredictor
 
 SIZE = 128
 
@@ -56,7 +57,7 @@ def test_voxel_geometry_round_trip(tmp_path, predictor, axis):
     data, _ = oblique_nifti(tmp_path / "v.nii.gz")
     p = predictor
     p.set_volume(str(tmp_path / "v.nii.gz"), axis=axis)
-    slices = np.asarray(p._slices)
+    slices = np.asarray(p.slices)
     expected = to_uint8(normalize_intensity(data))
     for ijk in [(7, 19, 4), (0, 0, 0), (29, 25, 5), (3, 11, 1)]:
         s, x, y = p.voxel_to_slice(ijk)
@@ -64,14 +65,14 @@ def test_voxel_geometry_round_trip(tmp_path, predictor, axis):
         assert slices[s, int(y), int(x)] == expected[ijk]
         mark = np.zeros(slices.shape, np.uint8)
         mark[s, int(y), int(x)] = 1
-        back = p._to_input_grid(mark)
+        back = p.to_input_grid(mark)
         assert back.shape == data.shape and back[ijk] == 1 and back.sum() == 1
     with pytest.raises(ValueError, match="outside the volume"):
         p.voxel_to_slice((30, 0, 0))
     # an array input is its own voxel grid
     p.set_volume(data, axis=axis)
     s, x, y = p.voxel_to_slice((7, 19, 4))
-    assert np.asarray(p._slices)[s, int(y), int(x)] == expected[7, 19, 4]
+    assert np.asarray(p.slices)[s, int(y), int(x)] == expected[7, 19, 4]
     assert (IDENTITY_ORNT[:, 1] == 1).all()
 
 
@@ -192,7 +193,7 @@ def test_auto_normalization(predictor):
 
     def slices(volume, **kw):
         p.set_volume(volume, **kw)
-        return np.asarray(p._slices).copy(), p.normalization
+        return np.asarray(p.slices).copy(), p.normalization
 
     auto, mode = slices(ct)
     assert mode == "ct_window"
@@ -206,3 +207,62 @@ def test_auto_normalization(predictor):
         p.description = {}
     with pytest.raises(ValueError, match="'hu'"):
         p.set_volume(ct, normalization="hu")
+
+
+def test_points_as_users_type_them(tmp_path, ckpt, capsys):
+    """World coordinates are often negative: `--point -95.2,40.1,12` and `--point=-95.2,40.1,12`
+    both work; a non-integer voxel index, NaN or Inf is refused naming the value."""
+    from safeclick_jax.segment import attach_negative_values, build_parser, world_to_voxel
+
+    data, _ = oblique_nifti(tmp_path / "in.nii.gz")
+    affine = np.array([[-0.7, 0, 0, -80.0], [0, 0, 2.5, -40.0], [0, 0.9, 0, -120.0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "neg.nii.gz"))  # every world coordinate < 0
+    a, b = (affine @ np.array([15, 13, 3, 1.0]))[:3], (affine @ np.array([10, 5, 3, 1.0]))[:3]
+    assert (a < 0).all() and (b < 0).all()
+    spaced = ",".join(f"{v:g}" for v in a)
+    joined = ",".join(f"{v:g}" for v in b) + ",0"
+    argv = ["--image", "x", "--checkpoint", "c", "--out", "o", "--point", spaced, f"--point={joined}"]
+    parsed = build_parser().parse_args(attach_negative_values(argv))
+    want = [[float(v) for v in text.split(",")] for text in (spaced, joined)]
+    assert [p for p, _ in parsed.point] == want
+    out = tmp_path / "out.nii.gz"
+    args = ["--image", str(tmp_path / "neg.nii.gz"), "--checkpoint", ckpt, "--out", str(out), "--world"]
+    rc = main(args + ["--point", spaced, f"--point={joined}", "--ct-window", "-600,1500"])
+    assert rc == 0, capsys.readouterr().err
+    assert world_to_voxel(affine, a) == [15, 13, 3] and nib.load(str(out)).shape == data.shape
+    capsys.readouterr()
+    base = ["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", ckpt, "--out", str(tmp_path / "o.nii.gz")]
+    assert main([*base, "--point", "1.5,1,1"]) == 2
+    assert "--point 1.5,1,1: voxel [1.5, 1, 1]: 1.5 is not an integer voxel index" in capsys.readouterr().err
+    assert main([*base, "--box", "1,1,5.5,5,2"]) == 2
+    assert "5.5 is not an integer voxel index" in capsys.readouterr().err
+    for bad, value in (("nan,1,1", "nan"), ("1,-inf,1", "-inf"), ("1,x,1", "'x'")):
+        with pytest.raises(SystemExit):
+            main([*base, "--point", bad])
+        assert f"{value} is not a" in capsys.readouterr().err
+
+
+def test_model_without_memory_path_names_the_option(tmp_path, ckpt, capsys):
+    """A model directory without SAM 2's memory path (a training export): one line naming
+    --memory-checkpoint, from the CLI and from Python."""
+    from safeclick_jax.checkpoint import ModelDirError
+
+    cfg = get_config("sam2.1_hiera_t").replace(image_size=SIZE)
+    d = str(tmp_path / "nomem")
+    save_model(d, SAM2Image(cfg, nnx.Rngs(0)))
+    oblique_nifti(tmp_path / "in.nii.gz")
+    out = str(tmp_path / "o.nii.gz")
+    rc = main(["--image", str(tmp_path / "in.nii.gz"), "--checkpoint", d, "--out", out, "--point", "3,3,3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith(f"error: {d}: has no memory/video tensors") and "--memory-checkpoint DIR" in err
+    with pytest.raises(ModelDirError, match="memory_checkpoint=DIR"):
+        VolumePredictor.from_checkpoint(d)
+    from safeclick_jax.inference import load_model
+
+    assert load_model(d).memory is None  # the image path alone
+    other = load_model(d, memory_checkpoint=ckpt, memory="required")
+    assert other.memory is not None and other.memory_note is None
+    untrained = load_model(d, memory="untrained")
+    assert untrained.memory is not None
+    assert untrained.memory_note == f"{d} has no memory path; propagation uses an untrained one"

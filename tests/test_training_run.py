@@ -109,12 +109,44 @@ def test_smoke_run_writes_everything(reference):
     assert _trainable(wd)
 
 
+def test_export_is_a_complete_model_for_the_volume_engine(reference):
+    """The export carries the memory path (random here: no init checkpoint): the volume engine
+    opens it without a memory checkpoint and propagates a click through a volume."""
+    from safeclick_jax.inference import VolumePredictor
+
+    wd, out = reference
+    assert "memory path: RANDOM (init.seed 0), written into the export" in out
+    p = VolumePredictor.from_checkpoint(str(wd / "export"))
+    vol = np.random.default_rng(0).normal(0, 1, (40, 40, 6)).astype(np.float32)
+    p.set_volume(vol)
+    p.add_prompt(2, points=[[20, 20]], labels=[1])
+    labels = p.propagate()
+    assert labels.shape == (40, 40, 6) and set(np.unique(labels)) <= {0, 1}
+    # every slice got a tracked mask (the random model marks most pixels): propagation reached all
+    assert all(labels[..., i].sum() > 0 for i in range(6)), [int(labels[..., i].sum()) for i in range(6)]
+
+
+def test_memory_checkpoint_of_another_size_is_refused_before_anything_is_written(reference, tmp_path, data_dir):
+    wd = tmp_path / "other_size"
+    p = _run(
+        wd,
+        data_dir,
+        f"--config.init.memory_checkpoint={reference[0] / 'export'}",
+        "--config.model.arch.hiera.embed_dim=16",
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and "--config.init.memory_checkpoint=" in err[0] and "memory path belongs to" in err[0], err
+    assert "Traceback" not in p.stderr and not wd.exists()
+
+
 # three training processes: ~1-4 min on 2 cores; in the default suite because exact resume is a
 # promise of train.py that CI must keep checking
 def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path, data_dir):
     ref_wd, _ = reference
     wd = tmp_path / "killed"
-    args = ["--config.train.step_delay_s=1.0"]
+    args = ["--config.debug.step_delay_s=1.0"]
     proc = subprocess.Popen(
         _cmd(wd, data_dir, *args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -176,7 +208,7 @@ def test_four_devices_equal_one_device(reference, tmp_path, data_dir, fsdp):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, reference):
     wd = tmp_path / "nan"
-    p = _run(wd, data_dir, "--config.train.nan_at_step=5")  # the 6th step (0-based step 5)
+    p = _run(wd, data_dir, "--config.debug.nan_at_step=5")  # the 6th step (0-based step 5)
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "loss is nan" in p.stderr and "last good checkpoint is step 4" in p.stderr
     steps = sorted(int(q.name) for q in (wd / "checkpoints").iterdir() if q.name.isdigit())
@@ -226,7 +258,7 @@ def _run_processes(workdir, data_dir, *extra, processes=2, devices=1, timeout=60
 
 
 # two multi-process jobs (~1.5 min each on 2 cores). Slow-marked (make test-slow): one of four runs
-# hung before the fix in loop._agreed (a restore only one process started), and a hang in CI would
+# hung before the fix in parallel.agreed (a restore only one process started), and a hang in CI would
 # block every submission; it has passed every run since.
 @pytest.mark.slow
 def test_two_processes_train_like_one_job(tmp_path, data_dir, reference):
@@ -268,7 +300,7 @@ def test_sigterm_saves_and_resumes_exactly_then_damaged_checkpoints_fall_back(re
     ref_wd, _ = reference
     wd = tmp_path / "preempted"
     proc = subprocess.Popen(
-        _cmd(wd, data_dir, "--config.train.step_delay_s=1.0"),
+        _cmd(wd, data_dir, "--config.debug.step_delay_s=1.0"),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -362,3 +394,20 @@ def test_empty_validation_split_trains_on_a_holdout_and_evaluate_refuses_it(tmp_
     )  # fmt: skip
     assert e.returncode == 2, e.stdout[-2000:] + e.stderr[-2000:]
     assert "the val split has no ROI" in e.stderr and "Traceback" not in e.stderr
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--config.train.parts=('mask_decoder', 'decoder2')", "train.parts: unknown part 'decoder2'"),
+        ("--config.train.parts=('memory',)", "train.parts: 'memory' does not train in the slices task"),
+    ],
+    ids=["unknown", "not_in_task"],
+)
+def test_bad_train_parts_one_line_exit_2_nothing_written(tmp_path, data_dir, arg, message):
+    wd = tmp_path / "parts"
+    p = _run(wd, data_dir, arg, timeout=120)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not wd.exists()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch.nn.functional as F  # noqa: E402
 
-from safeclick_jax.volume_predictor import VolumePredictor, fill_holes  # noqa: E402
+from safeclick_jax.inference import VolumePredictor  # noqa: E402
+from safeclick_jax.inference.steps import compile_counts, fill_holes  # noqa: E402
 from tests.sam2_torch import config_path, max_abs, numpy_state_dict, rel_err, torch
 
 MODEL = "sam2.1_hiera_t"
@@ -109,7 +110,7 @@ def test_propagation_parity(models, monkeypatch):
     """One click on the middle slice of 5, forward + backward: logits per slice vs torch."""
     tm, jp = models
     jp.set_volume(synthetic_volume(n=5), axis=2)
-    tv = TorchVideo(tm, np.array(jp._slices), monkeypatch)
+    tv = TorchVideo(tm, np.array(jp.slices), monkeypatch)
     pt = [[26.0, 21.0]]
     compare(
         "prompt slice 2 (point)", jp.add_prompt(2, points=pt, labels=[1], return_logits=True), tv.prompt(2, pt, [1])
@@ -117,17 +118,16 @@ def test_propagation_parity(models, monkeypatch):
     ref = tv.propagate()
     # the compiled steps are shared by every predictor (other tests' volumes are in the cache
     # too): count what this adds
-    from safeclick_jax.volume_predictor import _track
 
-    compiled_before = _track._cache_size()
+    compiled_before = compile_counts()["track"]
     labels = jp.propagate()
     got = jp.slice_logits()
     errs = [compare(f"propagation slice {i}", got[i], ref[i]) for i in range(len(ref))]
     print(f"propagation: worst slice rel {max(errs):.2e}")
     # one compiled step per memory-slot bucket (video.memory_slots: 2, 4 or 6 previous slices)
-    assert _track._cache_size() - compiled_before <= 3
+    assert compile_counts()["track"] - compiled_before <= 3
     assert labels.shape == (44, 52, 5) and labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels, jp._to_input_grid((got > 0).astype(np.uint8)))
+    np.testing.assert_array_equal(labels, jp.to_input_grid((got > 0).astype(np.uint8)))
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_propagation_parity_several_prompts_and_correction(models, monkeypatch):
     on a tracked slice (conditioned on memory) and a second propagation."""
     tm, jp = models
     jp.set_volume(synthetic_volume(), axis=2)
-    tv = TorchVideo(tm, np.array(jp._slices), monkeypatch)
+    tv = TorchVideo(tm, np.array(jp.slices), monkeypatch)
     pt = [[26.0, 21.0]]
     compare(
         "prompt slice 3 (point)", jp.add_prompt(3, points=pt, labels=[1], return_logits=True), tv.prompt(3, pt, [1])

@@ -1,5 +1,5 @@
 """The interactive protocols on a real (random, 128 px) network through the engine adapters of
-evaluation/volume_session.py: the session's prompts reach the engine, both engine paths agree."""
+evaluation/volume_session.py: the session's prompts reach the engine."""
 
 import numpy as np
 import pytest
@@ -19,18 +19,6 @@ def blob_case(labels=(1, 2)) -> interactive.Case:
     image[lab == 1] = 220
     image[lab == 2] = 140
     return interactive.Case("blobs", "toy", image, lab, (2.0, 1.0, 1.0))
-
-
-class SingleObject:
-    """The same engine without add_object: EngineSession then runs each label alone."""
-
-    def __init__(self, predictor):
-        self.p = predictor
-
-    def __getattr__(self, name):
-        if name == "add_object":
-            raise AttributeError(name)
-        return getattr(self.p, name)
 
 
 @pytest.fixture(scope="module")
@@ -64,21 +52,6 @@ def test_session_keeps_each_label_inside_its_box_and_clicks_reach_the_engine(eng
     before = len(session.p.history(1))
     session.add_click(1, (3, 10, 10), True)
     assert len(session.p.history(1)) == before + 1
-
-
-def test_multi_object_and_one_by_one_engine_paths_agree_on_one_label(engine_model):
-    case = blob_case(labels=(1,))
-    predictor = engine_model.factory(case, [1]).p
-    box = interactive.box_3d(case.labels == 1, np.random.default_rng(0))
-    preds = []
-    for engine in (predictor, SingleObject(predictor)):
-        s = volume_session.EngineSession(engine, case, [1])
-        assert s.multi is (engine is predictor)
-        s.add_box(1, box)
-        s.add_click(1, (4, 12, 12), False)
-        preds.append(s.predict())
-    assert preds[0].any()
-    np.testing.assert_array_equal(preds[0], preds[1])
 
 
 def test_noc_on_the_image_predictor(app_model_dir):

@@ -1,76 +1,39 @@
-"""The local web app: `python -m safeclick_jax.app [--checkpoint DIR] [--data-dir DIR] [--host H] [--port P]`.
+"""The local web app: `python -m safeclick_jax.app --checkpoint DIR --data-dir DIR [--host H] [--port P]`.
 
-With no --checkpoint it serves the demo: the model `make train` exports (workdir/sam2_t/export,
-trained first when absent) and a synthetic abdominal CT (`example_case`) in the data folder. Open
-the printed URL in a browser (over SSH: `ssh -L 8000:127.0.0.1:8000 server`, then localhost:8000).
-See docs/app.md.
+Open the printed URL in a browser (over SSH: `ssh -L 8000:127.0.0.1:8000 server`, then
+localhost:8000). The demo (a model trained by `make train`, a synthetic abdominal CT) is
+`make app` (demo.py at the top of the repository). See docs/app.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
-import nibabel as nib
-
 from safeclick_jax import compile_cache
-
-REPO = Path(__file__).resolve().parents[2]
-DEMO_WORKDIR = REPO / "workdir" / "sam2_t"
-DEMO_DATA = REPO / "workdir" / "app_data"
-
-
-# The example volume: synthetic abdomen number 15 of seed 0 (safeclick_jax.data.synthetic_abdomen),
-# the generator and seed of `make train`'s data, one past the 15 volumes it trains, validates and
-# tests on, so the demo model has never seen it.
-EXAMPLE_SEED = 15
-
-
-def example_case():
-    """(image int16 HU, labels uint8, affine) of the example volume."""
-    from safeclick_jax.data.synthetic_abdomen import make_volume
-
-    return make_volume(EXAMPLE_SEED)
-
-
-def example_volume(out_dir: Path) -> Path:
-    """Writes the example volume (`example_case`) into out_dir once; returns its path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "synthetic_abdomen_015.nii.gz"
-    if not path.exists():
-        image, _, affine = example_case()
-        nib.save(nib.Nifti1Image(image, affine), str(path))
-    return path
-
-
-def demo_checkpoint() -> Path:
-    """The model `make train` exports; trained first when absent."""
-    export = DEMO_WORKDIR / "export"
-    if not (export / "model.json").exists():
-        print(
-            f"no trained model in {export}: training the demo model first "
-            "(python train.py --config configs/sam2_t.py, about 2 minutes on 2 CPU cores)...",
-            flush=True,
-        )
-        cmd = [sys.executable, "train.py", "--config", "configs/sam2_t.py", "--workdir", str(DEMO_WORKDIR)]
-        if subprocess.call(cmd, cwd=REPO) != 0 or not (export / "model.json").exists():
-            raise SystemExit(f"error: training the demo model failed; run `{' '.join(cmd)}` to see why")
-    return export
+from safeclick_jax.data.volume_file import MAX_VOXELS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m safeclick_jax.app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--checkpoint", default=None, help="model directory (default: the demo model of `make train`)")
+    p.add_argument("--checkpoint", required=True, help="model directory (make app: the demo model of `make train`)")
     p.add_argument("--memory-checkpoint", default=None, help="model directory to take SAM 2's memory path from")
-    p.add_argument("--data-dir", default=None, help=f"folder of volumes the page may open (default: {DEMO_DATA})")
+    p.add_argument(
+        "--untrained-memory",
+        action="store_true",
+        help="a model without SAM 2's memory path propagates with an untrained one (the demo model)",
+    )
+    p.add_argument("--data-dir", required=True, help="folder of volumes the page may open")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024)")
+    p.add_argument(
+        "--max-voxels", type=int, default=MAX_VOXELS, help=f"largest volume opened, in voxels (default {MAX_VOXELS})"
+    )
     p.add_argument("--idle-minutes", type=float, default=30.0, help="a session idle this long is freed (default 30)")
     p.add_argument(
         "--compilation-cache",
@@ -85,14 +48,11 @@ def main(argv=None) -> int:
     compile_cache.enable(a.compilation_cache)
     import uvicorn
 
-    from safeclick_jax.app.engine import EngineFactory
-    from safeclick_jax.app.server import create_app
+    from safeclick_jax.app.server import create_app, engine_factory
+    from safeclick_jax.checkpoint import ModelDirError
 
-    demo = a.checkpoint is None
-    checkpoint = str(demo_checkpoint()) if demo else a.checkpoint
-    data_dir = Path(a.data_dir) if a.data_dir else DEMO_DATA
-    if a.data_dir is None:
-        example_volume(data_dir)
+    checkpoint = a.checkpoint
+    data_dir = Path(a.data_dir)
     if not data_dir.is_dir():
         raise SystemExit(f"error: --data-dir {data_dir}: no such folder")
     if a.host not in ("127.0.0.1", "localhost", "::1"):
@@ -102,11 +62,22 @@ def main(argv=None) -> int:
             flush=True,
         )
     print(f"loading the model from {checkpoint} ...", flush=True)
-    factory = EngineFactory(checkpoint, a.memory_checkpoint, memory_from_init=demo)
+    try:
+        factory = engine_factory(checkpoint, a.memory_checkpoint, untrained_memory=a.untrained_memory)
+    except ModelDirError as e:
+        raise SystemExit(f"error: {e}") from None
     if factory.memory_note:
         print(f"note: {factory.memory_note}", flush=True)
     ready = threading.Event()
-    app = create_app(factory, data_dir, a.max_upload_mb, idle_s=a.idle_minutes * 60, model_name=checkpoint, ready=ready)
+    app = create_app(
+        factory,
+        data_dir,
+        a.max_upload_mb,
+        idle_s=a.idle_minutes * 60,
+        model_name=checkpoint,
+        ready=ready,
+        max_voxels=a.max_voxels,
+    )
 
     def warm():
         try:

@@ -1,28 +1,23 @@
-"""FastAPI app of the web front end: `create_app(engine_factory, data_dir, ...)`.
-
-Voxel indices in requests and responses are those of the input file (as in
-`python -m safeclick_jax.segment`). Every compute call runs under the session's lock in a worker
-thread; progress of a propagation is pushed as server-sent events (GET .../events).
+"""FastAPI app of the web front end: `create_app(engine_factory, data_dir, ...)` serves the page
+and the HTTP API (app/routes.py); `engine_factory(checkpoint)` makes the app's engines.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import threading
-import time
-from functools import partial
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
-from safeclick_jax.app.sessions import BadInput, Session, SessionStore, load_checked, nifti_suffix
-from safeclick_jax.data.preprocess import NORMALIZATIONS
+from safeclick_jax.app.requests import validation_sentence
+from safeclick_jax.app.routes import AppState, router
+from safeclick_jax.app.sessions import SessionStore, safe_path  # noqa: F401  (safe_path: re-exported)
+from safeclick_jax.data.volume_file import MAX_VOXELS
 
 HERE = Path(__file__).parent
 NIIVUE_DIST = HERE / "web" / "node_modules" / "@niivue" / "niivue" / "dist"
@@ -64,21 +59,6 @@ class _TooLarge(Exception):
     pass
 
 
-def safe_path(data_dir: Path, rel: str) -> Path:
-    """`rel` inside data_dir, resolved (symlinks followed); BadInput for anything leaving it."""
-    if not isinstance(rel, str) or not rel or "\x00" in rel:
-        raise BadInput(f"path {rel!r}: a file name relative to the data folder is needed")
-    if Path(rel).is_absolute() or rel.startswith(("/", "\\")):
-        raise BadInput(f"path {rel!r}: absolute paths are refused; give a name relative to the data folder")
-    if ".." in Path(rel).parts:
-        raise BadInput(f"path {rel!r}: '..' is refused")
-    root = data_dir.resolve()
-    full = (root / rel).resolve()
-    if full != root and root not in full.parents:
-        raise BadInput(f"path {rel!r}: leaves the data folder (symbolic link?)")
-    return full
-
-
 def create_app(
     engine_factory,
     data_dir,
@@ -86,22 +66,26 @@ def create_app(
     idle_s: float = 1800.0,
     model_name: str | None = None,
     ready: threading.Event | None = None,
+    max_voxels: int = MAX_VOXELS,
 ) -> FastAPI:
     """engine_factory(): a new engine (VolumePredictor interface) per session. `ready`: set once
-    the model is compiled (health reports "loading" until then)."""
-    data_dir = Path(data_dir)
-    store = SessionStore(idle_s=idle_s)
-    compute = threading.Lock()  # one model call at a time: the CPU is shared by every session
+    the model is compiled (health reports "loading" until then). `max_voxels`: the largest volume
+    opened, checked on the file's header before any voxel is read."""
     app = FastAPI(title="safeclick-jax", docs_url="/api/docs", openapi_url="/api/openapi.json")
-    app.state.store = store
+    st = AppState(engine_factory, Path(data_dir), SessionStore(idle_s=idle_s), max_voxels, model_name, ready)
+    st.status["state"] = "ready" if ready is None else "loading"
+    app.state.ctx, app.state.store, app.state.status = st, st.store, st.status
     app.add_middleware(UploadLimit, limit=int(max_upload_mb * 2**20))
-    status = {"state": "ready" if ready is None else "loading", "error": None}
 
-    @app.exception_handler(BadInput)
-    async def bad_input(_, e):
-        return JSONResponse({"detail": str(e)}, status_code=400)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_, e):
+        return JSONResponse({"detail": validation_sentence(e.errors(), located=True)}, status_code=400)
 
-    @app.exception_handler(ValueError)
+    @app.exception_handler(ValidationError)
+    async def invalid_form(_, e):
+        return JSONResponse({"detail": validation_sentence(e.errors())}, status_code=400)
+
+    @app.exception_handler(ValueError)  # BadInput, VolumeError and the engine's refusals
     async def value_error(_, e):
         return JSONResponse({"detail": str(e)}, status_code=400)
 
@@ -112,40 +96,7 @@ def create_app(
 
     @app.on_event("shutdown")
     def _close():
-        store.close()
-
-    def session(sid: str) -> Session:
-        s = store.get(sid)
-        if s is None:
-            raise HTTPException(404, f"no volume {sid!r} (closed, or expired after idle time)")
-        return s
-
-    def obj_id(body: dict, s: Session, create: bool = False) -> int:
-        o = body.get("object", 1)
-        if not isinstance(o, int) or isinstance(o, bool) or not 1 <= o <= 255:
-            raise BadInput(f"object {o!r}: an integer id in 1..255 is needed")
-        if o not in s.objects:
-            if not create:
-                raise BadInput(f"unknown object {o}; objects are {sorted(s.objects)}")
-            s.objects[o] = {"name": f"object {o}", "visible": True}
-        return o
-
-    async def body_json(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except Exception:
-            raise BadInput("the request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise BadInput("the request body must be a JSON object")
-        return body
-
-    def timed(s: Session, fn):
-        t0 = time.perf_counter()
-        with s.lock, compute:
-            out = fn()
-        return out, round((time.perf_counter() - t0) * 1000.0, 1)
-
-    # --- pages ----------------------------------------------------------------------------------
+        st.store.close()
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -156,352 +107,17 @@ def create_app(
         app.mount("/vendor/niivue", StaticFiles(directory=NIIVUE_DIST), name="niivue")
     else:
         log.warning("niivue is not installed (%s missing): run `make app-setup` (npm ci)", NIIVUE_DIST)
-
-    @app.get("/api/health")
-    def health():
-        if ready is not None and ready.is_set() and status["state"] == "loading":
-            status["state"] = "ready"
-        return {
-            "status": "ok",
-            "model": model_name,
-            "state": status["state"],
-            "error": status["error"],
-            "sessions": len(store),
-        }
-
-    app.state.status = status
-
-    @app.get("/api/files")
-    def files():
-        root = data_dir.resolve()
-        out = []
-        for p in sorted(root.rglob("*")):
-            try:
-                rel = str(p.relative_to(root))
-                if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and safe_path(data_dir, rel):
-                    out.append({"path": rel, "bytes": p.stat().st_size})
-            except (BadInput, OSError):
-                continue
-        return {"files": out}
-
-    # --- volumes --------------------------------------------------------------------------------
-
-    @app.post("/api/volumes")
-    async def open_volume(request: Request):
-        if ready is not None and not ready.is_set():
-            raise HTTPException(503, "the model is still compiling; try again in a moment")
-        sid, work = store.new_workdir()
-        try:
-            ctype = request.headers.get("content-type", "")
-            source = None
-            axis, normalization = 2, "auto"
-            if ctype.startswith("multipart/form-data"):
-                form = await request.form()
-                normalization = form.get("normalization", "auto")
-                up = form.get("file")
-                if up is None or not hasattr(up, "filename"):
-                    raise BadInput("multipart upload without a `file` field")
-                name = Path(up.filename or "").name
-                path = work / ("input" + nifti_suffix(name))
-                with open(path, "wb") as f:
-                    while chunk := await up.read(1 << 20):
-                        f.write(chunk)
-            else:
-                body = await body_json(request)
-                rel = body.get("path")
-                axis = body.get("axis", 2)
-                normalization = body.get("normalization", "auto")
-                source = safe_path(data_dir, rel)
-                name = rel
-                nifti_suffix(source.name)
-                if not source.is_file():
-                    raise BadInput(f"path {rel!r}: no such file in the data folder")
-                path = source
-            if axis not in (0, 1, 2):
-                raise BadInput(f"axis {axis!r}: 0, 1 or 2")
-            if normalization not in NORMALIZATIONS:
-                raise BadInput(f"normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
-            img, data = await asyncio.to_thread(load_checked, path, name)
-            engine = engine_factory()
-
-            def start():
-                with compute:
-                    # the file, not the array: the engine reorients it like training data
-                    engine.set_volume(str(path), axis=axis, normalization=normalization)
-
-            await asyncio.to_thread(start)
-            s = Session(sid, engine, name, path, img, work, source, axis=axis)
-            s.objects[1] = {"name": "object 1", "visible": True}
-            engine.add_object(1)
-            store.add(s)
-            threading.Thread(target=encode_slices, args=(s, engine), daemon=True).start()
-            return {**s.describe()}
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-
-    def encode_slices(s: Session, engine) -> None:
-        """After a volume opens: compiles the steps that depend on its size, then encodes its
-        slices (from the middle outwards, as many as the feature cache holds), so a click runs
-        only the decoder. One step per hold of the locks: a request waits for at most one."""
-        n = engine.num_slices
-        order = sorted(range(n), key=lambda t: abs(t - n // 2))[: engine.cache_info()["capacity_slices"]]
-        try:
-            for step in [engine.compile_volume_steps] + [partial(engine.encode_slice, t) for t in order]:
-                with s.lock, compute:
-                    if s.engine is not engine:  # the session was closed
-                        return
-                    step()
-        except Exception:  # a click encodes its slice itself; the page keeps working
-            log.exception("encoding the slices of %s failed", s.name)
-
-    @app.get("/api/volumes/{sid}")
-    def describe(sid: str):
-        return session(sid).describe()
-
-    @app.get("/api/volumes/{sid}/image.nii.gz")
-    def image(sid: str):
-        s = session(sid)
-        if s.path.name.lower().endswith(".nii.gz"):
-            return FileResponse(s.path, media_type="application/gzip", filename="image.nii.gz")
-        import gzip
-
-        return Response(gzip.compress(s.path.read_bytes(), 1), media_type="application/gzip")
-
-    @app.delete("/api/volumes/{sid}")
-    def close(sid: str):
-        s = session(sid)
-        with s.lock:
-            store.delete(sid)
-        return {"deleted": sid}
-
-    # --- prompts --------------------------------------------------------------------------------
-
-    @app.post("/api/volumes/{sid}/prompts")
-    async def prompt(sid: str, request: Request):
-        s = session(sid)
-        body = await body_json(request)
-        shape = s.image.shape[:3]
-        if "voxel" in body:
-            v = body["voxel"]
-            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-                raise BadInput(f"voxel {v!r}: three voxel indices [i, j, k] are needed")
-            v = [int(round(x)) for x in v]
-            if any(not 0 <= x < n for x, n in zip(v, shape)):
-                raise BadInput(f"voxel {v} lies outside the volume of shape {list(shape)}")
-            label = body.get("label", 1)
-            if label not in (0, 1):
-                raise BadInput(f"label {label!r}: 1 (foreground) or 0 (background)")
-            t, x, y = s.engine.voxel_to_slice(v)
-            kw = dict(points=[[x, y]], labels=[int(label)])
-            axis, k = s.axis, v[s.axis]
-        elif "box" in body:
-            b, k, axis = body["box"], body.get("slice"), body.get("axis", s.axis)
-            if axis != s.axis:
-                raise BadInput(f"axis {axis!r}: boxes go on the slicing axis of this volume ({s.axis})")
-            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b)):
-                raise BadInput(f"box {b!r}: [u0, v0, u1, v1] voxel indices are needed")
-            if not isinstance(k, int) or not 0 <= k < shape[axis]:
-                raise BadInput(f"slice {k!r}: an integer in 0..{shape[axis] - 1} is needed")
-            inplane = [a for a in range(3) if a != axis]
-            u0, v0, u1, v1 = b
-            if u1 < u0 or v1 < v0:
-                raise BadInput(f"box {b}: needs u1 >= u0 and v1 >= v0")
-            corners = []
-            for u, vv in ((u0, v0), (u1, v1)):
-                if not (0 <= u < shape[inplane[0]] and 0 <= vv < shape[inplane[1]]):
-                    raise BadInput(f"box {b} lies outside the slice of shape {[shape[a] for a in inplane]}")
-                ijk = [0, 0, 0]
-                ijk[axis], ijk[inplane[0]], ijk[inplane[1]] = k, u, vv
-                corners.append(s.engine.voxel_to_slice(ijk))
-            (t, xa, ya), (_, xb, yb) = corners
-            kw = dict(box=[min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)])
-        else:
-            raise BadInput("a prompt needs `voxel` (with `label`) or `box` (with `slice` and `axis`)")
-        o = obj_id(body, s, create=True)
-
-        def run():
-            s.engine.add_prompt(t, obj_id=o, **kw)
-            return s.engine.label_slice(t)  # the plane k of the label map along `axis`
-
-        mask, ms = await asyncio.to_thread(timed, s, run)
-        return {
-            "object": o,
-            "axis": axis,
-            "slice": int(k),
-            "mask": (mask == o).astype(int).tolist(),
-            "voxels": int((mask == o).sum()),
-            "ms": ms,
-        }
-
-    @app.post("/api/volumes/{sid}/propagate")
-    async def propagate(sid: str, request: Request):
-        s = session(sid)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        if not isinstance(body, dict):
-            raise BadInput("the request body must be a JSON object")
-        ids = None
-        if body.get("object") is not None:
-            ids = [obj_id(body, s)]
-        if s.progress["running"]:
-            raise HTTPException(409, "a propagation is already running for this volume")
-
-        def progress(done, total):
-            s.progress.update(done=int(done), total=int(total))
-
-        def run():
-            s.progress.update(done=0, total=int(s.engine.num_slices), running=True)
-            try:
-                return s.engine.propagate(obj_ids=ids, progress=progress)
-            except RuntimeError as e:  # nothing prompted yet
-                raise BadInput(str(e)) from None
-            finally:
-                s.progress["running"] = False
-
-        lab, ms = await asyncio.to_thread(timed, s, run)
-        return {
-            "voxels": {str(o): int((lab == o).sum()) for o in sorted(s.objects)},
-            "progress": {k: v for k, v in s.progress.items() if k != "running"},
-            "ms": ms,
-        }
-
-    @app.get("/api/volumes/{sid}/events")
-    async def events(sid: str):
-        """Server-sent events: `data: {"done", "total", "running"}` every 0.2 s while a
-        propagation runs (and once when none does)."""
-        s = session(sid)
-
-        async def stream():
-            last = None
-            for _ in range(36000):
-                p = dict(s.progress)
-                if p != last:
-                    yield f"data: {json.dumps(p)}\n\n"
-                    last = p
-                if not p["running"] and _ > 25:
-                    break
-                await asyncio.sleep(0.2)
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    @app.post("/api/volumes/{sid}/undo")
-    async def undo(sid: str, request: Request):
-        return await _history(sid, request, "undo")
-
-    @app.post("/api/volumes/{sid}/redo")
-    async def redo(sid: str, request: Request):
-        return await _history(sid, request, "redo")
-
-    async def _history(sid, request, what):
-        s = session(sid)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        o = obj_id(body, s) if isinstance(body, dict) and body.get("object") is not None else None
-        fn = getattr(s.engine, what)
-        msg, ms = await asyncio.to_thread(timed, s, lambda: fn(o))
-        return {what: msg, "ms": ms}
-
-    # --- objects --------------------------------------------------------------------------------
-
-    @app.post("/api/volumes/{sid}/objects")
-    async def add_object(sid: str, request: Request):
-        s = session(sid)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        o = s.engine.add_object(body.get("object") if isinstance(body, dict) else None)
-        s.objects.setdefault(o, {"name": (body or {}).get("name") or f"object {o}", "visible": True})
-        return {"object": o, **s.objects[o]}
-
-    @app.patch("/api/volumes/{sid}/objects/{o}")
-    async def edit_object(sid: str, o: int, request: Request):
-        s = session(sid)
-        body = await body_json(request)
-        obj_id({"object": o}, s)
-        if "name" in body:
-            if not isinstance(body["name"], str) or not 0 < len(body["name"]) <= 64:
-                raise BadInput("name: 1..64 characters")
-            s.objects[o]["name"] = body["name"]
-        if "visible" in body:
-            s.objects[o]["visible"] = bool(body["visible"])
-        return {"object": o, **s.objects[o]}
-
-    @app.post("/api/volumes/{sid}/objects/{o}/clear")
-    def clear_object(sid: str, o: int):
-        s = session(sid)
-        obj_id({"object": o}, s)
-        _, ms = timed(s, lambda: s.engine.reset_object(o))
-        return {"object": o, "ms": ms}
-
-    @app.delete("/api/volumes/{sid}/objects/{o}")
-    def delete_object(sid: str, o: int):
-        s = session(sid)
-        obj_id({"object": o}, s)
-        _, ms = timed(s, lambda: s.engine.remove_object(o))
-        del s.objects[o]
-        return {"deleted": o, "ms": ms}
-
-    # --- label maps -----------------------------------------------------------------------------
-
-    @app.get("/api/volumes/{sid}/labels.nii.gz")
-    def labels(sid: str, visible: bool = False):
-        """The label map (input affine and header); `?visible=true` leaves hidden objects out."""
-        s = session(sid)
-        hide = [o for o, v in s.objects.items() if not v["visible"]] if visible else []
-        with s.lock:
-            img = s.labels_image(hide)
-        return Response(_gz(img), media_type="application/gzip")
-
-    @app.get("/api/volumes/{sid}/overlay/{stamp}/labels.nii.gz", include_in_schema=False)
-    def overlay(sid: str, stamp: str):
-        """The page's overlay: visible objects only; `stamp` defeats the browser cache."""
-        return labels(sid, visible=True)
-
-    @app.post("/api/volumes/{sid}/labels")
-    async def upload_labels(sid: str, request: Request):
-        """Start from a label map: a multipart `file` (.nii/.nii.gz) on the volume's grid."""
-        s = session(sid)
-        form = await request.form()
-        up = form.get("file")
-        if up is None or not hasattr(up, "filename"):
-            raise BadInput("multipart upload without a `file` field")
-        path = s.workdir / ("labels" + nifti_suffix(Path(up.filename or "").name))
-        path.write_bytes(await up.read())
-        img, data = await asyncio.to_thread(load_checked, path, up.filename)
-        if tuple(data.shape) != tuple(s.image.shape[:3]):
-            raise BadInput(f"{up.filename}: label map of shape {data.shape}, the volume is {s.image.shape[:3]}")
-        if data.dtype.kind == "f" and not np.all(data == np.round(data)):
-            raise BadInput(f"{up.filename}: label values must be integers")
-        ids, ms = await asyncio.to_thread(timed, s, lambda: _set_labels(s.engine, np.asarray(data).astype(np.int64)))
-        s.objects = {o: s.objects.get(o, {"name": f"object {o}", "visible": True}) for o in ids}
-        return {"objects": ids, "ms": ms}
-
-    @app.post("/api/volumes/{sid}/save")
-    def save(sid: str):
-        """Writes the label map beside the input in the data folder: NAME_labels.nii.gz."""
-        s = session(sid)
-        if s.source is None:
-            raise BadInput("an uploaded volume has no place in the data folder; use Download")
-        stem = s.source.name[: -len(nifti_suffix(s.source.name))]
-        out = s.source.with_name(stem + "_labels.nii.gz")
-        with s.lock:
-            nib.save(s.labels_image(), str(out))
-        return {"saved": str(out.relative_to(data_dir.resolve()))}
-
+    app.include_router(router)
     return app
 
 
-def _set_labels(engine, lab):
-    """Every labelled slice becomes a mask prompt, so the label map shows the upload as it is."""
-    try:
-        return engine.set_labels(lab, slices="all")
-    except TypeError:  # an engine without the `slices` option
-        return engine.set_labels(lab)
+def engine_factory(checkpoint: str, memory_checkpoint: str | None = None, untrained_memory: bool = False):
+    """The app's engines: a VolumePredictor per session, memory slots of one padded size (each
+    step compiles once: for small models compiling costs seconds, attending to masked slots
+    almost nothing)."""
+    from safeclick_jax.inference import EngineFactory, load_model
 
-
-def _gz(img) -> bytes:
-    import gzip
-
-    return gzip.compress(img.to_bytes(), 1)
+    memory = "untrained" if untrained_memory else "required"
+    option = "--memory-checkpoint DIR (or run it with an untrained one: --untrained-memory)"
+    loaded = load_model(checkpoint, memory_checkpoint=memory_checkpoint, memory=memory, memory_option=option)
+    return EngineFactory(loaded, fixed_memory_slots=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import secrets
 import shutil
 import tempfile
@@ -14,50 +13,35 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from safeclick_jax.data.volume_file import VolumeError
+
 
 class BadInput(ValueError):
     """A request the server refuses with 400 and this message."""
 
 
-def nifti_suffix(name: str) -> str:
-    low = name.lower()
-    for suffix in (".nii.gz", ".nii"):
-        if low.endswith(suffix):
-            return suffix
-    raise BadInput(f"{name!r}: only .nii and .nii.gz files are accepted")
+def safe_path(data_dir: Path, rel: str) -> Path:
+    """`rel` inside data_dir, resolved (symlinks followed); BadInput for anything leaving it."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BadInput(f"path {rel!r}: a file name relative to the data folder is needed")
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")):
+        raise BadInput(f"path {rel!r}: absolute paths are refused; give a name relative to the data folder")
+    if ".." in Path(rel).parts:
+        raise BadInput(f"path {rel!r}: '..' is refused")
+    root = data_dir.resolve()
+    full = (root / rel).resolve()
+    if full != root and root not in full.parents:
+        raise BadInput(f"path {rel!r}: leaves the data folder (symbolic link?)")
+    return full
 
 
-def load_checked(path: Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Parses a NIfTI file with nibabel (never pickle) -> (image, 3D data); BadInput naming
-    what is wrong otherwise (not NIfTI, truncated, not 3D, NaN/Inf)."""
-    if path.suffix.lower() == ".gz":
-        with open(path, "rb") as f:
-            if f.read(2) != b"\x1f\x8b":
-                raise BadInput(f"{what}: named .nii.gz but not gzip-compressed")
+def named(fn, path: Path, name: str, *args, **kw):
+    """fn(path, ...) of the volume reader, its VolumeError as BadInput naming the file as the
+    user knows it (the server's own paths stay private)."""
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise BadInput(f"{what}: not a NIfTI-1/2 image")
-        data = np.asanyarray(img.dataobj)
-    except BadInput:
-        raise
-    except (EOFError, gzip.BadGzipFile) as e:
-        raise BadInput(f"{what}: the file is truncated or corrupt ({e})") from None
-    except Exception as e:  # nibabel raises many types for a malformed header or short data
-        raise BadInput(f"{what}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
-    shape = data.shape
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise BadInput(f"{what}: a 3D volume is needed, the file is {len(shape)}D of shape {tuple(data.shape)}")
-    data = data.reshape(shape)
-    if data.dtype.kind not in "biuf":
-        raise BadInput(f"{what}: unsupported data type {data.dtype}")
-    if min(shape) < 2:
-        raise BadInput(f"{what}: a 3D volume is needed, the file has shape {shape}")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise BadInput(f"{what}: the volume contains NaN or Inf values")
-    return img, data
+        return fn(path, *args, **kw)
+    except VolumeError as e:
+        raise BadInput(str(e).replace(str(path), name)) from None
 
 
 @dataclass

@@ -21,6 +21,8 @@ import ml_collections
 
 def default_data_config() -> ml_collections.ConfigDict:
     """Data settings shared by prepare, training and evaluation (override from the command line)."""
+    from safeclick_jax.data import preprocess
+
     # Not type-safe: target_spacing is a number or 'min'/'none', axis an int or a name.
     c = ml_collections.ConfigDict(type_safe=False)
     c.roots = ["data/synthetic"]  # dataset folders (MSD layout or plain image/label pairs)
@@ -29,8 +31,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.axis = 2  # slicing axis of the RAS volume: 0 sagittal, 1 coronal, 2 axial
     c.min_roi_area = 20  # pixels on the resampled slice; smaller slivers are no ROI
     c.normalization = "auto"  # 'auto' (CT window for CT, else percentile), 'percentile', 'ct_window'
-    c.percentiles = (0.5, 99.5)
-    c.ct_window = (40.0, 400.0)  # (level, width) in HU: abdominal soft-tissue window
+    c.percentiles = preprocess.PERCENTILES
+    c.ct_window = preprocess.CT_WINDOW  # (level, width) in HU: abdominal soft-tissue window
     c.target_spacing = "min"  # mm; 'min' = finest spacing of each volume; 'none' = keep
     c.channel = None  # channel of 4D multi-modality images (int)
     c.modality = None  # e.g. 'CT' for plain folders (MSD: from dataset.json)

@@ -1,7 +1,12 @@
-"""Loading NIfTI volumes (NIfTI-1 and -2, .nii / .nii.gz) into canonical RAS orientation.
+"""Loading NIfTI volumes (NIfTI-1 and -2, .nii / .nii.gz) into canonical RAS orientation: the one
+reader of the data preparation, the volume engine, the CLI and the web app.
 
 Every check here raises `VolumeError` with a message that names the file and the problem, so
-`prepare` can list the volume under `failed` and go on with the next one.
+`prepare` can list the volume under `failed` and go on with the next one, and the CLI and the app
+answer with that sentence. The size the header declares is checked against `max_voxels` and
+`max_bytes` before any voxel is read: a header claiming 30000^3 voxels, or a small .nii.gz that
+would decompress to gigabytes, is refused without allocating (nibabel decompresses exactly the
+declared data, so bounding the declaration bounds the decompression).
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+MAX_VOXELS = 1 << 30  # default voxels per volume (1024^3; a 512 x 512 x 2000 CT is half of it)
+MAX_BYTES = 1 << 32  # default declared (decompressed) voxel data: 4 GiB
 
-class VolumeError(Exception):
+
+class VolumeError(ValueError):
     """A volume that cannot be used; the message names the file and the reason."""
 
 
@@ -23,6 +31,13 @@ class Volume:
     affine: np.ndarray  # 4x4 voxel -> world affine of `data` (after reorientation)
     spacing: tuple  # voxel size in mm along each axis of `data`, from the header
     path: str
+    ornt: np.ndarray | None = None  # orientation of the file's voxel axes to RAS (nibabel io_orientation)
+    image: nib.spatialimages.SpatialImage | None = None  # the file's image: its own affine and header
+
+    @property
+    def input_shape(self) -> tuple:
+        """The file's 3D voxel grid (before reorientation)."""
+        return tuple(self.data.shape[int(o)] for o in self.ornt[:, 0])
 
 
 def _squeeze_trailing(shape: tuple) -> tuple:
@@ -33,40 +48,80 @@ def _squeeze_trailing(shape: tuple) -> tuple:
     return shape
 
 
-def read_header(path) -> nib.spatialimages.SpatialImage:
-    """Opens a NIfTI file (header only; data is read lazily)."""
+def read_header(path, max_voxels: int = MAX_VOXELS, max_bytes: int = MAX_BYTES) -> nib.spatialimages.SpatialImage:
+    """Opens a NIfTI file (header only; data is read lazily) and checks the size it declares."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise VolumeError(f"{path}: file does not exist")
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                raise VolumeError(f"{path}: unreadable NIfTI file, named .gz but not gzip-compressed")
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for bad files (ImageFileError, EOFError, ...)
-        raise VolumeError(f"{path}: unreadable NIfTI file ({type(e).__name__}: {e})") from e
+        raise VolumeError(
+            f"{path}: unreadable NIfTI file, not a readable NIfTI-1/2 header ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{path}: not a NIfTI-1/2 image (got {type(img).__name__})")
+    voxels = 1
+    for n in img.shape:  # Python ints: a NIfTI-2 header may declare more than 2^63 voxels
+        voxels *= int(n)
+    if voxels > max_voxels:
+        raise VolumeError(
+            f"{path}: the header declares {' x '.join(str(int(n)) for n in img.shape)} = {voxels} voxels, "
+            f"above the limit of {max_voxels} voxels (max_voxels)"
+        )
+    nbytes = voxels * img.header.get_data_dtype().itemsize
+    if nbytes > max_bytes:
+        raise VolumeError(
+            f"{path}: the header declares {nbytes / 2**30:.2f} GiB of voxel data (decompressed), "
+            f"above the limit of {max_bytes / 2**30:.2f} GiB (max_bytes)"
+        )
     return img
 
 
-def load_nifti(path, channel: int | None = None, *, is_label: bool = False) -> Volume:
-    """Loads a 3D volume, reorients it to RAS and returns data, affine and spacing.
-
-    channel: for a 4D multi-modality file (X, Y, Z, C) the channel to keep. A 4D file with more
-      than one channel and no `channel` is an error, as is any 2D or 5D+ file.
-    is_label: labels keep their integer values: non-finite or non-integer values are an error.
-    """
-    img = read_header(path)
+def volume_shape(img, path, channel: int | None = None) -> tuple:
+    """The 3D shape of a file's volume (`channel`: the volume of a 4D file); VolumeError for a file
+    that holds no 3D volume, or a 4D file without (or with an impossible) `channel`."""
     shape = _squeeze_trailing(img.shape)
-    if len(shape) < 3:
-        raise VolumeError(f"{path}: {len(img.shape)}D file of shape {img.shape}; a 3D volume is needed")
+    if len(shape) < 3 or len(shape) > 4:
+        raise VolumeError(f"{path}: {len(shape)}D file of shape {tuple(img.shape)}; a 3D volume is needed")
     if len(shape) == 4 and channel is None:
         raise VolumeError(
-            f"{path}: 4D file of shape {img.shape}; a 3D volume is needed "
-            "(for a multi-modality file choose a channel in the config)"
+            f"{path}: 4D file of shape {tuple(img.shape)} holds {shape[3]} volumes; a 3D volume is needed: "
+            "choose one (CLI: --volume-index, Python: volume_index=, training config: data.channel)"
         )
-    if len(shape) > 4:
-        raise VolumeError(f"{path}: {len(shape)}D file of shape {img.shape}; a 3D volume is needed")
     if len(shape) == 4 and not 0 <= channel < shape[3]:
-        raise VolumeError(f"{path}: channel {channel} requested but the file has {shape[3]} channels")
+        raise VolumeError(
+            f"{path}: channel {channel} requested but the file has {shape[3]} channels (0..{shape[3] - 1})"
+        )
+    if len(shape) == 3 and channel not in (None, 0):
+        raise VolumeError(f"{path}: channel {channel} requested but the file is 3D {tuple(shape)}")
+    if min(shape[:3]) < 1:
+        raise VolumeError(f"{path}: empty volume of shape {tuple(shape)}")
+    return tuple(shape[:3])
+
+
+def load_nifti(
+    path,
+    channel: int | None = None,
+    *,
+    is_label: bool = False,
+    max_voxels: int = MAX_VOXELS,
+    max_bytes: int = MAX_BYTES,
+) -> Volume:
+    """Loads a 3D volume, reorients it to RAS and returns data, affine and spacing.
+
+    channel: for a 4D multi-modality file (X, Y, Z, C) the channel (volume) to keep. A 4D file with
+      more than one channel and no `channel` is an error, as is any 2D or 5D+ file.
+    is_label: labels keep their integer values: non-finite or non-integer values are an error.
+    max_voxels, max_bytes: limits on the size the header declares, checked before reading.
+    """
+    img = read_header(path, max_voxels, max_bytes)
+    volume_shape(img, path, channel)
+    shape = _squeeze_trailing(img.shape)
 
     try:
         # asanyarray(dataobj) applies scl_slope/scl_inter and keeps integer dtypes when there is no
@@ -99,7 +154,7 @@ def load_nifti(path, channel: int | None = None, *, is_label: bool = False) -> V
     spacing = [0.0] * 3
     for in_axis, (out_axis, _) in enumerate(ornt):
         spacing[int(out_axis)] = zooms[in_axis]
-    return Volume(np.ascontiguousarray(data), affine, tuple(spacing), str(path))
+    return Volume(np.ascontiguousarray(data), affine, tuple(spacing), str(path), np.asarray(ornt), img)
 
 
 def _check_labels(data: np.ndarray, path) -> np.ndarray:

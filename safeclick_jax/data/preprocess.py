@@ -16,6 +16,8 @@ import numpy as np
 import scipy.ndimage
 
 AXIS_NAMES = {"sagittal": 0, "coronal": 1, "axial": 2}
+PERCENTILES = (0.5, 99.5)  # percentile clipping's default (MedSAM's for non-CT images)
+CT_WINDOW = (40.0, 400.0)  # (level, width) in HU: the abdominal soft-tissue window
 
 
 def axis_index(axis) -> int:
@@ -31,7 +33,7 @@ def axis_index(axis) -> int:
 
 
 def normalize_intensity(
-    data: np.ndarray, mode: str = "percentile", percentiles=(0.5, 99.5), ct_window=(40.0, 400.0)
+    data: np.ndarray, mode: str = "percentile", percentiles=PERCENTILES, ct_window=CT_WINDOW
 ) -> np.ndarray:
     """Returns float32 intensities in [0, 1].
 

@@ -85,22 +85,13 @@ class EvalModel:
         The image size only changes shapes computed from it (prompt-encoder grid, feature sizes; the
         Hiera position embedding is interpolated), not parameter shapes, so any checkpoint can be
         evaluated at a lower resolution (smoke runs) or at another family's size."""
-        directory = checkpoint.resolve(directory)
-        desc, params, _ = checkpoint.load(directory)
-        desc = {**desc, "sam2": dict(desc["sam2"])}
-        native = desc["sam2"]["image_size"]
+        from safeclick_jax.inference.loader import load_model
+
+        m = load_model(directory, image_size)
+        native = checkpoint.read_description(m.directory)["sam2"]["image_size"]
         if image_size and image_size != native:
-            print(
-                f"[evaluate] {directory}: trained at {native} px, evaluated at {image_size} px",
-                file=sys.stderr,
-            )
-            desc["sam2"]["image_size"] = image_size
-        try:
-            model = registry.build(desc, abstract=True)
-        except (TypeError, KeyError, ValueError) as e:
-            raise checkpoint.ModelDirError(f"{directory}: model.json does not describe a model ({e})") from None
-        checkpoint.assign_params(model, params, where=directory)
-        return cls(name or Path(directory.rstrip("/")).name, directory, desc, model)
+            print(f"[evaluate] {m.directory}: trained at {native} px, evaluated at {image_size} px", file=sys.stderr)
+        return cls(name or Path(m.directory.rstrip("/")).name, m.directory, m.description, m.network)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ same): the 2D box on its middle slice, propagated through the volume, and the la
 inside the box's z range (the box says the object lies there). Corrective clicks are prompts on
 their slice, followed by the engine's re-propagation.
 
-All labels of a case are objects of one session when the engine is multi-object
-(`add_object`); a single-object engine runs each label alone (its prompts replayed on a fresh
-state, then propagated) and the labels are merged by the highest logit, SAM 2's overlap rule.
+All labels of a case are objects of one session (their overlaps resolved by SAM 2's rule, the
+highest logit).
 
 Intensities: the cached uint8 slices are handed over unchanged (a 0..255 window maps them to
 themselves), so the model sees what it was trained on.
@@ -25,50 +24,31 @@ import numpy as np
 
 from safeclick_jax.data.preprocess import from_slices, to_slices
 from safeclick_jax.evaluation import interactive, noc
+from safeclick_jax.inference.limits import MAX_OBJECT_ID
+from safeclick_jax.inference.loader import MEMORY_OPTION
 
 IDENTITY_WINDOW = (127.5, 255.0)  # level, width: [0, 255] -> [0, 1] -> uint8 unchanged
 
 
-def load_network(directory: str, image_size: int | None = None, memory_checkpoint: str | None = None):
-    """(model, description, extra) of a model directory, evaluated at `image_size` (shapes derived
-    from it only, as protocol.EvalModel.load); extra (the memory path) from memory_checkpoint when given."""
-    from safeclick_jax import checkpoint
-    from safeclick_jax.models import registry
+def volume_model(
+    name: str, directory: str, image_size=None, memory_checkpoint=None, memory_option: str = MEMORY_OPTION
+) -> interactive.InteractiveModel:
+    from safeclick_jax.inference import VolumePredictor, load_model
 
-    directory = checkpoint.resolve(directory)
-    desc, params, extra = checkpoint.load(directory)
-    desc = {**desc, "sam2": dict(desc["sam2"])}
-    if image_size:
-        desc["sam2"]["image_size"] = int(image_size)
-    model = registry.build(desc, abstract=True)
-    checkpoint.assign_params(model, params, where=directory)
-    if memory_checkpoint is not None:
-        _, _, extra = checkpoint.load(checkpoint.resolve(memory_checkpoint))
-    return model, desc, extra
-
-
-def volume_model(name: str, directory: str, image_size=None, memory_checkpoint=None) -> interactive.InteractiveModel:
-    from safeclick_jax.models.memory import SAM2Memory
-    from safeclick_jax.volume_predictor import VolumePredictor
-
-    model, desc, extra = load_network(directory, image_size, memory_checkpoint)
-    predictor = VolumePredictor(
-        model, SAM2Memory.from_extra(model.cfg, extra, where=memory_checkpoint or directory), desc
-    )
+    m = load_model(directory, image_size, memory_checkpoint, memory="required", memory_option=memory_option)
+    predictor = VolumePredictor(m.network, m.memory, m.description)
     return interactive.InteractiveModel(name, lambda case, labels: EngineSession(predictor, case, labels))
 
 
 class EngineSession:
     def __init__(self, predictor, case: interactive.Case, labels: list[int]):
-        if max(labels) > 255:
-            raise ValueError(f"{case.name}: label {max(labels)} is above the engine's object ids 1..255")
+        if max(labels) > MAX_OBJECT_ID:
+            raise ValueError(f"{case.name}: label {max(labels)} is above the engine's object ids 1..{MAX_OBJECT_ID}")
         self.p, self.case, self.labels = predictor, case, labels
-        self.multi = hasattr(predictor, "add_object")
         self.p.set_volume(
             from_slices(case.image, case.axis), axis=case.axis, normalization="ct_window", ct_window=IDENTITY_WINDOW
         )
         self.z_range = {}  # label -> (z0, z1) of its box
-        self.history = {lab: [] for lab in labels}  # single-object engine: the prompts to replay
 
     def add_box(self, label, box: interactive.Box3D):
         self.z_range[label] = (box.z0, box.z1)
@@ -79,43 +59,23 @@ class EngineSession:
         self._prompt(label, z, points=[[float(col), float(row)]], labels=[int(bool(positive))])
 
     def _prompt(self, label, t, **kw):
-        if self.multi:
-            self.p.add_prompt(t, obj_id=label, **kw)
-        else:
-            self.history[label].append((t, kw))
+        self.p.add_prompt(t, obj_id=label, **kw)
 
     def predict(self) -> np.ndarray:
-        if self.multi:
-            out = to_slices(np.asarray(self.p.propagate()), self.case.axis).astype(np.int32)
-        else:
-            out = self._predict_one_by_one()
+        out = to_slices(np.asarray(self.p.propagate()), self.case.axis).astype(np.int32)
         for lab, (z0, z1) in self.z_range.items():
             outside = out == lab
             outside[z0 : z1 + 1] = False
             out[outside] = 0
         return out
 
-    def _predict_one_by_one(self) -> np.ndarray:
-        best = np.full(self.case.labels.shape, 0.0, np.float32)  # logits <= 0: background
-        out = np.zeros(self.case.labels.shape, np.int32)
-        for lab in self.labels:
-            if not self.history[lab]:
-                continue
-            self.p.reset_prompts()
-            for t, kw in self.history[lab]:
-                self.p.add_prompt(t, **kw)
-            self.p.propagate()
-            logits = self.p.slice_logits()
-            win = logits > best
-            out[win], best[win] = lab, logits[win]
-        return out
-
 
 def click_model(name: str, directory: str, image_size=None) -> noc.ClickModel:
+    from safeclick_jax.inference import load_model
     from safeclick_jax.predictor import ImagePredictor
 
-    model, desc, _ = load_network(directory, image_size)
-    predictor = ImagePredictor(model, desc)
+    m = load_model(directory, image_size)
+    predictor = ImagePredictor(m.network, m.description)
     return noc.ClickModel(name, lambda image: ClickSession(predictor, image))
 
 

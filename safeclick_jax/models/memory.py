@@ -7,7 +7,7 @@ position_encoding}.py, sam/transformer.py RoPEAttention, sam2_base.py).
 `obj_ptr_proj.layers.2`, `maskmem_tpos_enc`, ...), so it loads by the generic rule
 (models/weight_map.py) from the `extra` item that the converter carries:
 
-    mem = SAM2Memory.from_extra(cfg, extra)     # extra: nested dict from registry.load_model
+    mem = SAM2Memory.from_extra(cfg, extra)     # extra: inference.load_model(...).extra
 
 The per-frame logic that uses these modules (which memories a slice sees, the SAM heads with
 memory-conditioned features) lives in safeclick_jax/video.py.

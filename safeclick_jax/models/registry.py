@@ -1,5 +1,6 @@
-"""The one place models are built: from a description (model.json), from a model directory, or from a
-SAM 2 base with a fresh SafeClick head. It imports both model files; neither imports it.
+"""The one place models are built: from a description (model.json), or from a SAM 2 base with a fresh
+SafeClick head (a model directory is loaded by safeclick_jax.inference.load_model, which builds it
+here). It imports both model files; neither imports it.
 
     desc = {"kind": "sam2" | "safeclick", "sam2": SAM2Config dict, "safeclick": SafeClickConfig dict}
 """
@@ -40,20 +41,8 @@ def describe(model: nnx.Module) -> dict[str, Any]:
     return desc
 
 
-def load_model(directory: str) -> tuple[nnx.Module, dict[str, Any], dict]:
-    """(model with the directory's weights, description, extra tensors). checkpoint.ModelDirError
-    (one line naming the directory, the array and the cause) when the directory does not load."""
-    desc, params, extra = checkpoint.load(directory)
-    try:
-        model = build(desc, abstract=True)
-    except (TypeError, KeyError, ValueError) as e:
-        raise checkpoint.ModelDirError(f"{directory}: model.json does not describe a model ({e})") from None
-    checkpoint.assign_params(model, params, where=directory)
-    return model, desc, extra
-
-
 def save_model(directory: str, model: nnx.Module, extra: dict | None = None, **meta) -> None:
-    """Writes a model directory that `load_model` / `ImagePredictor.from_checkpoint` read."""
+    """Writes a model directory that safeclick_jax.inference.load_model reads."""
     checkpoint.save(directory, {**describe(model), **meta}, checkpoint.model_params(model), extra)
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from safeclick_jax import parallel
+
 
 class SaveError(RuntimeError):
     """A checkpoint could not be written; the checkpoints saved before it are intact."""
@@ -29,22 +31,6 @@ class SaveError(RuntimeError):
 
 class NoCheckpointError(RuntimeError):
     """Checkpoints exist but none of them restores (all were moved aside as damaged)."""
-
-
-def _all_true(flag: bool) -> bool:
-    """True on every process when `flag` is true on every process (a collective)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _one_line(e: BaseException) -> str:
@@ -135,7 +121,7 @@ class Checkpointer:
             dst = self.directory / f"{step}.damaged.{i}"
         if jax.process_index() == 0:
             src.rename(dst)
-        _sync(f"checkpoint_move_aside_{step}")
+        parallel.sync(f"checkpoint_move_aside_{step}")
         self.manager.reload()
         return dst
 
@@ -149,7 +135,7 @@ class Checkpointer:
         while True:
             steps = sorted(self.all_steps())
             # process 0's newest step on every process: each lists the directory on its own
-            newest = _agreed_int(steps[-1] if steps else -1)
+            newest = parallel.agreed(steps[-1] if steps else -1)
             if newest < 0:
                 break
             try:
@@ -160,7 +146,7 @@ class Checkpointer:
                 cause = None
             except Exception as e:  # orbax/tensorstore: ValueError, OSError, KeyError, ...
                 cause = _one_line(e)
-            if _all_true(cause is None):
+            if parallel.all_true(cause is None):
                 return newest, state, meta
             cause = cause or "it does not restore on another process"
             dst = self.move_aside(newest)
@@ -195,11 +181,3 @@ class Checkpointer:
     def close(self):
         self.wait()
         self.manager.close()
-
-
-def _agreed_int(value: int) -> int:
-    if jax.process_count() == 1:
-        return int(value)
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

@@ -12,6 +12,7 @@ import dataclasses
 import jax
 from flax import nnx
 
+from safeclick_jax import checkpoint
 from safeclick_jax.models import attention, registry
 from safeclick_jax.models.config import SAM2Config, get_config
 from safeclick_jax.models.safeclick import SafeClickConfig
@@ -42,11 +43,20 @@ def sam2_config(config, image_size: int, base: SAM2Config | None = None) -> SAM2
     return cfg.replace(**arch, image_size=image_size)
 
 
+def model_sam2_config(config, image_size: int) -> SAM2Config:
+    """The SAM2Config the run's model will have (init.checkpoint's, else model.name's, with the
+    config's overrides), read without loading any weights."""
+    if config.init.checkpoint:
+        desc = checkpoint.read_description(config.init.checkpoint)
+        return sam2_config(config, image_size, SAM2Config.from_dict(desc["sam2"]))
+    return sam2_config(config, image_size)
+
+
 def build_model(config, image_size: int, log=print) -> nnx.Module:
     """SafeClickModel (or SAM2Image for the baseline) at `image_size`, base weights from
     config.init.checkpoint, SafeClick head freshly initialised from config.init.seed. Also sets the
     attention implementation for every later trace (config.model.attention)."""
-    choice = attention.configure(config.model.get("attention", "auto"), config.model.get("attention_max_scores", -1))
+    choice = attention.configure(config.model.attention, config.model.attention_max_scores)
     log(f"attention: {choice.mode}, pieces of at most {choice.max_scores} scores ({choice.source})")
     sc = SafeClickConfig(**config.model.safeclick.to_dict()) if config.model.kind == "safeclick" else None
     ckpt = config.init.checkpoint

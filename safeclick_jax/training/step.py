@@ -114,7 +114,7 @@ def loss_target(mask_logits, target, resolution: str):
 
 
 def compute_dtype(config):
-    name = str(config.train.get("compute_dtype", "float32"))
+    name = str(config.train.compute_dtype)
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"train.compute_dtype {name!r}: expected 'float32' or 'bfloat16'")
     return jnp.dtype(name)
@@ -129,7 +129,7 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, sta
     replicated (parallel.param_sharding gives the FSDP ones)."""
     loss_cfg = _loss_cfg(config.loss)
     multimask = bool(config.train.multimask)
-    nan_at = int(config.train.nan_at_step)
+    nan_at = int(config.debug.nan_at_step)
     cdt = compute_dtype(config)
 
     def step(state, frozen, batch):

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from safeclick_jax.models.safeclick import trainable_filter
+from safeclick_jax.training.task import ConfigError
 
 
 def resolve_epochs(config) -> tuple[int, str]:
@@ -63,20 +64,41 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     def adamw(schedule):
         return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
-    mult = float(o.get("head_lr_mult", 1.0))
+    mult = float(o.head_lr_mult)
     if mult == 1.0:
         chain.append(adamw(learning_rate(config, total_steps)))
     else:
-        head = learning_rate(config, total_steps, mult=mult, warmup_steps=int(o.get("head_warmup_steps", 0)))
+        head = learning_rate(config, total_steps, mult=mult, warmup_steps=int(o.head_warmup_steps))
         chain.append(
             optax.multi_transform({BASE: adamw(learning_rate(config, total_steps)), HEAD: adamw(head)}, param_groups)
         )
     return optax.chain(*chain)
 
 
+PARTS = ("image_encoder", "memory", "prompt_encoder", "mask_decoder", "safeclick")  # train.parts
+SLICE_PARTS = ("prompt_encoder", "mask_decoder", "safeclick")  # what the slice task can train
+
+
+def check_parts(config, allowed: tuple[str, ...], task: str) -> tuple[str, ...]:
+    """train.parts as a tuple; ConfigError (one line naming the value) for a part that is unknown or
+    that `task` cannot train."""
+    parts = tuple(config.train.parts)
+    for p in parts:
+        if p not in PARTS:
+            raise ConfigError(f"train.parts: unknown part {p!r}; known: {', '.join(PARTS)}")
+        if p not in allowed:
+            raise ConfigError(
+                f"train.parts: {p!r} does not train in the {task} task (it trains {', '.join(allowed)}); "
+                "the variant `full` trains the whole model on clips"
+            )
+    return parts
+
+
 def split_model(model: nnx.Module, config):
-    """(graphdef, trainable nnx.State, frozen nnx.State)."""
-    filt = trainable_filter(train_prompt_encoder=config.train.train_prompt_encoder, train_mask_decoder=True)
+    """(graphdef, trainable nnx.State, frozen nnx.State) of the slice task: the SafeClick head, the
+    mask decoder and the prompt encoder as train.parts names them."""
+    parts = check_parts(config, SLICE_PARTS, "slices")
+    filt = trainable_filter(train_prompt_encoder="prompt_encoder" in parts, train_mask_decoder="mask_decoder" in parts)
     return nnx.split(model, filt, ...)
 
 

@@ -33,211 +33,48 @@ all objects share the slice features, encoded once per slice and kept on the hos
   what the memory encoder sees (SAM 2's default, non_overlap_masks=False), so every object's
   tracking equals SAM 2's for that object.
 - `undo` / `redo` step through an object's interactions (a click or box, a mask, a propagation,
-  a reset); without an id, through the last call over all objects.
+  a reset); without an id, through the last call over all objects (inference/history.py).
 
-Geometry: a NIfTI file is reoriented to RAS and sliced like the data pipeline
-(safeclick_jax.data.preprocess.to_slices: radiological display orientation), so the model sees
-slices as in training. Prompt coordinates are on those slice images (x = column, y = row);
-`voxel_to_slice` maps a voxel index (i, j, k) of the input array/file to them. `axis` is an axis
-of the input's voxel grid. Results are returned in the input's voxel grid. Intensities are
-normalised to [0, 1] like the data pipeline (percentile clipping by default, or a CT window),
-quantised to 8 bits and fed as SAM 2's RGB input (bilinear antialiased resize).
+Geometry (inference/geometry.py): a volume is reoriented to RAS and sliced like the data
+pipeline, so the model sees slices as in training; `voxel_to_slice` maps a voxel index (i, j, k)
+of the input array/file to the slice images. Results are returned in the input's voxel grid.
+Intensities are normalised to [0, 1] like the data pipeline (percentile clipping, or a CT
+window), quantised to 8 bits and fed as SAM 2's RGB input (bilinear antialiased resize).
 
-Compilation: the model steps (slice encoder, prompt decoder, tracking step, memory encoder) are
-module-level jitted functions of (ModelKey, weights, fixed-shape inputs), shared by every
-predictor of the same model and independent of the volume's size: the bank entries a slice
-attends to are gathered by a small step compiled per volume size. They compile per prompt-length
-bucket, multimask or not, with or without memory, and per memory-slot bucket (2, 4 or 6 previous
-slices; prompted slices: a power of two), or once with `fixed_memory_slots`.
+Compilation: the model steps (inference/steps.py) are shared by every predictor of the same
+model and independent of the volume's size; with `fixed_memory_slots` each compiles once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import os
-from functools import partial
 
 import jax
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
-import scipy.ndimage
 from flax import nnx
 
 from safeclick_jax import prompting, video
-from safeclick_jax.data import nifti
 from safeclick_jax.data.preprocess import (
+    CT_WINDOW,
+    PERCENTILES,
     axis_index,
-    from_slices,
     normalize_intensity,
     resolve_mode,
     to_slices,
     to_uint8,
 )
+from safeclick_jax.data.volume_file import Volume, check_array, integer_labels, read_label_map, read_volume
 from safeclick_jax.feature_cache import FeatureCache, available_host_bytes
-from safeclick_jax.image import preprocess
+from safeclick_jax.inference import steps
+from safeclick_jax.inference.geometry import IDENTITY_ORNT, SliceGeometry
+from safeclick_jax.inference.history import History, ObjectState
+from safeclick_jax.inference.interactions import check_entry, to_json
+from safeclick_jax.inference.limits import MAX_OBJECT_ID
+from safeclick_jax.inference.prompts import binary_mask, clicks_and_box
 from safeclick_jax.models.memory import SAM2Memory
-from safeclick_jax.models.registry import load_model
 
-IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], np.float64)
-MAX_OBJECT_ID = 255  # the label map is uint8
 MIN_COND_SLOTS = 4  # with fixed_memory_slots: prompted slices in memory before a recompile
-HISTORY_DEPTH = 32  # undo steps kept per object (each propagation step holds a bank version)
-
-
-def fill_holes(logits: np.ndarray, max_area: int) -> np.ndarray:
-    """sam2.utils.misc.fill_holes_in_mask_scores on one [h, w] map: background components
-    (logit <= 0, 8-connected) of at most `max_area` pixels get the logit 0.1. SAM 2 runs it with
-    a CUDA kernel (and silently skips it without one); here it runs on the host with scipy."""
-    if max_area <= 0:
-        return logits
-    lab, n = scipy.ndimage.label(logits <= 0, structure=np.ones((3, 3), bool))
-    if n == 0:
-        return logits
-    small = np.bincount(lab.ravel()) <= max_area
-    small[0] = False
-    return np.where(small[lab], np.float32(0.1), logits).astype(np.float32)
-
-
-def volume_shape(path, volume_index: int | None = None) -> tuple[nib.Nifti1Image, tuple]:
-    """(nibabel image, 3D voxel shape) of a NIfTI file, from its header; a 4D file needs
-    `volume_index`."""
-    img = nifti.read_header(path)
-    shape = nifti._squeeze_trailing(img.shape)
-    if len(shape) == 4 and volume_index is None:
-        raise nifti.VolumeError(
-            f"{path}: 4D file of shape {tuple(img.shape)} holds {shape[3]} volumes; "
-            "choose one with volume_index (CLI: --volume-index)"
-        )
-    if len(shape) == 4 and not 0 <= volume_index < shape[3]:
-        raise nifti.VolumeError(f"{path}: volume index {volume_index} outside 0..{shape[3] - 1}")
-    if len(shape) == 3 and volume_index not in (None, 0):
-        raise nifti.VolumeError(f"{path}: volume index {volume_index} given but the file is 3D {tuple(shape)}")
-    if len(shape) not in (3, 4):
-        raise nifti.VolumeError(f"{path}: {len(shape)}D file of shape {tuple(img.shape)}; a 3D volume is needed")
-    return img, tuple(shape[:3])
-
-
-def read_volume(path, volume_index: int | None = None):
-    """A NIfTI file -> (RAS data, orientation of the file's voxel axes, nibabel image)."""
-    img, shape = volume_shape(path, volume_index)
-    vol = nifti.load_nifti(path, channel=volume_index if len(nifti._squeeze_trailing(img.shape)) == 4 else None)
-    return vol.data, nib.orientations.io_orientation(img.affine), img
-
-
-class ModelKey:
-    """The static jit argument standing for a model's graph definition (nnx's GraphDef holds lists
-    and has no hash). Keys are interned: equal graph definitions (several predictors, or two loads
-    of one checkpoint) get the same key, so every compiled step below is shared by them."""
-
-    _interned: dict = {}
-
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-    @classmethod
-    def of(cls, graphdef) -> "ModelKey":
-        same = cls._interned.setdefault(hash(repr(graphdef)), [])
-        for key in same:
-            if key.graphdef == graphdef:
-                return key
-        same.append(cls(graphdef))
-        return same[-1]
-
-
-# The model steps take slice features and gathered bank entries of fixed shapes, so they compile
-# once per model for every volume; only the small gathers and resizes compile per volume size.
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _model_input(sl, size: int):
-    """uint8 slice [H, W] -> the model's RGB input [1, S, S, 3]."""
-    return preprocess(jnp.broadcast_to(sl[..., None], sl.shape + (3,)), size)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _encode(key: ModelKey, state, image):
-    model, _ = nnx.merge(key.graphdef, state)
-    return video.encode_frame(model, image)
-
-
-_bank_entries = jax.jit(video.bank_entries, static_argnums=(5,))
-_write = jax.jit(video.write, static_argnums=(4,), donate_argnums=(0,))
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _track(key: ModelKey, state, feats, memory):
-    model, mem = nnx.merge(key.graphdef, state)
-    return video.track_step(model, mem, feats, *memory, model.cfg.image_size)
-
-
-@partial(jax.jit, static_argnums=(0, 8))
-def _prompt(key: ModelKey, state, feats, memory, coords, labels, mask_in, has_mask, multimask: bool):
-    """memory: _memory_inputs(...) for a slice that was tracked, None for one that was not."""
-    model, mem = nnx.merge(key.graphdef, state)
-    if memory is None:
-        pix = video.no_memory_features(model, feats)
-    else:
-        pix = video.condition_features(model, mem, feats, *memory)
-    return video.sam_heads(model, mem, feats, pix, coords, labels, mask_in, has_mask, multimask)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _mask_prompt(key: ModelKey, state, feats, mask_hr):
-    model, mem = nnx.merge(key.graphdef, state)
-    return video.mask_as_output(model, mem, feats, mask_hr)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _memory_features(key: ModelKey, state, feats, low, obj):
-    model, mem = nnx.merge(key.graphdef, state)
-    return video.encode_memory(mem, feats, low, obj, True, model.cfg.image_size)
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _resize(low, hw):
-    # SAM 2's video-resolution output: bilinear, align_corners=False, no antialias
-    return jax.image.resize(low, (low.shape[0],) + hw, "linear", antialias=False)
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _mask_to_input(mask, size: int):
-    # add_new_mask: bilinear antialiased resize to the model's input, then >= 0.5
-    return jax.image.resize(mask.astype(jnp.float32), (size, size), "linear", antialias=True) >= 0.5
-
-
-@dataclasses.dataclass
-class ObjectState:
-    """One object's prompts and memory. Values are replaced, never mutated in place, so a shallow
-    copy is a snapshot (the bank's device arrays are immutable; propagation works on a copy)."""
-
-    bank: dict  # video.empty_bank: memory, pointers, low-res logits of every slice
-    kind: np.ndarray  # host copy of bank["kind"] (0 nothing, 1 tracked, 2 conditioning)
-    points: dict = dataclasses.field(default_factory=dict)  # slice -> (coords [P,2] slice px, labels [P])
-    masks: dict = dataclasses.field(default_factory=dict)  # slice -> mask prompt, bool [S,S] (model input)
-    pending: dict = dataclasses.field(default_factory=dict)  # slice -> (low [1,4E,4E], ptr, score): not in memory
-    cond: list = dataclasses.field(default_factory=list)  # conditioning slices in memory (sorted)
-    tracked: dict = dataclasses.field(default_factory=dict)  # slice -> tracked in reverse?
-
-    def copy(self) -> "ObjectState":
-        return ObjectState(
-            self.bank,
-            self.kind.copy(),
-            dict(self.points),
-            dict(self.masks),
-            dict(self.pending),
-            list(self.cond),
-            dict(self.tracked),
-        )
-
-    @property
-    def has_prompts(self) -> bool:
-        return bool(self.pending or self.cond)
-
-    def changed_slices(self) -> list[int]:
-        """Slices prompted since the last propagation (for an object never propagated: all)."""
-        return sorted(set(self.pending) | (set() if self.tracked else set(self.cond)))
 
 
 class VolumePredictor:
@@ -258,16 +95,20 @@ class VolumePredictor:
         self.description = description or {}
         self.cfg = model.cfg
         graphdef, state = nnx.split((model, memory))
-        self._key, self.state = ModelKey.of(graphdef), jax.device_put(state)
+        self.model_key, self.state = steps.ModelKey.of(graphdef), jax.device_put(state)
         self.fill_hole_area = fill_hole_area  # SAM2VideoPredictor's default (build_sam.py)
         s = self.cfg.image_size
         image = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-        shapes = jax.eval_shape(partial(_encode, self._key), self.state, image)
+        shapes = jax.eval_shape(lambda st, im: steps.encode(self.model_key, st, im), self.state, image)
         per_slice = [x for k, v in shapes.items() if k != "pos" for x in jax.tree.leaves(v)]  # pos: stored once
         self.bytes_per_slice = int(sum(x.size * x.dtype.itemsize for x in per_slice))
+        self._cache = None
         self.set_cache_budget(cache_bytes)
-        self._slices = None
+        self.slices = None  # uint8 [N, H, W]: the slice images the model sees (set_volume)
+        self.geometry: SliceGeometry | None = None
+        self.volume: Volume | None = None
         self.normalization = None  # the intensity mapping of the current volume (set_volume)
+        self.interactions: list[dict] = []  # every call that changed the objects (inference/interactions.py)
 
     @classmethod
     def from_checkpoint(
@@ -275,12 +116,10 @@ class VolumePredictor:
     ) -> "VolumePredictor":
         """`memory_checkpoint`: take the memory path from another model directory (e.g. the SAM 2
         base of a SafeClick export that was saved without it)."""
-        model, desc, extra = load_model(directory)
-        where = directory
-        if memory_checkpoint is not None:
-            _, _, extra = load_model(memory_checkpoint)
-            where = memory_checkpoint
-        return cls(model, SAM2Memory.from_extra(model.cfg, extra, where=where), desc, cache_bytes=cache_bytes, **kw)
+        from safeclick_jax.inference.loader import load_model
+
+        m = load_model(directory, memory_checkpoint=memory_checkpoint, memory="required")
+        return cls(m.network, m.memory, m.description, cache_bytes=cache_bytes, **kw)
 
     def set_cache_budget(self, cache_bytes: int | None) -> None:
         """Host memory for slice features (None: the whole volume, at most half the free memory).
@@ -293,7 +132,7 @@ class VolumePredictor:
                     f"cache_bytes {cache_bytes} is smaller than one slice's features ({self.bytes_per_slice} bytes)"
                 )
         self._cache_request = None if cache_bytes is None else int(cache_bytes)
-        if getattr(self, "_cache", None) is not None:
+        if self._cache is not None:
             self._cache.budget_bytes = self._cache_budget(self.num_slices)
             while len(self._cache._entries) > self._cache.capacity:
                 self._cache._entries.popitem(last=False)
@@ -305,7 +144,7 @@ class VolumePredictor:
 
     def cache_info(self) -> dict:
         """bytes_per_slice, budget_bytes, capacity_slices, cached_slices, cached_bytes, hits, misses, evictions."""
-        if getattr(self, "_cache", None) is None:
+        if self._cache is None:
             return {
                 "bytes_per_slice": self.bytes_per_slice,
                 "budget_bytes": self._cache_request,
@@ -325,99 +164,61 @@ class VolumePredictor:
         normalization: str = "auto",
         ct_window=None,
     ) -> None:
-        """volume: a 3D array (any numeric dtype) or a NIfTI path. axis: slicing axis of the input's
-        voxel grid (0/1/2). normalization: 'auto', 'percentile' (0.5-99.5 %) or 'ct_window'
-        (ct_window = (level, width) in HU, default 40, 400). 'auto' uses what the model's training
-        data used when its model.json records it (a training export does), else the CT window for a
-        volume in Hounsfield units and percentile clipping otherwise (preprocess.looks_like_ct).
-        The mode used is `self.normalization`. Removes every object; slice features are encoded
-        when first needed and cached."""
+        """volume: a 3D array (any numeric dtype), a volume file path, or a Volume that
+        data.volume_file.read_volume returned. axis: slicing axis of the input's voxel grid
+        (0/1/2). normalization: 'auto', 'percentile' (0.5-99.5 %) or 'ct_window' (ct_window =
+        (level, width) in HU, default 40, 400). 'auto' uses what the model's training data used
+        when its model.json records it (a training export does), else the CT window for a volume
+        in Hounsfield units and percentile clipping otherwise (preprocess.looks_like_ct). The mode
+        used is `self.normalization`. Removes every object; slice features are encoded when first
+        needed and cached."""
         resolve_mode(normalization)  # a bad name is refused before the file is read
-        affine = None
         if isinstance(volume, (str, os.PathLike)):
-            data, ornt, img = read_volume(volume, volume_index)
-            affine = np.asarray(img.affine, np.float64)
-        else:
-            data, ornt = np.asarray(volume), IDENTITY_ORNT
-            if data.ndim != 3:
-                raise ValueError(f"volume must be 3D, got shape {data.shape}")
-            if data.dtype.kind not in "biuf":
-                raise ValueError(f"volume has unsupported dtype {data.dtype}")
-            if data.dtype.kind == "f" and not np.isfinite(data).all():
-                raise ValueError("volume has NaN or Inf values")
-        if min(data.shape) < 1:
-            raise ValueError(f"volume is empty: shape {data.shape}")
+            volume = read_volume(volume, volume_index)
+        elif not isinstance(volume, Volume):
+            data = check_array(volume)
+            volume = Volume(data, np.eye(4), (1.0, 1.0, 1.0), "array", IDENTITY_ORNT, None)
         axis = axis_index(axis)
+        data = volume.data
         trained = self.description.get("training", {}).get("data", {})
         if normalization == "auto":
             normalization = trained.get("normalization", "auto")
         mode = resolve_mode(normalization, data=data)
-        window = tuple(float(v) for v in (ct_window or trained.get("ct_window") or (40.0, 400.0)))
+        window = tuple(float(v) for v in (ct_window or trained.get("ct_window") or CT_WINDOW))
         if len(window) != 2 or not window[1] > 0:
             raise ValueError(f"ct_window {ct_window!r}: expected (level, width) with width > 0")
-        percentiles = trained.get("percentiles", (0.5, 99.5))
+        percentiles = trained.get("percentiles", PERCENTILES)
         image = to_uint8(normalize_intensity(data, mode, percentiles, window))
+        geometry = SliceGeometry(volume.ornt, data.shape, axis)
         self.normalization = mode
-        self._ornt = np.asarray(ornt)
-        self._affine = affine
-        self._ras_axis = int(self._ornt[axis, 0])
-        self._ras_shape = data.shape
-        self._in_shape = tuple(data.shape[int(o)] for o in self._ornt[:, 0])
-        slices = to_slices(image, self._ras_axis)
-        self.num_slices, self.slice_hw = slices.shape[0], tuple(slices.shape[1:])
-        self._slices = slices
+        self.volume, self.geometry = volume, geometry
+        self.slices = to_slices(image, geometry.ras_axis)
+        self.num_slices, self.slice_hw = geometry.num_slices, geometry.slice_hw
         self._cache = FeatureCache(
             self._encode_slice, self.num_slices, self.bytes_per_slice, self._cache_budget(self.num_slices)
         )
-        self.reset_all()
+        self._history = History()
+        self.interactions = []
 
     @property
     def input_shape(self) -> tuple:
         """The voxel grid of the input (array or file) that label maps use."""
         self._require_volume()
-        return self._in_shape
+        return self.geometry.input_shape
 
     def _require_volume(self):
-        if self._slices is None:
+        if self.slices is None:
             raise RuntimeError("set a volume with .set_volume(...) first")
 
     def voxel_to_slice(self, ijk) -> tuple[int, float, float]:
         """Voxel index (i, j, k) of the input grid -> (slice index, x, y) on the slice images."""
         self._require_volume()
-        ijk = np.asarray(ijk, np.float64)
-        if ijk.shape != (3,):
-            raise ValueError(f"a voxel index needs 3 values (i, j, k), got {ijk.tolist()}")
-        bad = (ijk < 0) | (ijk > np.asarray(self._in_shape) - 1)
-        if bad.any():
-            raise ValueError(
-                f"point {ijk.tolist()} lies outside the volume (voxel indices 0..n-1 of shape {self._in_shape})"
-            )
-        ras = np.empty(3)
-        for a, (out, flip) in enumerate(self._ornt):
-            ras[int(out)] = ijk[a] if flip > 0 else self._in_shape[a] - 1 - ijk[a]
-        s = ras[self._ras_axis]
-        if abs(s - round(s)) > 1e-6:
-            raise ValueError(f"point {ijk.tolist()}: the index along the slicing axis must be an integer")
-        p, q = [ax for ax in range(3) if ax != self._ras_axis]
-        # to_slices: rows = q reversed, columns = p reversed
-        return int(round(s)), float(self._ras_shape[p] - 1 - ras[p]), float(self._ras_shape[q] - 1 - ras[q])
+        return self.geometry.voxel_to_slice(ijk)
 
-    def _to_input_grid(self, slices: np.ndarray) -> np.ndarray:
-        ras = from_slices(slices, self._ras_axis)
-        out = np.transpose(ras, [int(o) for o in self._ornt[:, 0]])
-        for a, flip in enumerate(self._ornt[:, 1]):
-            if flip < 0:
-                out = np.flip(out, a)
-        return np.ascontiguousarray(out)
-
-    def _to_slice_stack(self, grid: np.ndarray) -> np.ndarray:
-        """Inverse of _to_input_grid: an array on the input grid -> [N, H, W] slice stack."""
-        x = np.asarray(grid)
-        for a, flip in enumerate(self._ornt[:, 1]):
-            if flip < 0:
-                x = np.flip(x, a)
-        ras = np.transpose(x, np.argsort([int(o) for o in self._ornt[:, 0]]))
-        return to_slices(ras, self._ras_axis)
+    def to_input_grid(self, slices: np.ndarray) -> np.ndarray:
+        """A [N, H, W] stack in slice orientation -> the input grid."""
+        self._require_volume()
+        return self.geometry.to_input_grid(slices)
 
     # --- compiled steps -------------------------------------------------------------------------
 
@@ -434,30 +235,36 @@ class VolumePredictor:
         e, mc, hw = self.cfg.embedding_size, self.memory.mc, self.slice_hw
         t = self.num_slices // 2
         low = np.zeros((1, 4 * e, 4 * e), np.float32)
-        _resize(jnp.asarray(low), hw)
+        steps.resize(jnp.asarray(low), hw)
         next(self._upsample_chunks(low))
-        _mask_to_input(jnp.zeros(hw, bool), self.cfg.image_size)
-        _model_input(jnp.asarray(self._slices[t]), self.cfg.image_size)
+        steps.mask_to_input(jnp.zeros(hw, bool), self.cfg.image_size)
+        steps.model_input(jnp.asarray(self.slices[t]), self.cfg.image_size)
         obj = self._new_object_state()
         obj.bank["masks"][t].block_until_ready()  # label_slice reads one slice
-        self._memory_inputs(obj, t, False, self._cond_slots([t]))
+        self.memory_inputs(obj, t, False, self._cond_slots([t]))
         bank = jax.tree.map(jnp.copy, obj.bank)  # propagate works on a copy
         f = jnp.zeros((1, e, e, mc.mem_dim), jnp.bfloat16)
         ptr, score = jnp.zeros((1, mc.d_model), jnp.float32), jnp.zeros((1, 1), jnp.float32)
         for kind in (1, 2):  # tracked, prompted
-            bank = _write(bank, jnp.int32(t), f, ptr, kind, jnp.asarray(low), score)
+            bank = steps.write(bank, jnp.int32(t), f, ptr, kind, jnp.asarray(low), score)
         jax.block_until_ready(bank)
 
     def _encode_slice(self, t: int) -> dict:
-        return _encode(self._key, self.state, _model_input(jnp.asarray(self._slices[t]), self.cfg.image_size))
+        return steps.encode(
+            self.model_key, self.state, steps.model_input(jnp.asarray(self.slices[t]), self.cfg.image_size)
+        )
 
-    def _memory_inputs(self, obj: ObjectState, t: int, reverse: bool, cond_slots) -> tuple:
-        """The memory arguments of _prompt / _track for slice t: its bank entries (gathered by a
-        step compiled per volume size) and where they sit."""
-        cond_idx, cond_valid = cond_slots
+    def slice_features(self, slice_index: int) -> dict:
+        """Slice t's image features (from the feature cache; encoded on a miss)."""
+        return self._cache.get(self._check_slice(slice_index))
+
+    def memory_inputs(self, obj: ObjectState, t: int, reverse: bool, cond_slots=None) -> tuple:
+        """The memory arguments of steps.prompt / steps.track for slice t: its bank entries
+        (gathered by a step compiled per volume size) and where they sit."""
+        cond_idx, cond_valid = self._cond_slots(obj.cond) if cond_slots is None else cond_slots
         prev = self._memory_slots(obj.kind, t, reverse)
         ti, rev = jnp.int32(t), jnp.asarray(reverse)
-        entries = _bank_entries(obj.bank, ti, rev, cond_idx, prev[0], self.memory.mc.max_obj_ptrs_in_encoder)
+        entries = steps.bank_entries(obj.bank, ti, rev, cond_idx, prev[0], self.memory.mc.max_obj_ptrs_in_encoder)
         return entries, ti, rev, cond_idx, cond_valid, prev
 
     def _memory_slots(self, kind: np.ndarray, t: int, reverse: bool):
@@ -482,7 +289,11 @@ class VolumePredictor:
     @property
     def object_ids(self) -> list[int]:
         self._require_volume()
-        return sorted(self._objects)
+        return sorted(self._history.objects)
+
+    def object_state(self, obj_id) -> ObjectState:
+        """The object's current prompts and memory (read only: every change goes through a call)."""
+        return self._object(obj_id)
 
     @staticmethod
     def _check_id(obj_id) -> int:
@@ -493,95 +304,83 @@ class VolumePredictor:
     def _object(self, obj_id) -> ObjectState:
         self._require_volume()
         k = self._check_id(obj_id)
-        if k not in self._objects:
+        if k not in self._history.objects:
             raise ValueError(f"unknown object id {obj_id} (objects: {self.object_ids})")
-        return self._objects[k]
+        return self._history.objects[k]
 
     def add_object(self, obj_id: int | None = None) -> int:
         """A new, empty object; `obj_id` None takes the lowest free id."""
         self._require_volume()
         if obj_id is None:
-            free = [k for k in range(1, MAX_OBJECT_ID + 1) if k not in self._objects]
+            free = [k for k in range(1, MAX_OBJECT_ID + 1) if k not in self._history.objects]
             if not free:
                 raise ValueError(f"all {MAX_OBJECT_ID} object ids are in use")
             obj_id = free[0]
         k = self._check_id(obj_id)
-        if k in self._objects:
+        if k in self._history.objects:
             raise ValueError(f"object id {k} exists already (objects: {self.object_ids})")
-        self._objects[k] = self._new_object_state()
-        self._undo[k], self._redo[k] = [], []
+        self._history.add(k, self._new_object_state())
+        self._record("add_object", obj_id=k)
         return k
 
     def remove_object(self, obj_id) -> None:
         """The object, its prompts, memory, mask and history are gone (not undoable)."""
         self._object(obj_id)
-        k = int(obj_id)
-        del self._objects[k], self._undo[k], self._redo[k]
+        self._history.remove(int(obj_id))
+        self._record("remove_object", obj_id=int(obj_id))
 
     def reset_object(self, obj_id) -> None:
         """Forgets the object's prompts and memory; the id stays, the reset can be undone."""
         obj = self._object(obj_id)
         if not obj.has_prompts and not obj.tracked:
             return
-        call = next(self._calls)
-        self._record(int(obj_id), call, "reset", obj, self._new_object_state())
+        self._history.record(int(obj_id), self._history.next_call(), "reset", obj, self._new_object_state())
+        self._record("reset_object", obj_id=int(obj_id))
 
     def reset_all(self) -> None:
         """Removes every object with its prompts, memory and history."""
         self._require_volume()
-        self._objects: dict[int, ObjectState] = {}
-        self._undo: dict[int, list] = {}
-        self._redo: dict[int, list] = {}
-        self._calls = itertools.count(1)
-        self._undo_seq = itertools.count(1)
+        self._history = History()
+        self._record("reset_all")
 
-    def reset_prompts(self) -> None:
-        self.reset_all()
+    def _record(self, call: str, **args) -> None:
+        self.interactions.append({"call": call, "args": to_json(args)})
+
+    def replay(self, interactions, progress=None) -> None:
+        """Applies recorded interactions (`interactions` of a session on this same volume, e.g.
+        read back from JSON) in order: the objects, histories and label map come back as they
+        were. `progress(done, total)` after each. A refused entry stops the replay with its error."""
+        self._require_volume()
+        entries = [check_entry(e, i) for i, e in enumerate(interactions)]
+        for i, (call, args) in enumerate(entries):
+            getattr(self, call)(**args)
+            if progress is not None:
+                progress(i + 1, len(entries))
 
     # --- history --------------------------------------------------------------------------------
-
-    def _record(self, obj_id: int, call: int, what: str, before: ObjectState, after: ObjectState) -> None:
-        """Installs `after` as the object's state; `before` becomes an undo step."""
-        self._objects[obj_id] = after
-        self._undo[obj_id].append({"call": call, "what": what, "state": before})
-        del self._undo[obj_id][:-HISTORY_DEPTH]
-        self._redo[obj_id] = []
-
-    def _step(self, obj_id, src: dict, dst: dict, verb: str) -> str:
-        self._require_volume()
-        if obj_id is None:
-            tops = {k: v[-1] for k, v in src.items() if v}
-            if not tops:
-                raise ValueError(f"nothing to {verb}")
-            key = "call" if verb == "undo" else "seq"
-            last = max(e[key] for e in tops.values())
-            ids = sorted(k for k, e in tops.items() if e[key] == last)
-        else:
-            self._object(obj_id)
-            ids = [int(obj_id)]
-            if not src[ids[0]]:
-                raise ValueError(f"nothing to {verb} for object {obj_id}")
-        done, seq = [], next(self._undo_seq)
-        for k in ids:
-            e = src[k].pop()
-            dst[k].append({**e, "state": self._objects[k], "seq": seq})
-            self._objects[k] = e["state"]
-            done.append(f"{e['what']} of object {k}")
-        return ", ".join(done)
 
     def undo(self, obj_id=None) -> str:
         """Undoes the object's last interaction (a click or box, a mask, a propagation, a reset);
         without an id, the last call over all objects. Returns what was undone."""
-        return self._step(obj_id, self._undo, self._redo, "undo")
+        self._require_volume()
+        done = self._history.undo(None if obj_id is None else self._known(obj_id))
+        self._record("undo", obj_id=obj_id if obj_id is None else int(obj_id))
+        return done
 
     def redo(self, obj_id=None) -> str:
         """Redoes the last undone interaction (of the object, or over all objects)."""
-        return self._step(obj_id, self._redo, self._undo, "redo")
+        self._require_volume()
+        done = self._history.redo(None if obj_id is None else self._known(obj_id))
+        self._record("redo", obj_id=obj_id if obj_id is None else int(obj_id))
+        return done
 
     def history(self, obj_id) -> list[str]:
         """The object's undoable interactions, oldest first."""
+        return self._history.entries(self._known(obj_id))
+
+    def _known(self, obj_id) -> int:
         self._object(obj_id)
-        return [e["what"] for e in self._undo[int(obj_id)]]
+        return int(obj_id)
 
     # --- prompting ------------------------------------------------------------------------------
 
@@ -598,15 +397,14 @@ class VolumePredictor:
         """(id, state, created): the object of a prompt, created when new (not stored yet)."""
         self._require_volume()
         k = self._check_id(obj_id)
-        if k in self._objects:
-            return k, self._objects[k], False
+        if k in self._history.objects:
+            return k, self._history.objects[k], False
         return k, self._new_object_state(), True
 
-    def _install(self, k: int, created: bool, what: str, before: ObjectState, after: ObjectState, call=None):
+    def _install(self, k: int, created: bool, what: str, before: ObjectState, after: ObjectState):
         if created:
-            self._objects[k] = before
-            self._undo[k], self._redo[k] = [], []
-        self._record(k, next(self._calls) if call is None else call, what, before, after)
+            self._history.add(k, before)
+        self._history.record(k, self._history.next_call(), what, before, after)
 
     def add_prompt(
         self,
@@ -624,41 +422,13 @@ class VolumePredictor:
         add to them unless `clear`."""
         t = self._check_slice(slice_index)
         k, obj, created = self._prepare_object(obj_id)
-        h, w = self.slice_hw
-        limit = np.array([w, h], np.float32)
-        new_c, new_l = [], []
-        if box is not None:
-            b = np.asarray(box, np.float32).reshape(-1)
-            if b.shape != (4,) or not np.isfinite(b).all():
-                raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1), got {np.asarray(box).tolist()}")
-            if b[2] < b[0] or b[3] < b[1]:
-                raise ValueError(f"box {b.tolist()}: needs x1 >= x0 and y1 >= y0")
-            new_c.append(b.reshape(2, 2))
-            new_l.append(np.array(prompting.BOX_LABELS, np.int32))
-        if (points is None) != (labels is None):
-            raise ValueError("points and labels must be given together")
-        if points is not None:
-            pc, pl = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels).reshape(-1)
-            if pc.shape[0] != pl.shape[0]:
-                raise ValueError(f"{pc.shape[0]} points but {pl.shape[0]} labels")
-            if not np.isfinite(pc).all():
-                raise ValueError(f"points must be finite numbers, got {pc.tolist()}")
-            if not np.isin(pl, (0, 1)).all():
-                raise ValueError(f"labels must be 0 (background) or 1 (foreground); got {np.unique(pl).tolist()}")
-            new_c.append(pc)
-            new_l.append(pl.astype(np.int32))
-        if not new_c:
-            raise ValueError("give points (with labels) or a box")
-        coords, labs = np.concatenate(new_c), np.concatenate(new_l)
-        bad = ((coords < 0) | (coords > limit)).any(-1)
-        if bad.any():
-            raise ValueError(
-                f"prompt at {coords[bad][0].tolist()} lies outside slice {t} (x in [0, {w}], y in [0, {h}])"
-            )
+        given = clicks_and_box(points, labels, box, self.slice_hw, t)
+        coords, labs = given.tokens()
         if box is None and not clear and t in obj.points:
             old_c, old_l = obj.points[t]
             coords, labs = np.concatenate([old_c, coords]), np.concatenate([old_l, labs])
 
+        h, w = self.slice_hw
         is_init = t not in obj.tracked
         reverse = obj.tracked.get(t, False)
         prev = self._previous_logits(obj, t)
@@ -668,25 +438,29 @@ class VolumePredictor:
         )
         m = 4 * self.cfg.embedding_size
         mask_in = np.zeros((1, m, m, 1), np.float32) if prev is None else np.clip(prev, -32, 32)[None, :, :, None]
-        low, ptr, score = _prompt(
-            self._key,
+        low, ptr, score = steps.prompt(
+            self.model_key,
             self.state,
             self._cache.get(t),
-            None if is_init else self._memory_inputs(obj, t, reverse, self._cond_slots(obj.cond)),
+            None if is_init else self.memory_inputs(obj, t, reverse),
             jnp.asarray(c),
             jnp.asarray(lab),
             jnp.asarray(mask_in),
             jnp.asarray([prev is not None]),
             coords.shape[0] <= 1,  # SAM 2's multimask for 0..1 points (a box is 2)
         )
-        low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
+        low = jnp.asarray(steps.fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
         new = obj.copy()
         new.points[t] = (coords, labs)
         new.masks.pop(t, None)
         new.pending[t] = (low, ptr, score)
-        what = f"box on slice {t}" if box is not None else f"click{'s' if len(new_c[-1]) > 1 else ''} on slice {t}"
+        n = 0 if given.points is None else len(given.points)
+        what = f"box on slice {t}" if box is not None else f"click{'s' if n > 1 else ''} on slice {t}"
         self._install(k, created, what, obj, new)
-        out = np.asarray(_resize(low, self.slice_hw))[0]
+        self._record(
+            "add_prompt", slice_index=t, points=given.points, labels=given.labels, box=given.box, obj_id=k, clear=clear
+        )
+        out = np.asarray(steps.resize(low, self.slice_hw))[0]
         return out if return_logits else out > 0
 
     def add_mask(self, slice_index: int, mask, obj_id: int = 1, return_logits: bool = False) -> np.ndarray:
@@ -697,70 +471,45 @@ class VolumePredictor:
         k, obj, created = self._prepare_object(obj_id)
         out, new = self._mask_state(obj, t, mask)
         self._install(k, created, f"mask on slice {t}", obj, new)
+        self._record("add_mask", slice_index=t, mask=binary_mask(mask, self.slice_hw, "mask"), obj_id=k)
         return out if return_logits else out > 0
 
-    def _check_mask(self, mask, what: str) -> np.ndarray:
-        m = np.asarray(mask)
-        if m.shape != self.slice_hw:
-            raise ValueError(f"{what} has shape {m.shape}; the slices are {self.slice_hw} (rows, columns)")
-        if m.dtype != bool:
-            if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
-                vals = np.unique(m)[:6].tolist() if m.dtype.kind in "biuf" else m.dtype
-                raise ValueError(f"{what} must be binary (0/1 or bool), got values {vals}")
-            m = m.astype(bool)
-        if not m.any():
-            raise ValueError(f"{what} is empty (no foreground pixel)")
-        return m
-
     def _mask_state(self, obj: ObjectState, t: int, mask, what: str | None = None):
-        m = self._check_mask(mask, what or f"mask for slice {t}")
-        hr = np.asarray(_mask_to_input(jnp.asarray(m), self.cfg.image_size))
-        low, ptr, score = _mask_prompt(
-            self._key, self.state, self._cache.get(t), jnp.asarray(hr, jnp.float32)[None, ..., None]
+        m = binary_mask(mask, self.slice_hw, what or f"mask for slice {t}")
+        hr = np.asarray(steps.mask_to_input(jnp.asarray(m), self.cfg.image_size))
+        low, ptr, score = steps.mask_prompt(
+            self.model_key, self.state, self._cache.get(t), jnp.asarray(hr, jnp.float32)[None, ..., None]
         )
-        low = jnp.asarray(fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
+        low = jnp.asarray(steps.fill_holes(np.asarray(low[0]), self.fill_hole_area))[None]
         new = obj.copy()
         new.points.pop(t, None)
         new.masks[t] = hr
         new.pending[t] = (low, ptr, score)
-        return np.asarray(_resize(low, self.slice_hw))[0], new
+        return np.asarray(steps.resize(low, self.slice_hw))[0], new
 
     def set_labels(self, label_map, slices: str = "largest") -> list[int]:
         """Starts from an existing segmentation: a 3D integer label map on the input grid (array,
-        or a NIfTI path with the volume's affine) whose labels 1..255 become objects with those
-        ids, each with a mask prompt on its largest slice (`slices="all"`: on every slice it
-        covers). Replaces every object; one undo step per object. -> the object ids."""
+        or a volume file with the volume's shape and affine) whose labels 1..255 become objects
+        with those ids, each with a mask prompt on its largest slice (`slices="all"`: on every
+        slice it covers). Replaces every object; one undo step per object. -> the object ids."""
         self._require_volume()
         if slices not in ("largest", "all"):
             raise ValueError(f"slices={slices!r}: use 'largest' or 'all'")
         if isinstance(label_map, (str, os.PathLike)):
-            img = nifti.read_header(label_map)
-            if self._affine is not None and not np.allclose(img.affine, self._affine, atol=1e-4):
-                raise ValueError(
-                    f"{label_map}: affine {np.round(img.affine, 4).tolist()} differs from the volume's "
-                    f"{np.round(self._affine, 4).tolist()}"
-                )
-            lab = np.asanyarray(img.dataobj)
-            lab = lab.reshape(nifti._squeeze_trailing(lab.shape))
-            where = str(label_map)
+            lab, where = read_label_map(label_map, self.volume), str(label_map)
         else:
             lab, where = np.asarray(label_map), "label map"
-        if lab.shape != self._in_shape:
-            raise ValueError(f"{where} has shape {lab.shape}; the volume is {self._in_shape}")
-        if lab.dtype.kind == "f":
-            if not np.isfinite(lab).all() or (lab != np.round(lab)).any():
-                raise ValueError(f"{where} has non-integer values (e.g. {lab[lab != np.round(lab)][:3].tolist()})")
-        elif lab.dtype.kind not in "biu":
-            raise ValueError(f"{where} has dtype {lab.dtype}; an integer label map is needed")
+            if lab.shape != self.input_shape:
+                raise ValueError(f"{where} has shape {lab.shape}; the volume is {self.input_shape}")
+            lab = integer_labels(lab, where)
         ids = np.unique(lab)
         ids = ids[ids != 0]
-        if ((ids < 0) | (ids > MAX_OBJECT_ID)).any():
-            raise ValueError(
-                f"{where}: labels must be in 0..{MAX_OBJECT_ID}, got {ids[(ids < 0) | (ids > 255)][:5].tolist()}"
-            )
+        out_of_range = ids[(ids < 0) | (ids > MAX_OBJECT_ID)]
+        if out_of_range.size:
+            raise ValueError(f"{where}: labels must be in 0..{MAX_OBJECT_ID}, got {out_of_range[:5].tolist()}")
         if ids.size == 0:
             raise ValueError(f"{where} is empty (no label > 0)")
-        stack = self._to_slice_stack(lab.astype(np.int32))
+        stack = self.geometry.to_slice_stack(lab.astype(np.int32))
         states = {}
         for k in ids.astype(int).tolist():
             obj = self._new_object_state()
@@ -769,24 +518,24 @@ class VolumePredictor:
             for t in chosen:
                 _, obj = self._mask_state(obj, t, stack[t] == k, f"label {k} on slice {t}")
             states[k] = obj
-        self.reset_all()
-        call = next(self._calls)
+        self._history = History()
+        call = self._history.next_call()
         for k, obj in states.items():
-            self._objects[k] = self._new_object_state()
-            self._undo[k], self._redo[k] = [], []
+            self._history.add(k, self._new_object_state())
             what = (
                 "mask on slice " + ",".join(str(t) for t in sorted(obj.pending))
                 if len(obj.pending) < 4
                 else f"masks on {len(obj.pending)} slices"
             )
-            self._record(k, call, f"{what} (initial labels)", self._objects[k], obj)
+            self._history.record(k, call, f"{what} (initial labels)", self._history.objects[k], obj)
+        self._record("set_labels", label_map=lab.astype(np.uint8), slices=slices)
         return sorted(states)
 
     def _previous_logits(self, obj: ObjectState, t: int):
         if t in obj.pending:
             return np.asarray(obj.pending[t][0][0])
         if obj.kind[t] != 0:
-            return fill_holes(np.asarray(obj.bank["masks"][t]), self.fill_hole_area)
+            return steps.fill_holes(np.asarray(obj.bank["masks"][t]), self.fill_hole_area)
         return None
 
     # --- propagation ----------------------------------------------------------------------------
@@ -798,17 +547,19 @@ class VolumePredictor:
         most `max_slices` slices beyond `start` each way. `progress(done, total)` after every
         slice. One undo step per object. Returns label_map()."""
         self._require_volume()
+        asked = {"obj_ids": obj_ids, "start": start, "max_slices": max_slices}  # what replay passes again
+        objects = self._history.objects
         if start is not None:
             self._check_slice(start)
         if max_slices is not None:
             if isinstance(max_slices, bool) or not isinstance(max_slices, (int, np.integer)) or max_slices < 0:
                 raise ValueError(f"max_slices {max_slices!r} must be an integer >= 0")
         if obj_ids is None:
-            ids = [k for k in self.object_ids if self._objects[k].changed_slices()]
+            ids = [k for k in self.object_ids if objects[k].changed_slices()]
             if not ids and start is not None:
-                ids = [k for k in self.object_ids if self._objects[k].has_prompts]
+                ids = [k for k in self.object_ids if objects[k].has_prompts]
             if not ids:
-                if not any(o.has_prompts for o in self._objects.values()):
+                if not any(o.has_prompts for o in objects.values()):
                     raise RuntimeError("no prompts: add a point, box or mask with .add_prompt / .add_mask first")
                 return self.label_map()
         else:
@@ -817,8 +568,8 @@ class VolumePredictor:
                 if not self._object(k).has_prompts:
                     raise ValueError(f"object {k} has no prompts to propagate")
         if start is None:
-            changed = [t for k in ids for t in self._objects[k].changed_slices()]
-            start = min(changed) if changed else min(t for k in ids for t in self._objects[k].cond)
+            changed = [t for k in ids for t in objects[k].changed_slices()]
+            start = min(changed) if changed else min(t for k in ids for t in objects[k].cond)
         start = self._check_slice(start)
         n = self.num_slices if max_slices is None else int(max_slices)
         order = [(t, False) for t in range(start, min(start + n, self.num_slices - 1) + 1)]
@@ -827,11 +578,11 @@ class VolumePredictor:
 
         work = {}
         for k in ids:
-            obj = self._objects[k].copy()
+            obj = objects[k].copy()
             obj.bank = jax.tree.map(jnp.copy, obj.bank)  # the undo step keeps the old bank
             for t, (low, ptr, score) in sorted(obj.pending.items()):
-                f = _memory_features(self._key, self.state, self._cache.get(t), low, score)
-                obj.bank = _write(obj.bank, jnp.int32(t), f, ptr, 2, low, score)
+                f = steps.memory_features(self.model_key, self.state, self._cache.get(t), low, score)
+                obj.bank = steps.write(obj.bank, jnp.int32(t), f, ptr, 2, low, score)
                 obj.kind[t] = 2
                 if t not in obj.cond:
                     obj.cond.append(t)
@@ -846,18 +597,19 @@ class VolumePredictor:
                 obj, cond_slots = work[k]
                 if t not in obj.cond:
                     feats = self._cache.get(t) if feats is None else feats
-                    memory = self._memory_inputs(obj, t, reverse, cond_slots)
-                    f, ptr, low, score = _track(self._key, self.state, feats, memory)
-                    obj.bank = _write(obj.bank, jnp.int32(t), f, ptr, 1, low, score)
+                    memory = self.memory_inputs(obj, t, reverse, cond_slots)
+                    f, ptr, low, score = steps.track(self.model_key, self.state, feats, memory)
+                    obj.bank = steps.write(obj.bank, jnp.int32(t), f, ptr, 1, low, score)
                     obj.kind[t] = 1
                 obj.tracked[t] = reverse
             done.add(t)
             if progress is not None:
                 progress(len(done), total)
-        call = next(self._calls)
+        call = self._history.next_call()
         span = f"slices {min(t for t, _ in order)}..{max(t for t, _ in order)}"
         for k in ids:
-            self._record(k, call, f"propagation from slice {start} ({span})", self._objects[k], work[k][0])
+            self._history.record(k, call, f"propagation from slice {start} ({span})", objects[k], work[k][0])
+        self._record("propagate", **asked)
         return self.label_map()
 
     # --- results --------------------------------------------------------------------------------
@@ -874,7 +626,7 @@ class VolumePredictor:
                 out[i] = np.asarray(obj.pending[t][0][0])
             elif obj.kind[t] != 0:
                 low = bank[t] if bank is not None else np.asarray(obj.bank["masks"][t])
-                out[i] = fill_holes(low, self.fill_hole_area)
+                out[i] = steps.fill_holes(low, self.fill_hole_area)
         return out
 
     def _upsample_chunks(self, low: np.ndarray, chunk: int = 16):
@@ -884,7 +636,7 @@ class VolumePredictor:
             c = part.shape[0]
             if c < chunk:
                 part = np.concatenate([part, np.zeros((chunk - c,) + part.shape[1:], np.float32)])
-            yield i, np.asarray(_resize(jnp.asarray(part), self.slice_hw))[:c]
+            yield i, np.asarray(steps.resize(jnp.asarray(part), self.slice_hw))[:c]
 
     def slice_logits(self, obj_id: int = 1) -> np.ndarray:
         """One object's current mask logits of every slice at slice resolution [N, H, W] (holes
@@ -897,7 +649,7 @@ class VolumePredictor:
 
     def object_mask(self, obj_id) -> np.ndarray:
         """bool mask of one object on the input grid, before the overlap rule."""
-        return self._to_input_grid(self.slice_logits(obj_id) > 0)
+        return self.geometry.to_input_grid(self.slice_logits(obj_id) > 0)
 
     def slice_label_map(self, slices=None) -> np.ndarray:
         """uint8 [n, H, W] label map of `slices` (default: all) in slice orientation (see label_map)."""
@@ -907,7 +659,7 @@ class VolumePredictor:
         out = np.zeros((len(slices),) + self.slice_hw, np.uint8)
         if not ids:
             return out
-        lows = [self._low_logits(self._objects[k], slices) for k in ids]
+        lows = [self._low_logits(self._history.objects[k], slices) for k in ids]
         active = np.nonzero(np.any([(low > 0).any((1, 2)) for low in lows], axis=0))[0]
         if active.size == 0:
             return out
@@ -926,11 +678,10 @@ class VolumePredictor:
         """The label map of one slice, as the plane of the input grid it is (label_map()'s values
         on that plane; the slicing axis dropped): what a click changes, without composing the
         whole volume."""
-        one = self._to_input_grid(self.slice_label_map([slice_index]))
-        return np.take(one, 0, axis=int(np.nonzero(self._ornt[:, 0] == self._ras_axis)[0][0]))
+        return self.geometry.plane(self.geometry.to_input_grid(self.slice_label_map([slice_index])))
 
     def label_map(self) -> np.ndarray:
         """uint8 label map on the input's voxel grid (0 background, values = object ids), the
         current state including prompted, not yet propagated slices. Overlaps: SAM 2's
         non-overlap rule, the object with the highest logit keeps the voxel."""
-        return self._to_input_grid(self.slice_label_map())
+        return self.geometry.to_input_grid(self.slice_label_map())
