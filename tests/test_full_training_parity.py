@@ -29,7 +29,7 @@ MODEL, SIZE, K = "sam2.1_hiera_t", 128, 2
 REL, LOSS_REL = 1e-4, 1e-5
 LOSS_CFG = dict(
     mask_weight=20.0, dice_weight=1.0, iou_weight=1.0, class_weight=1.0, focal_alpha=0.25, focal_gamma=2.0,
-    iou_loss="l1", supervise_all_iou=True, obj_focal_alpha=-1.0, obj_focal_gamma=0.0,
+    iou_loss="l1", supervise_all_iou=True,
 )  # fmt: skip
 
 
@@ -242,15 +242,15 @@ def test_full_training_step_matches_sam2_train(case, tmp_path, monkeypatch):
     cfg = types.SimpleNamespace(
         num_correction_pt_per_frame=c,
         num_init_cond_frames=2,
-        drop_path_rate=0.0,
         add_all_frames_to_correct_as_cond=True,
-        **LOSS_CFG,
+        binarize_mask_from_pts_for_mem_enc=False,
     )
+    loss_cfg = types.SimpleNamespace(**LOSS_CFG)
     graphdef, params, rest = nnx.split((model, mem), nnx.Param, ...)
 
     def loss_fn(params):
         m, me = nnx.merge(graphdef, params, rest)
-        return full.clip_loss(m, me, jnp.asarray(images), jnp.asarray(masks), plan, jax.random.key(0), cfg)
+        return full.clip_loss(m, me, jnp.asarray(images), jnp.asarray(masks), plan, jax.random.key(0), cfg, loss_cfg)
 
     (loss, (terms, out)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
@@ -295,7 +295,7 @@ def test_full_training_step_matches_sam2_train(case, tmp_path, monkeypatch):
         check(f"grad {name}", torch_layout(g, how), to_np(tparams[name].grad))
 
 
-OPTIM = types.SimpleNamespace(lr=5e-6, vision_lr=3e-6, layer_decay=0.9, min_lr_ratio=0.1)
+OPTIM = types.SimpleNamespace(lr=5e-6, vision_lr_mult=0.6, layer_decay=0.9, min_lr_ratio=0.1)  # the yaml's 5e-6 / 3e-6
 
 
 def test_lr_and_weight_decay_per_parameter_match_sam2():
@@ -319,7 +319,7 @@ def test_lr_and_weight_decay_per_parameter_match_sam2():
     groups = [
         [
             {"option": "lr", "scheduler": const(OPTIM.lr), "parameter_names": names - vision},
-            {"option": "lr", "scheduler": const(OPTIM.vision_lr), "parameter_names": vision},
+            {"option": "lr", "scheduler": const(OPTIM.lr * OPTIM.vision_lr_mult), "parameter_names": vision},
         ]
     ]
     groups = layer_decay_param_modifier(

@@ -6,12 +6,13 @@ API (what the training loop calls):
 
     plan = clips.prompt_plan(rng, masks, cfg)          # host, numpy: SAM2Train.prepare_prompt_inputs
     out = track_clip(model, mem, images, masks, plan, key, cfg)   # one differentiable forward
-    loss, terms = multistep_loss(out, masks, cfg)      # MultiStepMultiMasksAndIous
-    loss, (terms, out) = clip_loss(model, mem, images, masks, plan, key, cfg)   # both, for grad
+    loss, terms = multistep_loss(out, masks, loss_cfg)      # MultiStepMultiMasksAndIous
+    loss, (terms, out) = clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path)
 
     images [B, T, S, S, 3] normalised (B clips of T slices), masks [B, T, K, S, S] bool/0-1
     (K objects per clip), plan: a dict of arrays (safeclick_jax/data/clips.py), key: a PRNG key
-    (corrective clicks drawn in the graph), cfg: the `full` config section (fields below).
+    (corrective clicks and drop_path drawn in the graph), cfg: the `clip` config section
+    (configs/common.py `_full`), loss cfg: the `loss` section.
 
 The objects of all clips form SAM2Train's batch (N = B*K rows); the image features of a slice are
 computed once and shared by its clip's objects. One plan serves the whole batch, as in SAM2Train
@@ -40,8 +41,9 @@ of the attention. A mask prompt becomes the frame's output (use_mask_input_as_ou
 Corrective clicks (num_correction_pt_per_frame) are drawn uniformly from the error region of the
 previous step (sam2_utils.sample_random_points_from_errors), each step decoding with the previous
 low-res logits as mask prompt; a corrected frame becomes conditioning
-(add_all_frames_to_correct_as_cond). The memory encoder reads sigmoid(logits): SAM2Base
-binarises masks from clicks only in eval mode.
+(add_all_frames_to_correct_as_cond). The memory encoder reads sigmoid(logits), as SAM2Base in
+training mode; `binarize_mask_from_pts_for_mem_enc` thresholds masks of frames with clicks instead
+(what SAM2Base does in eval mode).
 
 Multimask (sam2 configs: multimask_output_in_sam, for tracking, 0..1 points): a decoding with at
 most one point uses the three multimask outputs, else the single mask. Each step keeps all four
@@ -61,6 +63,7 @@ from safeclick_jax.training import losses
 from safeclick_jax.training.step import decoder_outputs
 
 NOT_A_POINT = -1
+OBJ_FOCAL = (-1.0, 0.0)  # sam2 yaml: focal_alpha_obj_score -1, focal_gamma_obj_score 0 (= BCE)
 MULTIMASK_MAX_POINTS = 1  # sam2 configs: multimask_min_pt_num 0, multimask_max_pt_num 1
 
 
@@ -191,20 +194,19 @@ def correct(model, mem, feats, pix, coords, labels, first, gt, key, from_gt, rep
     return outs, last
 
 
-def track_clip(model, mem, images, masks, plan: dict, key, cfg) -> dict:
+def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float = 0.0) -> dict:
     """SAM2Train.forward_tracking over the clips -> per processing slot i (frame plan["order"][i]):
     masks [T, 1+C, N, 4, h, w], iou [T, 1+C, N, 4], obj [T, 1+C, N, 1], multimask [T, 1+C],
     valid [T, 1+C] (correction steps only on corrected frames), mask_prompt [T] (step 0 is a GT
     mask prompt), frame [T], ptr [T, N, d] and mem_feats [T, N, E, E, m] (the frame's final pointer
-    and memory)."""
+    and memory). cfg: the `clip` config section; drop_path: Hiera's stochastic depth rate."""
     b, num_frames, k, size = masks.shape[0], masks.shape[1], masks.shape[2], masks.shape[-1]
     n = b * k
     c = int(cfg.num_correction_pt_per_frame)
     max_init = 1 if num_frames == 1 else int(cfg.num_init_cond_frames)
     gt_all = masks.astype(bool).transpose(1, 0, 2, 3, 4).reshape(num_frames, n, size, size)
     key, drop_key = jax.random.split(key)
-    rate = float(cfg.drop_path_rate)
-    feats_all = encode_clips(model, images, (drop_key, rate) if rate > 0 else None)
+    feats_all = encode_clips(model, images, (drop_key, float(drop_path)) if drop_path > 0 else None)
     e = feats_all["pix"].shape[2]
     bank = {
         "feats": jnp.zeros((num_frames, n, e, e, mem.mc.mem_dim), jnp.float32),
@@ -259,7 +261,9 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg) -> dict:
 
         mask_prompt = (is_init & ~plan["use_pt"]) if i < max_init else jnp.bool_(False)
         hr = jnp.where(mask_prompt, gt.astype(jnp.float32) * 20.0 - 10.0, video.upsample(last["low"], size)[..., 0])
-        mem_feats, _ = mem.encode_memory(feats["pix"], hr[..., None], last["obj"], False)
+        has_points = (is_init & plan["use_pt"]) | do_correct
+        binarize = has_points & bool(cfg.binarize_mask_from_pts_for_mem_enc)
+        mem_feats, _ = mem.encode_memory(feats["pix"], hr[..., None], last["obj"], jnp.broadcast_to(binarize, (n,)))
         kind = jnp.where(is_init | (do_correct & bool(cfg.add_all_frames_to_correct_as_cond)), 2, 1)
         bank = {
             "feats": bank["feats"].at[f].set(mem_feats),
@@ -304,8 +308,7 @@ def step_loss(masks, iou, obj, multimask, mask_prompt, target, cfg):
     else:
         iou_l = pick(iou_err)
     present = jnp.any(target, axis=(1, 2)).astype(jnp.float32)
-    # object score: sigmoid focal on the presence (sam2 config: alpha -1, gamma 0, i.e. BCE)
-    obj_l = losses.sigmoid_focal(obj[:, :, None], present[:, None, None], cfg.obj_focal_alpha, cfg.obj_focal_gamma)
+    obj_l = losses.sigmoid_focal(obj[:, :, None], present[:, None, None], *OBJ_FOCAL)
     return {
         "mask": jnp.sum(pick(focal) * present),
         "dice": jnp.sum(pick(dice) * present),
@@ -347,10 +350,10 @@ def multistep_loss(out: dict, masks, cfg):
     return total, terms
 
 
-def clip_loss(model, mem, images, masks, plan, key, cfg):
+def clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path: float = 0.0):
     """The differentiable loss of one batch of clips: (loss, (terms, tracking outputs))."""
-    out = track_clip(model, mem, images, masks, plan, key, cfg)
-    loss, terms = multistep_loss(out, masks, cfg)
+    out = track_clip(model, mem, images, masks, plan, key, cfg, drop_path)
+    loss, terms = multistep_loss(out, masks, loss_cfg)
     return loss, (terms, out)
 
 

@@ -7,7 +7,7 @@ optimizer.py), as optax, and which parts train.
 `params` is the trainable nnx.State of the pair (image model, SAM2Memory) (nnx.split((model, mem),
 trainable, ...)); paths are read as the torch names they mirror (models/weight_map.py).
 
-- lr: `lr` for everything, `vision_lr` for the image encoder, both cosine-annealed to
+- lr: `lr` for everything, `vision_lr_mult * lr` for the image encoder, both cosine-annealed to
   lr * min_lr_ratio (fvcore CosineParamScheduler from lr to lr / 10), and on the Hiera trunk the
   layer-wise decay of layer_decay_param_modifier: block i scales by layer_decay ** (L - i - 1)
   with L = number of blocks + 1, the patch embedding by layer_decay ** L, the position embeddings
@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from safeclick_jax.training.task import ConfigError
 
 # What trains: config names -> top-level attributes of (image model, SAM2Memory).
 PARTS = {
@@ -49,10 +51,6 @@ LAYER_NORM_2D = (
 TRUNK = "image_encoder.trunk."
 
 
-class PartError(ValueError):
-    """An unknown part named in what trains."""
-
-
 def torch_name(path) -> str:
     """A Flax param path of (model, mem) -> the torch key it mirrors ('...kernel' -> '...weight')."""
     keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
@@ -64,10 +62,11 @@ def torch_name(path) -> str:
 
 
 def trainable_filter(parts):
-    """nnx filter of the Params of the named parts (PARTS); PartError names an unknown one."""
+    """nnx filter of the Params of the named parts (PARTS); ConfigError (one line, exit 2 in
+    train.py) names an unknown one."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise PartError(f"unknown part(s) {unknown} in what trains; known: {sorted(PARTS)}")
+        raise ConfigError(f"train.parts: unknown part(s) {unknown}; known: {sorted(PARTS)}")
     roots = {r for p in parts for r in PARTS[p]}
 
     def is_trainable(path, value) -> bool:
@@ -91,7 +90,7 @@ def lr_scale(name: str, cfg, num_blocks: int) -> float:
     """A tensor's lr relative to `lr` (layer_decay_param_modifier on the vision / base groups)."""
     if not name.startswith("image_encoder."):
         return 1.0
-    scale = float(cfg.vision_lr) / float(cfg.lr)
+    scale = float(cfg.vision_lr_mult)
     if name.startswith(TRUNK):
         if fnmatch.fnmatchcase(name, "*pos_embed*"):
             return scale
@@ -130,13 +129,13 @@ def scale_per_parameter(scales) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg, params, total_steps: int):
-    """-> (optax transform, base lr schedule). cfg: the optimiser fields of the `full` section
-    (lr, vision_lr, min_lr_ratio, layer_decay, weight_decay, grad_clip, b1, b2, eps)."""
+    """-> (optax transform, base lr schedule). cfg: the `optim` section of `full` (lr,
+    vision_lr_mult, min_lr_ratio, layer_decay, weight_decay, grad_clip, b1, b2)."""
     scales, decay_mask = per_parameter(params, cfg)
     schedule = optax.cosine_decay_schedule(float(cfg.lr), max(int(total_steps), 1), alpha=float(cfg.min_lr_ratio))
     chain = [optax.clip_by_global_norm(float(cfg.grad_clip))] if float(cfg.grad_clip) > 0 else []
     chain += [
-        optax.scale_by_adam(float(cfg.b1), float(cfg.b2), float(cfg.eps)),
+        optax.scale_by_adam(float(cfg.b1), float(cfg.b2)),  # eps 1e-8 as torch
         optax.add_decayed_weights(float(cfg.weight_decay), decay_mask),
         optax.scale_by_learning_rate(schedule),
         scale_per_parameter(scales),
