@@ -7,7 +7,7 @@ API (what the training loop calls):
     plan = clips.prompt_plan(rng, masks, cfg)          # host, numpy: SAM2Train.prepare_prompt_inputs
     out = track_clip(model, mem, images, masks, plan, key, cfg)   # one differentiable forward
     loss, terms = multistep_loss(out, masks, loss_cfg)      # MultiStepMultiMasksAndIous
-    loss, (terms, out) = clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path)
+    loss, (terms, out) = clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path, dropout)
 
     images [B, T, S, S, 3] normalised (B clips of T slices), masks [B, T, K, S, S] bool/0-1
     (K objects per clip), plan: a dict of arrays (safeclick_jax/data/clips.py), key: a PRNG key
@@ -84,9 +84,9 @@ def frame_features(feats: dict, f, k: int) -> dict:
     return jax.tree.map(lambda x: per_object(x[f], k), feats)
 
 
-def memory_conditioned(mem, feats: dict, bank: dict, f, num_frames: int):
+def memory_conditioned(mem, feats: dict, bank: dict, f, num_frames: int, dropout=None):
     """sam2_base._prepare_memory_conditioned_features (training mode, max_cond_frames_in_attn -1,
-    stride 1) for frame f from the bank -> [N,E,E,d]."""
+    stride 1) for frame f from the bank -> [N,E,E,d]. dropout: None or (key, rate)."""
     mc = mem.mc
     n, e, _, d = feats["pix"].shape
     t = jnp.arange(num_frames)
@@ -111,7 +111,7 @@ def memory_conditioned(mem, feats: dict, bank: dict, f, num_frames: int):
     mask = jnp.concatenate([jnp.repeat(spatial_valid, e * e), jnp.repeat(ptr_valid, split)])
     mask = jnp.broadcast_to(mask[None], memory.shape[:2])
     x = mem.memory_attention(
-        feats["pix"].reshape(n, e * e, d), feats["pos"].reshape(n, e * e, d), memory, pos, ptrs.shape[1], mask
+        feats["pix"].reshape(n, e * e, d), feats["pos"].reshape(n, e * e, d), memory, pos, ptrs.shape[1], mask, dropout
     )
     return x.reshape(n, e, e, d)
 
@@ -194,12 +194,13 @@ def correct(model, mem, feats, pix, coords, labels, first, gt, key, from_gt, rep
     return outs, last
 
 
-def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float = 0.0) -> dict:
+def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float = 0.0, dropout: float = 0.0) -> dict:
     """SAM2Train.forward_tracking over the clips -> per processing slot i (frame plan["order"][i]):
     masks [T, 1+C, N, 4, h, w], iou [T, 1+C, N, 4], obj [T, 1+C, N, 1], multimask [T, 1+C],
     valid [T, 1+C] (correction steps only on corrected frames), mask_prompt [T] (step 0 is a GT
     mask prompt), frame [T], ptr [T, N, d] and mem_feats [T, N, E, E, m] (the frame's final pointer
-    and memory). cfg: the `clip` config section; drop_path: Hiera's stochastic depth rate."""
+    and memory). cfg: the `clip` config section; drop_path: Hiera's stochastic depth rate;
+    dropout: memory attention's dropout rate (model.drop_path / model.dropout)."""
     b, num_frames, k, size = masks.shape[0], masks.shape[1], masks.shape[2], masks.shape[-1]
     n = b * k
     c = int(cfg.num_correction_pt_per_frame)
@@ -227,8 +228,10 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
         coords = no_click[0].at[:, :2].set(plan["coords"][f])
         labels = no_click[1].at[:, :2].set(jnp.where(is_init & plan["use_pt"], plan["labels"][f], PAD_LABEL))
 
-        def tracked(feats=feats, f=f, bank=bank):
-            return memory_conditioned(mem, feats, bank, f, num_frames)
+        drop = (jax.random.fold_in(drop_key, 1000 + i), float(dropout)) if dropout > 0 else None
+
+        def tracked(feats=feats, f=f, bank=bank, drop=drop):
+            return memory_conditioned(mem, feats, bank, f, num_frames, drop)
 
         untracked = lambda feats=feats: video.no_memory_features(model, feats)
         if i == 0:
@@ -350,9 +353,9 @@ def multistep_loss(out: dict, masks, cfg):
     return total, terms
 
 
-def clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path: float = 0.0):
+def clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path: float = 0.0, dropout: float = 0.0):
     """The differentiable loss of one batch of clips: (loss, (terms, tracking outputs))."""
-    out = track_clip(model, mem, images, masks, plan, key, cfg, drop_path)
+    out = track_clip(model, mem, images, masks, plan, key, cfg, drop_path, dropout)
     loss, terms = multistep_loss(out, masks, loss_cfg)
     return loss, (terms, out)
 
