@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from safeclick_jax.inference.loader import load_model
 from safeclick_jax.models.memory import SAM2Memory
-from safeclick_jax.models.registry import load_model
 from safeclick_jax.models.sam2 import IMAGE_PATH_PREFIXES
 from safeclick_jax.training import full
 from tests.sam2_torch import config_path, numpy_state_dict, rel_err, torch
@@ -157,8 +157,8 @@ def jax_pair(tm, tmp_path):
     save_torch_state_dict(numpy_state_dict(tm), str(tmp_path / "model.pt"))
     args = ["--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "ckpt"), "--image-size", str(SIZE)]
     assert convert_main(args) == 0
-    model, _, extra = load_model(str(tmp_path / "ckpt"))
-    return model, SAM2Memory.from_extra(model.cfg, extra)
+    loaded = load_model(str(tmp_path / "ckpt"), memory="required")
+    return loaded.network, loaded.memory
 
 
 def check(name, got, ref, tol=REL):
