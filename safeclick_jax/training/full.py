@@ -180,7 +180,7 @@ def correct(model, mem, feats, pix, coords, labels, first, gt, key, from_gt, rep
             pred = jax.lax.stop_gradient(video.upsample(low, size)[..., 0] > 0) & ~use_gt
             c, lab = error_click(k, gt, pred)
         coords = jax.lax.dynamic_update_index_in_dim(coords, c, 2 + j, axis=1)
-        labels = jax.lax.dynamic_update_index_in_dim(labels, lab, 2 + j, axis=1)
+        labels = jax.lax.dynamic_update_index_in_dim(labels, lab, 2 + j, axis=1).at[:, -2].set(PAD_LABEL)
         out = heads(model, mem, feats, pix, coords, labels, low[..., None], jnp.ones((n,), bool))
         return (coords, labels, out["low"]), out
 
@@ -214,9 +214,11 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
         "ptr": jnp.zeros((num_frames, n, mem.mc.d_model), jnp.float32),
         "kind": jnp.zeros((num_frames,), jnp.int32),
     }
+    # prompt slots: 2 initial (click or box corners), c corrective, SAM's pad point, and a second pad
+    # point while a frame has no points (SAM2Base pads point_inputs=None with one itself)
     no_click = (
-        jnp.zeros((n, c + 3, 2), jnp.float32),
-        jnp.full((n, c + 3), PAD_LABEL, jnp.int32).at[:, -1].set(NOT_A_POINT),
+        jnp.zeros((n, c + 4, 2), jnp.float32),
+        jnp.full((n, c + 4), NOT_A_POINT, jnp.int32).at[:, : c + 2].set(PAD_LABEL),
     )
     replay = "corr_coords" in plan
     slots = []
@@ -226,7 +228,9 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
         gt = gt_all[f]
         is_init = plan["init_cond"][f] if 0 < i < max_init else (i == 0)
         coords = no_click[0].at[:, :2].set(plan["coords"][f])
-        labels = no_click[1].at[:, :2].set(jnp.where(is_init & plan["use_pt"], plan["labels"][f], PAD_LABEL))
+        has_pts = is_init & plan["use_pt"]
+        labels = no_click[1].at[:, :2].set(jnp.where(has_pts, plan["labels"][f], PAD_LABEL))
+        labels = labels.at[:, -2].set(jnp.where(has_pts, PAD_LABEL, NOT_A_POINT))
 
         drop = (jax.random.fold_in(drop_key, 1000 + i), float(dropout)) if dropout > 0 else None
 
