@@ -183,7 +183,7 @@ GRADS = {
     "memory_attention.layers.2.cross_attn_image.k_proj.weight": "T",
     "memory_encoder.fuser.layers.0.pwconv1.weight": "T",
     "obj_ptr_proj.layers.0.weight": "T",
-    "maskmem_tpos_enc": "tpos",
+    "maskmem_tpos_enc": "same",
 }
 
 

@@ -51,9 +51,14 @@ LAYER_NORM_2D = (
 TRUNK = "image_encoder.trunk."
 
 
+def _keys(path) -> list[str]:
+    """Dict / sequence keys of a pytree path (the array inside an nnx.Variable adds `.value`)."""
+    return [str(getattr(p, "key", getattr(p, "idx", ""))) for p in path if not isinstance(p, jax.tree_util.GetAttrKey)]
+
+
 def torch_name(path) -> str:
     """A Flax param path of (model, mem) -> the torch key it mirrors ('...kernel' -> '...weight')."""
-    keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+    keys = _keys(path)
     if keys and keys[0] in ("0", "1"):  # the (image model, memory) pair
         keys = keys[1:]
     if keys[-1] in ("kernel", "scale", "embedding"):
@@ -115,7 +120,7 @@ def per_parameter(params, cfg):
     flat = list(nnx.to_flat_state(params))
     num_blocks = _num_blocks([torch_name(p) for p, _ in flat])
     # a LayerNorm weight is nnx.LayerNorm's `scale` (every `scale` Param in these models)
-    norm = lambda path: str(getattr(path[-1], "key", path[-1])) == "scale"
+    norm = lambda path: _keys(path)[-1] == "scale"
     scales = jax.tree_util.tree_map_with_path(lambda p, _: lr_scale(torch_name(p), cfg, num_blocks), params)
     mask = jax.tree_util.tree_map_with_path(lambda p, _: decays(torch_name(p), norm(p)), params)
     return scales, mask
