@@ -53,10 +53,11 @@ def empty_bank(num_slices: int, embed: int, mem_dim: int, d_model: int) -> dict:
     }
 
 
-def encode_frame(model, image) -> dict:
-    """image [1,S,S,3] normalised -> raw stride-16 features and pos (no no_mem_embed), the
-    decoder's high-res features, and SafeClick's intermediate block when the model has one."""
-    out = model.image_encoder(image)
+def encode_frame(model, image, drop_path=None) -> dict:
+    """image [B,S,S,3] normalised -> raw stride-16 features and pos (no no_mem_embed), the
+    decoder's high-res features, and SafeClick's intermediate block when the model has one.
+    drop_path: Hiera's stochastic depth (key, rate) in training, None otherwise."""
+    out = model.image_encoder(image, drop_path)
     fpn = out["backbone_fpn"]
     feats = {
         "pix": fpn[-1],
@@ -217,15 +218,17 @@ def mask_as_output(model, mem, feats: dict, mask_hr):
     output without memory: logits mask * 20 - 10 downsampled x4 (bilinear, antialiased); the
     object pointer comes from the SAM heads on the raw features with mask_downsample(mask) as the
     dense prompt and no points; the object score is +-10 from whether the mask is empty.
-    Returns (low-res logits [1,4E,4E], object pointer [1,d], object score [1,1])."""
-    s = mask_hr.shape[1]
+    Batched over objects: mask_hr [B,S,S,1] with feats of batch B.
+    Returns (low-res logits [B,4E,4E], object pointer [B,d], object score [B,1])."""
+    b, s = mask_hr.shape[:2]
+    mask_hr = mask_hr.astype(jnp.float32)  # a bool mask would keep the conv below boolean
     high = mask_hr * 20.0 - 10.0
-    low = jax.image.resize(high, (1, s // 4, s // 4, 1), "linear", antialias=True)[..., 0]
-    coords, labels = no_prompt()
+    low = jax.image.resize(high, (b, s // 4, s // 4, 1), "linear", antialias=True)[..., 0]
+    coords, labels = no_prompt(b)
     _, ptr, _ = sam_heads(
-        model, mem, feats, feats["pix"], coords, labels, mem.mask_downsample(mask_hr), jnp.ones((1,), bool), False
+        model, mem, feats, feats["pix"], coords, labels, mem.mask_downsample(mask_hr), jnp.ones((b,), bool), False
     )
-    present = jnp.any(mask_hr > 0).astype(jnp.float32).reshape(1, 1)
+    present = jnp.any(mask_hr > 0, axis=(1, 2, 3)).astype(jnp.float32)[:, None]
     if mem.mc.fixed_no_obj_ptr:
         ptr = present * ptr
     ptr = ptr + (1 - present) * mem.no_obj_ptr[...]

@@ -101,6 +101,13 @@ class MultiScaleAttention(nnx.Module):
         return self.proj(x.reshape(n, h, w, -1))
 
 
+def drop_path(x, rate, key):
+    """sam2 DropPath (stochastic depth): the branch is zeroed per sample with probability `rate`,
+    kept samples are scaled by 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class MultiScaleBlock(nnx.Module):
     def __init__(
         self,
@@ -122,7 +129,8 @@ class MultiScaleBlock(nnx.Module):
         if dim != dim_out:
             self.proj = linear(dim, dim_out, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, drop=None):
+        """drop: None, or (key, rate) for stochastic depth on both residual branches (training)."""
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
@@ -143,8 +151,13 @@ class MultiScaleBlock(nnx.Module):
                 pad_hw = (pad_hw[0] // self.q_stride[0], pad_hw[1] // self.q_stride[1])
         if self.window_size > 0:
             x = window_unpartition(x, ws, pad_hw, (h, w))
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        if drop is None:
+            x = shortcut + x
+            return x + self.mlp(self.norm2(x))
+        key, rate = drop
+        k1, k2 = jax.random.split(key)
+        x = shortcut + drop_path(x, rate, k1)
+        return x + drop_path(self.mlp(self.norm2(x)), rate, k2)
 
 
 class BlockSpec(NamedTuple):
@@ -214,13 +227,19 @@ class Hiera(nnx.Module):
         pe = pe + jnp.tile(win, (1, 1, h // wh, w // ww))
         return pe.transpose(0, 2, 3, 1)
 
-    def __call__(self, x) -> list[jax.Array]:
+    def __call__(self, x, drop_path=None) -> list[jax.Array]:
+        """drop_path: None, or (key, rate): stochastic depth rising linearly from 0 on the first
+        block to `rate` on the last (sam2 Hiera's drop_path_rate; training only)."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"Hiera expects [B, H, W, 3] images, got shape {x.shape}")
         x = self.patch_embed(x)
         x = x + self.get_pos_embed(x.shape[1:3]).astype(x.dtype)
         outs = []
-        for blk in self.blocks:
-            x = blk(x)
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            drop = (
+                None if drop_path is None else (jax.random.fold_in(drop_path[0], i), drop_path[1] * i / max(n - 1, 1))
+            )
+            x = blk(x, drop)
             outs.append(x)
         return outs

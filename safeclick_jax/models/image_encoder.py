@@ -109,8 +109,8 @@ class ImageEncoder(nnx.Module):
         self.trunk = Hiera(cfg.hiera, rngs)
         self.neck = FpnNeck(cfg, rngs)
 
-    def __call__(self, x) -> dict:
-        blocks = self.trunk(x)
+    def __call__(self, x, drop_path=None) -> dict:
+        blocks = self.trunk(x, drop_path)
         features, pos = self.neck([blocks[i] for i in self.trunk.cfg.stage_ends])
         if self.scalp > 0:
             features, pos = features[: -self.scalp], pos[: -self.scalp]

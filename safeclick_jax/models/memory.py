@@ -111,6 +111,25 @@ def apply_rope(x, cos, sin):
 # --- memory attention --------------------------------------------------------------------------
 
 
+def drop(x, dropout):
+    """Dropout: None, or (key, rate): elements zeroed with probability rate, the rest scaled."""
+    if dropout is None:
+        return x
+    key, rate = dropout
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def attention_with_dropout(q, k, v, key_mask, key, rate):
+    """softmax(q k^T / sqrt(d)) with dropout on the weights, times v (torch SDPA's dropout_p):
+    q / k [B,H,N,d], v [B,H,Nk,dv], key_mask [B,Nk] or None -> [B,H,Nq,dv]."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        s = jnp.where(key_mask[:, None, None, :], s, jnp.finfo(s.dtype).min)
+    w = drop(jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype), (key, rate))
+    return jnp.einsum("bhqk,bhkd->bhqd", w, v)
+
+
 class RoPEAttention(Attention):
     """transformer.RoPEAttention: SAM's Attention with axial RoPE on q and k (one 256-d head).
 
@@ -122,7 +141,8 @@ class RoPEAttention(Attention):
         super().__init__(dim, num_heads, rngs, 1, kv_in_dim)
         self.theta = theta
 
-    def __call__(self, q, k, v, num_k_exclude_rope: int = 0, key_mask=None):
+    def __call__(self, q, k, v, num_k_exclude_rope: int = 0, key_mask=None, dropout=None):
+        """dropout: None, or (key, rate) on the attention weights (training)."""
         b, nq, _ = q.shape
         nk = k.shape[1]
         h = self.num_heads
@@ -149,7 +169,11 @@ class RoPEAttention(Attention):
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         if late_v:
             v = jnp.broadcast_to(v, (b, h, nk, v.shape[-1]))
-        out = dot_product_attention(q, k, v, key_mask).transpose(0, 2, 1, 3)  # [B, Nq, H, hd or kv_in]
+        if dropout is None:
+            out = dot_product_attention(q, k, v, key_mask)
+        else:
+            out = attention_with_dropout(q, k, v, key_mask, *dropout)
+        out = out.transpose(0, 2, 1, 3)  # [B, Nq, H, hd or kv_in]
         if late_v:
             w = self.v_proj.kernel[...].reshape(-1, h, hd)  # head i's value projection: w[:, i]
             out = jnp.einsum("bqhc,chd->bqhd", out, w) + self.v_proj.bias[...].reshape(h, hd)
@@ -170,13 +194,16 @@ class MemoryAttentionLayer(nnx.Module):
         self.norm2 = layers.layer_norm(d, ATTN_LN_EPS, rngs)
         self.norm3 = layers.layer_norm(d, ATTN_LN_EPS, rngs)
 
-    def __call__(self, tgt, memory, pos, num_k_exclude_rope: int = 0, key_mask=None):
+    def __call__(self, tgt, memory, pos, num_k_exclude_rope: int = 0, key_mask=None, dropout=None):
+        """dropout: None, or (key, rate): sam2's dropout on both attentions' weights, the three
+        residual branches and the feed-forward hidden layer (training)."""
+        keys = [None] * 6 if dropout is None else [(k, dropout[1]) for k in jax.random.split(dropout[0], 6)]
         x = self.norm1(tgt)
-        tgt = tgt + self.self_attn(x, x, x)
+        tgt = tgt + drop(self.self_attn(x, x, x, dropout=keys[0]), keys[1])
         x = self.norm2(tgt)
-        tgt = tgt + self.cross_attn_image(x, memory + pos, memory, num_k_exclude_rope, key_mask)
+        tgt = tgt + drop(self.cross_attn_image(x, memory + pos, memory, num_k_exclude_rope, key_mask, keys[2]), keys[3])
         x = self.norm3(tgt)
-        return tgt + self.linear2(jax.nn.relu(self.linear1(x)))
+        return tgt + drop(self.linear2(drop(jax.nn.relu(self.linear1(x)), keys[4])), keys[5])
 
 
 class MemoryAttention(nnx.Module):
@@ -184,12 +211,13 @@ class MemoryAttention(nnx.Module):
         self.layers = nnx.List([MemoryAttentionLayer(mc, rngs) for _ in range(mc.attention_layers)])
         self.norm = layers.layer_norm(mc.d_model, ATTN_LN_EPS, rngs)
 
-    def __call__(self, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: int = 0, key_mask=None):
+    def __call__(self, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: int = 0, key_mask=None, dropout=None):
         """curr / curr_pos [B, N, d] (flattened E x E grid, row-major), memory / memory_pos
         [B, M, mem_dim] with the object-pointer tokens last, key_mask [B, M] or None -> [B, N, d]."""
         x = curr + 0.1 * curr_pos  # pos_enc_at_input
-        for layer in self.layers:
-            x = layer(x, memory, memory_pos, num_obj_ptr_tokens, key_mask)
+        for i, layer in enumerate(self.layers):
+            d = None if dropout is None else (jax.random.fold_in(dropout[0], i), dropout[1])
+            x = layer(x, memory, memory_pos, num_obj_ptr_tokens, key_mask, d)
         return self.norm(x)
 
 

@@ -27,7 +27,7 @@ def sigmoid_focal(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
     prob = jax.nn.sigmoid(logits)
     ce = jnp.logaddexp(0.0, logits) - logits * targets  # binary_cross_entropy_with_logits
     p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    loss = ce * (1 - p_t) ** gamma if gamma else ce  # gamma 0: plain BCE (and no 0 * inf gradient)
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.mean(axis=(-2, -1))

@@ -71,21 +71,30 @@ def image_features(model, batch, keep_block, dtype=jnp.float32):
     return f
 
 
-def decode_all(model, features, coords, labels):
-    """All four decoder outputs (single-mask token 0, multimask tokens 1..3), no mask input:
-    SAM 2's decode (models.sam2.decode_prompts) before its output selection.
-    Returns (mask logits [B,4,4E,4E], iou [B,4], object score logits [B,1])."""
+def decoder_outputs(model, features, coords, labels, mask_input=None, has_mask=None):
+    """SAM 2's decode (models.sam2.decode_prompts) before its output selection: all four outputs
+    (single-mask token 0, multimask tokens 1..3). mask_input [B,4E,4E,1] with has_mask [B], or
+    None (no mask prompt). Returns (mask logits [B,4,4E,4E], iou [B,4], mask tokens [B,4,d],
+    object score logits [B,1])."""
     pe, dec = model.sam_prompt_encoder, model.sam_mask_decoder
     b = coords.shape[0]
-    m = 4 * features["image_embed"].shape[1]
+    if mask_input is None:
+        m = 4 * features["image_embed"].shape[1]
+        mask_input, has_mask = jnp.zeros((b, m, m, 1), jnp.float32), jnp.zeros((b,), bool)
     dt = features["image_embed"].dtype  # prompts embedded in float32, then cast (module docstring)
-    sparse, dense = pe(coords, labels, jnp.zeros((b, m, m, 1), jnp.float32), jnp.zeros((b,), bool))
+    sparse, dense = pe(coords, labels, mask_input, has_mask)
     hs, src = dec.transformer_tokens(
         features["image_embed"], pe.get_dense_pe().astype(dt), sparse.astype(dt), dense.astype(dt), labels != PAD_LABEL
     )
     if "refined" in features:
         src = model.safeclick.fuse(features["refined"], src)
-    masks, iou, _, obj = dec.heads(hs, src, features["high_res_feats"])
+    return dec.heads(hs, src, features["high_res_feats"])
+
+
+def decode_all(model, features, coords, labels):
+    """All four decoder outputs without a mask prompt -> (mask logits [B,4,4E,4E], iou [B,4],
+    object score logits [B,1]), float32."""
+    masks, iou, _, obj = decoder_outputs(model, features, coords, labels)
     return masks.astype(jnp.float32), iou.astype(jnp.float32), obj.astype(jnp.float32)
 
 
