@@ -50,6 +50,8 @@ def make(
     # auto | chunked | full | cudnn (safeclick_jax/models/attention.py); SAFECLICK_ATTENTION overrides it
     c.model.attention = "auto"
     c.model.attention_max_scores = -1  # chunk size in score elements; -1: attention.MAX_SCORES
+    c.model.drop_path = 0.0  # Hiera's stochastic depth when the encoder trains (`full`)
+    c.model.dropout = 0.0  # memory attention dropout when the memory path trains (`full`)
     c.model.safeclick = ml_collections.ConfigDict(
         dict(
             intermediate_block=-1,
@@ -213,17 +215,23 @@ def _full(c, model_name: str):
     c.clip.num_correction_pt_per_frame = 7
     c.clip.prob_to_sample_from_gt = 0.1  # a correction click drawn from the GT mask, not the error
     c.clip.add_all_frames_to_correct_as_cond = True  # a corrected frame becomes a conditioning frame
+    # masks entering the memory encoder: sigmoid of the logits (SAM2Train, training mode); True
+    # binarises masks of frames prompted by clicks (SAM2Base in eval mode)
+    c.clip.binarize_mask_from_pts_for_mem_enc = False
+    # a frozen image encoder (image_encoder not in train.parts) may read cached features
+    c.clip.cached_features = False
 
-    # sam2's optimiser (training/full_optim.py): lr for everything but the image encoder, vision_lr
-    # for it, and on the Hiera trunk layer-wise decay layer_decay^(L - layer) (layer_decay_param_modifier;
-    # pos_embed at 1), no weight decay on biases and LayerNorms, cosine to min_lr_ratio x lr, AdamW.
+    # sam2's optimiser: the image encoder at vision_lr_mult * lr (3e-6 / 5e-6 in the yaml), the Hiera
+    # trunk's blocks with layer-wise decay layer_decay^(depth - layer) (layer_decay_param_modifier;
+    # pos_embed at 1.0), no weight decay on biases and norms, cosine to min_lr_ratio * lr.
     c.optim.lr = 5e-6
-    c.optim.vision_lr = 3e-6
+    c.optim.vision_lr_mult = 0.6
     c.optim.layer_decay = 0.9
     c.optim.weight_decay = 0.1
     c.optim.min_lr_ratio = 0.1
     c.optim.grad_clip = 0.1
-    c.optim.eps = 1e-8  # torch's AdamW
+    c.model.drop_path = 0.1  # Hiera's stochastic depth (drop_path_rate)
+    c.model.dropout = 0.1  # memory attention (dropout of its layers)
 
     c.loss.iou_loss = "l1"  # iou_use_l1_loss: true
     c.data.batch_size = 1  # clips per step (train_batch_size); each has up to K objects
