@@ -145,8 +145,8 @@ class ClipTask:
     def optimizer(self, total_steps: int, log):
         o = self.config.optim
         log(
-            f"optimizer: AdamW, lr {o.lr:g} (image encoder {o.vision_lr:g}, Hiera layer decay {o.layer_decay:g}), "
-            f"weight decay {o.weight_decay:g} (none on biases and LayerNorms), clip {o.grad_clip:g}"
+            f"optimizer: AdamW, lr {o.lr:g} (image encoder x{o.vision_lr_mult:g}, Hiera layer decay "
+            f"{o.layer_decay:g}), weight decay {o.weight_decay:g} (none on biases and LayerNorms), clip {o.grad_clip:g}"
         )
         return full_optim.make_optimizer(o, self.params_like, total_steps)
 
