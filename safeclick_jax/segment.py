@@ -1,8 +1,10 @@
-"""Segment structures through a NIfTI volume from clicks, boxes or an existing label map.
+"""Segment structures through a NIfTI volume or a DICOM series from clicks, boxes or an existing
+label map.
 
     python -m safeclick_jax.segment --image IN.nii.gz --checkpoint DIR --out OUT.nii.gz \\
         [--point X,Y,Z[,L][@ID] ...] [--box U0,V0,U1,V1,S[@ID] ...] [--init-labels LABELS.nii.gz] \\
         [--world] [--axis 2] [--label 1]
+    python -m safeclick_jax.segment --image SERIES_DIR_OR_ZIP ... --out OUT.nii.gz [--out-seg OUT.dcm]
 
 Coordinates are voxel indices of the input file (0-based integers, as in ITK-SNAP's or nibabel's
 array order; 1.5, NaN or Inf is refused), or with `--world` world millimetres (RAS+, as the file's
@@ -20,11 +22,17 @@ values = object ids (uint8; where objects overlap, the one with the highest logi
 writes V instead of 1 when object 1 is the only one. Any orientation, anisotropic spacing,
 integer or float input; a 4D file needs --volume-index. Exit status 2 with a message for
 unusable input.
+
+A DICOM series (a folder of one series' files, or a .zip of one; safeclick_jax/data/dicom.py) has
+the voxel grid (column, row, slice number with slices in position order), the affine from its
+positions and orientation converted to RAS; the output NIfTI is on that grid. `--out-seg` also
+writes a DICOM SEG referencing the series (highdicom).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import re
 import sys
@@ -93,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--image", required=True, help="input NIfTI (.nii / .nii.gz)")
+    p.add_argument("--image", required=True, help="input NIfTI (.nii / .nii.gz), DICOM series folder or .zip")
     p.add_argument("--checkpoint", required=True, help="model directory (convert.sam2_to_flax or a training export)")
     p.add_argument(
         "--memory-checkpoint",
@@ -101,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model directory to take SAM 2's memory path from, when --checkpoint has none",
     )
     p.add_argument("--out", required=True, help="output NIfTI label map")
+    p.add_argument("--out-seg", default=None, help="also a DICOM SEG of the label map (DICOM series input only)")
     p.add_argument("--point", type=parse_point, action="append", metavar="X,Y,Z[,L][@ID]")
     p.add_argument("--box", type=parse_box, action="append", metavar="U0,V0,U1,V1,S[@ID]")
     p.add_argument("--init-labels", default=None, help="NIfTI label map on the input's grid to start from")
@@ -171,6 +180,13 @@ def main(argv=None) -> int:
 
         if not (a.point or a.box or a.init_labels):
             raise ValueError("give --point, --box or --init-labels")
+        if a.out_seg is not None:
+            from safeclick_jax.data import dicom
+
+            if not dicom.is_series(a.image):
+                raise ValueError(f"--out-seg: a DICOM SEG references a DICOM series; --image {a.image} is not one")
+            if importlib.util.find_spec("highdicom") is None:
+                raise ValueError("--out-seg needs highdicom (pip install highdicom)")
         axis = axis_index(a.axis)
         ids = {obj for _, obj in (a.point or []) + (a.box or [])}
         if a.label is not None:
@@ -230,6 +246,15 @@ def main(argv=None) -> int:
     nib.save(result, a.out)
     counts = ", ".join(f"{int(k)}: {int((labels == k).sum())}" for k in np.unique(labels) if k)
     print(f"\nwrote {a.out}: shape {out.shape}, voxels per object {{{counts or 'none'}}}")
+    if a.out_seg is not None:
+        from safeclick_jax.data.dicom_seg import write_seg
+
+        try:
+            n = write_seg(labels, a.image, a.out_seg)
+        except VolumeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {a.out_seg}: DICOM SEG with {n} segment(s), referencing {a.image}")
     return 0
 
 

@@ -281,3 +281,39 @@ def test_safe_path(tmp_path):
     for bad in ("a/../../b", "/abs.nii", "", "\\x.nii"):
         with pytest.raises(BadInput):
             safe_path(tmp_path, bad)
+
+
+def test_dicom_series_folder_and_zip(client, data_dir):
+    """A DICOM series folder under --data-dir and an uploaded .zip of one open as volumes on the
+    series' own grid; the label map is saved beside the folder as NAME_labels.nii.gz."""
+    import io
+    import zipfile
+
+    from safeclick_jax.data.volume_file import read_volume
+    from tests.dicom_series import phantom, rotation, series_geometry, write_series
+
+    r = rotation(20, -12, 31)
+    paths = write_series(
+        data_dir / "series1", phantom(), *series_geometry(r[:, 0], r[:, 1], 2 * r[:, 2], (0.75, 0.6), (0, 0, 0))
+    )
+    assert "series1" in [f["path"] for f in client.get("/api/files").json()["files"]]
+    want = read_volume(data_dir / "series1").image
+    v = _open(client, "series1")
+    assert v["shape"] == [24, 20, 12]
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(f"/api/volumes/{v['id']}/image.nii.gz").content))
+    assert img.shape == (24, 20, 12) and np.allclose(img.affine, want.affine)
+    assert np.array_equal(np.asarray(img.dataobj), np.asarray(want.dataobj))
+    r = client.post(f"/api/volumes/{v['id']}/prompts", json={"object": 1, "voxel": [12, 10, 6], "label": 1})
+    assert r.status_code == 200, r.text
+    assert client.post(f"/api/volumes/{v['id']}/save").json()["saved"] == "series1_labels.nii.gz"
+    saved = nib.load(str(data_dir / "series1_labels.nii.gz"))
+    assert saved.shape == (24, 20, 12) and np.allclose(saved.affine, want.affine)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in paths:
+            z.write(p, os.path.basename(p))
+    r = client.post("/api/volumes", files={"file": ("ct.zip", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    assert r.json()["shape"] == [24, 20, 12]
+    r = client.post("/api/volumes", files={"file": ("bad.zip", b"PK\x03\x04 not a zip")})
+    assert r.status_code == 400 and "unreadable zip file" in r.json()["detail"]

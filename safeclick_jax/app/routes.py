@@ -25,8 +25,9 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from safeclick_jax.app.requests import EditObject, NewObject, ObjectChoice, ObjectInPath, OpenVolume, Prompt
 from safeclick_jax.app.sessions import BadInput, Session, SessionStore, named, safe_path
+from safeclick_jax.data import dicom
 from safeclick_jax.data.preprocess import NORMALIZATIONS
-from safeclick_jax.data.volume_file import read_label_map, read_volume, volume_suffix
+from safeclick_jax.data.volume_file import SERIES_SUFFIX, read_label_map, read_volume, volume_stem, volume_suffix
 from safeclick_jax.inference.geometry import voxel_index
 
 log = logging.getLogger("safeclick_jax.app")
@@ -116,7 +117,13 @@ def files(st: State):
     for p in sorted(root.rglob("*")):
         try:
             rel = str(p.relative_to(root))
-            if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and safe_path(st.data_dir, rel):
+            if p.is_dir() and dicom.is_series(p) and safe_path(st.data_dir, rel):  # a DICOM series folder
+                out.append({"path": rel, "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file())})
+            elif (
+                p.is_file()
+                and p.name.lower().endswith((".nii", ".nii.gz", SERIES_SUFFIX))
+                and safe_path(st.data_dir, rel)
+            ):
                 out.append({"path": rel, "bytes": p.stat().st_size})
         except (BadInput, OSError):
             continue
@@ -160,7 +167,8 @@ async def open_volume(request: Request, st: State):
             if up is None or not hasattr(up, "filename"):
                 raise BadInput("multipart upload without a `file` field")
             name, source = Path(up.filename or "").name, None
-            path = work / ("input" + volume_suffix(name))
+            series = name.lower().endswith(SERIES_SUFFIX)  # a .zip of a DICOM series
+            path = work / ("input" + (SERIES_SUFFIX if series else volume_suffix(name)))
             with open(path, "wb") as f:
                 while chunk := await up.read(1 << 20):
                     f.write(chunk)
@@ -172,10 +180,15 @@ async def open_volume(request: Request, st: State):
             req = OpenVolume.model_validate(body)
             name = req.path
             path = source = safe_path(st.data_dir, req.path)
-            volume_suffix(source.name)
-            if not source.is_file():
-                raise BadInput(f"path {req.path!r}: no such file in the data folder")
+            series = dicom.is_series(source)  # a DICOM series folder or .zip
+            if not series:
+                volume_suffix(source.name)
+                if not source.is_file():
+                    raise BadInput(f"path {req.path!r}: no such file in the data folder")
         vol = await asyncio.to_thread(named, read_volume, path, name, max_voxels=st.max_voxels)
+        if series:  # the viewer and the downloads take the series as a NIfTI on its own grid
+            path = work / "input.nii.gz"
+            await asyncio.to_thread(nib.save, vol.image, str(path))
         engine = st.engines()
 
         def start():
@@ -239,6 +252,11 @@ async def prompt(body: Prompt, s: Live, st: State):
         return s.engine.label_slice(t)  # the plane k of the label map along `axis`
 
     mask, ms = await asyncio.to_thread(st.timed, s, run)
+    return slice_answer(s, o, axis, k, mask, ms)
+
+
+def slice_answer(s: Session, o: int, axis: int, k: int, mask, ms: float) -> dict:
+    """The answer to a prompt: object o's mask on plane k of `axis` (its label map there)."""
     s.objects.setdefault(o, {"name": f"object {o}", "visible": True})
     return {
         "object": o,
@@ -385,11 +403,11 @@ async def upload_labels(request: Request, s: Live, st: State):
 
 @router.post("/volumes/{sid}/save")
 def save(s: Live, st: State):
-    """Writes the label map beside the input in the data folder: NAME_labels.nii.gz."""
+    """Writes the label map beside the input in the data folder: NAME_labels.nii.gz (for a DICOM
+    series folder or zip NAME, on the series' grid)."""
     if s.source is None:
         raise BadInput("an uploaded volume has no place in the data folder; use Download")
-    stem = s.source.name[: -len(volume_suffix(s.source.name))]
-    out = s.source.with_name(stem + "_labels.nii.gz")
+    out = s.source.with_name(volume_stem(s.source) + "_labels.nii.gz")
     with s.lock:
         nib.save(s.labels_image(), str(out))
     return {"saved": str(out.relative_to(st.data_dir.resolve()))}

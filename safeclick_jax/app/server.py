@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
+from safeclick_jax.app import strokes
 from safeclick_jax.app.requests import validation_sentence
 from safeclick_jax.app.routes import AppState, router
 from safeclick_jax.app.sessions import SessionStore, safe_path  # noqa: F401  (safe_path: re-exported)
@@ -108,6 +109,7 @@ def create_app(
     else:
         log.warning("niivue is not installed (%s missing): run `make app-setup` (npm ci)", NIIVUE_DIST)
     app.include_router(router)
+    app.include_router(strokes.router)
     return app
 
 

@@ -1,7 +1,8 @@
 """The one reader of volume files for the engine, the CLI and the web app: `read_volume(path)`
-chooses the reader from the file's name (today NIfTI, safeclick_jax/data/nifti.py, whose checks
-and size limits it applies), `read_label_map` reads a label map on a volume's grid, and
-`check_array` applies the same checks to an array given directly.
+chooses the reader from the path (a NIfTI file: safeclick_jax/data/nifti.py, whose checks and size
+limits it applies; a DICOM series folder or a .zip of one: safeclick_jax/data/dicom.py),
+`read_label_map` reads a label map on a volume's grid, and `check_array` applies the same checks
+to an array given directly.
 """
 
 from __future__ import annotations
@@ -11,11 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from safeclick_jax.data import nifti
+from safeclick_jax.data import dicom, nifti
 from safeclick_jax.data.nifti import MAX_BYTES, MAX_VOXELS, Volume, VolumeError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-__all__ = ["MAX_BYTES", "MAX_VOXELS", "Volume", "VolumeError", "read_label_map", "read_volume", "volume_suffix"]
+SERIES_SUFFIX = ".zip"  # an uploaded DICOM series
+__all__ = [
+    "MAX_BYTES",
+    "MAX_VOXELS",
+    "Volume",
+    "VolumeError",
+    "read_label_map",
+    "read_volume",
+    "volume_stem",
+    "volume_suffix",
+]
 
 
 def volume_suffix(name: str) -> str:
@@ -27,6 +38,14 @@ def volume_suffix(name: str) -> str:
     raise VolumeError(f"{name!r}: only .nii and .nii.gz files are accepted")
 
 
+def volume_stem(path: str | os.PathLike) -> str:
+    """A volume's name without its format's suffix: `ct` for ct.nii.gz, ct.zip or a series folder ct/."""
+    name = Path(path).name
+    if Path(path).is_dir() or name.lower().endswith(SERIES_SUFFIX):
+        return name[: -len(SERIES_SUFFIX)] if name.lower().endswith(SERIES_SUFFIX) else name
+    return name[: -len(volume_suffix(name))]
+
+
 def read_volume(
     path: str | os.PathLike,
     volume_index: int | None = None,
@@ -35,9 +54,15 @@ def read_volume(
 ) -> Volume:
     """A volume file -> Volume (RAS data, orientation of the file's axes, the file's image and
     header). A 4D file needs `volume_index`; every axis needs at least two voxels. The size the
-    header declares is checked against `max_voxels` / `max_bytes` before any voxel is read."""
-    volume_suffix(Path(path).name)
-    vol = nifti.load_nifti(path, volume_index, max_voxels=max_voxels, max_bytes=max_bytes)
+    header declares is checked against `max_voxels` / `max_bytes` before any voxel is read. A DICOM
+    series (a folder or a .zip) reads on its own grid (column, row, slice in position order)."""
+    if dicom.is_series(path):
+        if volume_index is not None:
+            raise VolumeError(f"{path}: a DICOM series is one 3D volume; volume index {volume_index} does not apply")
+        vol = dicom.load_dicom(path, max_voxels)
+    else:
+        volume_suffix(Path(path).name)
+        vol = nifti.load_nifti(path, volume_index, max_voxels=max_voxels, max_bytes=max_bytes)
     if min(vol.input_shape) < 2:  # one voxel thick: an image, not a volume to propagate through
         raise VolumeError(f"{path}: a 3D volume is needed, the file has shape {vol.input_shape}")
     return vol

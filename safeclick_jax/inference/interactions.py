@@ -7,8 +7,9 @@ what the call received, resolved (a label map file as its array, a new object's 
 deterministic, so the objects, their undo / redo histories and the label map come back equal
 (tests/test_interactive.py). Arrays are stored as base64 of their zlib-compressed bytes.
 
-A new kind of prompt (a scribble, a lasso) is a VolumePredictor method that records itself with
-its own arguments and is added to RECORDED.
+Each kind of prompt (click or box, mask, scribble, lasso) is a VolumePredictor method that
+records itself with its own arguments (a scribble's stroke, a lasso's contour, not what they
+became), listed in RECORDED.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ RECORDED = (
     "reset_all",
     "add_prompt",
     "add_mask",
+    "add_scribble",
+    "add_lasso",
     "set_labels",
     "propagate",
     "undo",

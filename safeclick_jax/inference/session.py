@@ -71,7 +71,7 @@ from safeclick_jax.inference.geometry import IDENTITY_ORNT, SliceGeometry
 from safeclick_jax.inference.history import History, ObjectState
 from safeclick_jax.inference.interactions import check_entry, to_json
 from safeclick_jax.inference.limits import MAX_OBJECT_ID
-from safeclick_jax.inference.prompts import binary_mask, clicks_and_box
+from safeclick_jax.inference.prompts import SlicePrompt, binary_mask, clicks_and_box, lasso_mask, scribble_points
 from safeclick_jax.models.memory import SAM2Memory
 
 MIN_COND_SLOTS = 4  # with fixed_memory_slots: prompted slices in memory before a recompile
@@ -423,8 +423,21 @@ class VolumePredictor:
         t = self._check_slice(slice_index)
         k, obj, created = self._prepare_object(obj_id)
         given = clicks_and_box(points, labels, box, self.slice_hw, t)
+        n = 0 if given.points is None else len(given.points)
+        what = f"box on slice {t}" if box is not None else f"click{'s' if n > 1 else ''} on slice {t}"
+        low, new = self._prompt_state(obj, t, given, box is None and not clear)
+        self._install(k, created, what, obj, new)
+        self._record(
+            "add_prompt", slice_index=t, points=given.points, labels=given.labels, box=given.box, obj_id=k, clear=clear
+        )
+        out = np.asarray(steps.resize(low, self.slice_hw))[0]
+        return out if return_logits else out > 0
+
+    def _prompt_state(self, obj: ObjectState, t: int, given: SlicePrompt, accumulate: bool):
+        """(low-res logits, the object's new state) after the prompt `given` on slice t, added to
+        the slice's earlier clicks when `accumulate`."""
         coords, labs = given.tokens()
-        if box is None and not clear and t in obj.points:
+        if accumulate and t in obj.points:
             old_c, old_l = obj.points[t]
             coords, labs = np.concatenate([old_c, coords]), np.concatenate([old_l, labs])
 
@@ -454,13 +467,36 @@ class VolumePredictor:
         new.points[t] = (coords, labs)
         new.masks.pop(t, None)
         new.pending[t] = (low, ptr, score)
-        n = 0 if given.points is None else len(given.points)
-        what = f"box on slice {t}" if box is not None else f"click{'s' if n > 1 else ''} on slice {t}"
-        self._install(k, created, what, obj, new)
-        self._record(
-            "add_prompt", slice_index=t, points=given.points, labels=given.labels, box=given.box, obj_id=k, clear=clear
-        )
+        return low, new
+
+    def add_scribble(self, slice_index: int, stroke, label: int = 1, obj_id: int = 1, return_logits: bool = False):
+        """A freehand stroke on slice t, foreground (label 1) or background (0): points [N, 2]
+        (x, y), N >= 2. It becomes a click of that label at its midpoint by arc length
+        (prompts.scribble_points; docs/interactive.md says why), added to the slice's clicks.
+        Returns the object's mask on the slice."""
+        t = self._check_slice(slice_index)
+        k, obj, created = self._prepare_object(obj_id)
+        if isinstance(label, bool) or label not in (0, 1):
+            raise ValueError(f"scribble label {label!r}: 1 (foreground) or 0 (background)")
+        pts = scribble_points(stroke, self.slice_hw, t)
+        given = clicks_and_box(pts, np.full(len(pts), label, np.int32), None, self.slice_hw, t)
+        low, new = self._prompt_state(obj, t, given, True)
+        kind = "background scribble" if label == 0 else "scribble"
+        self._install(k, created, f"{kind} on slice {t}", obj, new)
+        self._record("add_scribble", slice_index=t, stroke=np.asarray(stroke, np.float64), label=int(label), obj_id=k)
         out = np.asarray(steps.resize(low, self.slice_hw))[0]
+        return out if return_logits else out > 0
+
+    def add_lasso(self, slice_index: int, contour, obj_id: int = 1, return_logits: bool = False) -> np.ndarray:
+        """A closed freehand contour on slice t (points [N, 2], x, y): the pixels it encloses
+        (prompts.lasso_mask) are the slice's mask prompt, as add_mask. Returns the object's mask
+        on the slice."""
+        t = self._check_slice(slice_index)
+        k, obj, created = self._prepare_object(obj_id)
+        mask = lasso_mask(contour, self.slice_hw, t)
+        out, new = self._mask_state(obj, t, mask)
+        self._install(k, created, f"lasso on slice {t}", obj, new)
+        self._record("add_lasso", slice_index=t, contour=np.asarray(contour, np.float64), obj_id=k)
         return out if return_logits else out > 0
 
     def add_mask(self, slice_index: int, mask, obj_id: int = 1, return_logits: bool = False) -> np.ndarray:

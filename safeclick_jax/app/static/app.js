@@ -1,10 +1,11 @@
 // safeclick-jax web page: niivue viewer + the server's HTTP API (docs/app.md).
 import { Niivue, DRAG_MODE, SLICE_TYPE, SHOW_RENDER } from "/vendor/niivue/index.js";
+import { strokeTools } from "/static/strokes.js";
 
 const $ = (id) => document.getElementById(id);
 // niivue's default drawing colours for label values 1..: the object list shows the same ones.
 const COLORS = ["#ff0000", "#00ff00", "#0000ff", "#ffff00", "#00ffff", "#ff00ff", "#ff8000", "#8000ff", "#00ff80"];
-const state = { vol: null, obj: 1, bg: false, busy: false, downAt: 0, loc: null, locAt: 0, inv: null };
+const state = { vol: null, obj: 1, bg: false, busy: false, downAt: 0, loc: null, locAt: 0, inv: null, tool: null };
 
 const nv = new Niivue({
   backColor: [0.07, 0.07, 0.07, 1],
@@ -117,7 +118,7 @@ function whereText() {
   const c = nv.scene && nv.volumes.length ? mmToVoxel(nv.frac2mm(nv.scene.crosshairPos)) : [0, 0, 0];
   const o = state.vol.objects.find((x) => x.id === state.obj);
   return `voxel [${c.join(", ")}]  slice ${c[state.vol.axis] + 1}/${state.vol.shape[state.vol.axis]}  ` +
-    `object: ${o ? o.name : "-"}  ${state.bg ? "BACKGROUND clicks" : "foreground clicks"}`;
+    `object: ${o ? o.name : "-"}  ${state.bg ? "BACKGROUND" : "foreground"} ${state.tool ? state.tool + "s" : "clicks"}`;
 }
 
 async function reload() {
@@ -162,10 +163,12 @@ async function watchEncoding(v) {
   $("encoding").textContent = "";
 }
 
-async function prompt(body) {
+// a click or box (POST .../prompts), or a scribble or lasso (kind: "scribbles" / "lassos")
+async function prompt(body, kind = "prompts") {
   const v = state.vol;
-  const out = await act(body.box ? "box" : body.label ? "click" : "background click", () =>
-    api("POST", `/api/volumes/${v.id}/prompts`, { object: state.obj, ...body }));
+  const what = kind === "lassos" ? "lasso" : kind === "scribbles" ? "scribble" : body.box ? "box" : "click";
+  const out = await act(body.label === 0 ? `background ${what}` : what, () =>
+    api("POST", `/api/volumes/${v.id}/${kind}`, { object: state.obj, ...body }));
   if (out) { await reload(); await refreshOverlay(); }
 }
 
@@ -205,6 +208,23 @@ nv.onDragRelease = (d) => {
   prompt({ box: [u0, v0, u1, v1], slice: a[ax], axis: ax });
 };
 const canvas = $("gl");
+state.strokes = strokeTools({
+  nv,
+  gl: canvas,
+  toVoxel: mmToVoxel,
+  send: async (kind, points, shift) => {
+    if (!state.vol) return;
+    await prompt(kind === "lassos" ? { points } : { points, label: shift || state.bg ? 0 : 1 }, kind);
+  },
+  changed: (tool) => {
+    state.tool = tool;
+    $("scribble").classList.toggle("on", tool === "scribble");
+    $("lasso").classList.toggle("on", tool === "lasso");
+    $("where").textContent = whereText();
+  },
+});
+$("scribble").onclick = () => state.strokes.setTool("scribble");
+$("lasso").onclick = () => state.strokes.setTool("lasso");
 let down = null;
 canvas.addEventListener("pointerdown", (e) => { down = { x: e.clientX, y: e.clientY, shift: e.shiftKey, button: e.button, t: performance.now() }; });
 canvas.addEventListener("pointerup", (e) => {
@@ -261,13 +281,13 @@ document.addEventListener("keydown", (e) => {
   const k = e.key.toLowerCase();
   if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); history(e.shiftKey ? "redo" : "undo"); }
   else if ((e.ctrlKey || e.metaKey) && k === "y") { e.preventDefault(); history("redo"); }
+  else if ((e.ctrlKey || e.metaKey) && k === "s") { e.preventDefault(); $("save").onclick(); }
   else if (e.ctrlKey || e.metaKey || e.altKey) return;
   else if (k === "p") propagate();
   else if (k === "b") { $("bg").checked = !$("bg").checked; $("bg").onchange({ target: $("bg") }); }
   else if (k === "n") $("add").onclick();
   else if (k === "c") $("clear").onclick();
   else if (k === "d") $("download").onclick();
-  else if (k === "s") $("save").onclick();
   else if (k === "h" && state.vol) { const o = state.vol.objects.find((x) => x.id === state.obj); if (o) toggleVisible(o); }
   else if (k >= "1" && k <= "9" && state.vol) {
     const o = state.vol.objects[parseInt(k) - 1];
