@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup lint test test-slow train table2 bench clean app app-setup browser-deps screenshot
+.PHONY: setup lint test test-slow train pretrain table2 bench clean app app-setup browser-deps screenshot
 
 setup: $(STAMP)
 
@@ -37,8 +37,10 @@ browser-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "browser-deps: install the Debian packages chromium and chromium-driver (as root)"; exit 1; fi
 
-# The demo (demo.py): the model `make train` exports (trained first when absent) and an example CT.
+# The demo (demo.py): the model `make train` exports (trained first when absent) and an example CT;
+# the first line says which encoder the demo model builds on (safeclick_jax/standin.py).
 app: setup app-setup
+	$(BIN)/python -m safeclick_jax.standin $(WORKDIR)/export
 	$(BIN)/python demo.py $(APP_ARGS)
 
 # The README's picture of the page: the browser test on the demo model (`make train` first when absent).
@@ -57,6 +59,12 @@ test-slow: setup
 
 train: setup
 	$(BIN)/python train.py --config $(CONFIG) --workdir $(WORKDIR)
+
+# The stand-in SAM 2 (pretrain.py, configs/standin.py): sam2.1 tiny from random weights on procedural
+# data, an image phase and a clip phase, then its zero-shot quality; workdir/standin/export, which
+# train, table2, app and evaluate.py then start from (safeclick_jax/standin.py).
+pretrain: setup
+	$(BIN)/python pretrain.py $(PRETRAIN_ARGS)
 
 # The paper's Table 2 in miniature (benchmarks/table2_mini.py): SAM 2 fine-tuned vs SafeClick, same encoder.
 table2: setup

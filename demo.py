@@ -33,10 +33,13 @@ def example_case():
 
 
 def example_volume(out_dir: Path) -> Path:
-    """Writes the example volume (`example_case`) into out_dir once; returns its path."""
+    """Writes the example volume (`example_case`) into out_dir once (again when the generator's grid
+    changed); returns its path."""
+    from safeclick_jax.data.synthetic_abdomen import SHAPE
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "synthetic_abdomen_015.nii.gz"
-    if not path.exists():
+    if not path.exists() or nib.load(str(path)).shape != SHAPE:
         image, _, affine = example_case()
         nib.save(nib.Nifti1Image(image, affine), str(path))
     return path
@@ -48,7 +51,7 @@ def demo_checkpoint() -> Path:
     if not (export / "model.json").exists():
         print(
             f"no trained model in {export}: training the demo model first "
-            "(python train.py --config configs/sam2_t.py, about 2 minutes on 2 CPU cores)...",
+            "(python train.py --config configs/sam2_t.py, about 5 minutes on 2 CPU cores)...",
             flush=True,
         )
         cmd = [sys.executable, "train.py", "--config", "configs/sam2_t.py", "--workdir", str(DEMO_WORKDIR)]

@@ -278,6 +278,12 @@ def main(argv):
 def _main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    from safeclick_jax import standin
+
+    for d in _CHECKPOINT.value:
+        log(f"[evaluate] {standin.model_line(d)}")
+    if not standin.available():
+        log(f"[evaluate] {standin.absent_line()}")
     data_cfg, cache_dir, image_size, seed = resolve_settings()
     names = check_names()
     ensure_cache(cache_dir, data_cfg)

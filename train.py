@@ -26,9 +26,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from safeclick_jax import checkpoint
+    from safeclick_jax import checkpoint, standin
     from safeclick_jax.training import loop
 
+    config = _CONFIG.value
+    print(standin.encoder_line(config.init.checkpoint, config.variant.startswith("standin")), flush=True)
     try:
         loop.train(_CONFIG.value, _WORKDIR.value)
     except checkpoint.ModelDirError as e:

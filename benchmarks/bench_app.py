@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from fastapi.testclient import TestClient
 
+    from benchmarks.common import cpu_info, cpu_line
     from demo import example_case, example_volume
     from safeclick_jax.app.server import create_app, engine_factory
 
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     result = {
         "checkpoint": a.checkpoint,
         "volume": f"{path.name} {v['shape']}",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+        "lscpu": cpu_info(),
+        "machine": f"{cpu_line()}, {os.cpu_count()} cores, "
         f"load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} at the end",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": {k: round(s, 3) for k, s in rows.items()},

@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import cpu_info, cpu_line  # noqa: E402
 from safeclick_jax.data import pipeline, prepare, synthetic  # noqa: E402
 
 CT_SMALL = REPO / "tests" / "data" / "ct_small"
@@ -70,6 +71,7 @@ def main():
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "lscpu": cpu_info(),
         },
         "prepare": [],
         "pipeline": [],
@@ -101,7 +103,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "data.json").write_text(json.dumps(results, indent=1))
     lines = [
-        f"# Data throughput ({results['machine']['cpus']} CPU cores, {results['machine']['platform']})",
+        f"# Data throughput ({cpu_line()}, {results['machine']['cpus']} cores, {results['machine']['platform']})",
         "",
         "## prepare (NIfTI -> slice cache)",
         "",

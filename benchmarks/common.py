@@ -57,12 +57,46 @@ def ratio(a: dict, b: dict) -> float:
     return statistics.median(x / y for x, y in zip(a["round_s"], b["round_s"]))
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512", "amx", "avx_vnni", "f16c")  # prefixes of the flags the md line names
+
+
+def cpu_info() -> dict:
+    """lscpu's model name and flags (the speed of XLA:CPU and oneDNN depends on the vector
+    extensions: AVX2, AVX-512, AVX512_BF16, AMX); {} where lscpu is missing."""
+    import subprocess
+
+    try:
+        env = dict(os.environ, LC_ALL="C")
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, env=env).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("Flags", "").split()
+    return {
+        "model_name": fields.get("Model name", ""),
+        "family_model": f"{fields.get('CPU family', '?')}/{fields.get('Model', '?')}",
+        "cpus": fields.get("CPU(s)", ""),
+        "vector_flags": [f for f in flags if f.startswith(VECTOR_FLAGS)],
+        "flags": flags,
+    }
+
+
+def cpu_line() -> str:
+    """'AMD EPYC (family/model 25/17; avx2 avx512f ...)': the CPU as the result files name it."""
+    c = cpu_info()
+    if not c:
+        return platform.processor() or platform.machine()
+    return f"{c['model_name']} (family/model {c['family_model']}; {' '.join(c['vector_flags']) or 'no AVX2'})"
+
+
 def machine() -> dict:
     import jax
     import torch
 
     return {
         "cpu": platform.processor() or platform.machine(),
+        "lscpu": cpu_info(),
         "cores": os.cpu_count(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
@@ -70,22 +104,6 @@ def machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def cpu_info() -> dict:
-    """lscpu's model name and flags (what decides XLA:CPU's and oneDNN's kernels: AVX-512, AMX ...)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {"model_name": platform.processor(), "flags": None}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {
-        "model_name": fields.get("Model name", "").strip(),
-        "flags": fields.get("Flags", "").strip(),
-        "cpus": fields.get("CPU(s)", "").strip(),
     }
 
 
@@ -103,7 +121,7 @@ def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     m = machine()
-    where = f"{m['jax_devices'][0]}" if m["jax_backend"] != "cpu" else f"{m['cpu']}, {m['cores']} cores"
+    where = f"{m['jax_devices'][0]}" if m["jax_backend"] != "cpu" else f"{cpu_line()}, {m['cores']} cores"
     md = (
         "\n".join(lines) + f"\n\nMachine: {where}, jax {m['jax']} ({m['jax_backend']}), "
         f"torch {m['torch']} ({m['torch_cuda'] or str(m['torch_threads']) + ' threads'}).\n"

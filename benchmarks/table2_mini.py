@@ -3,8 +3,9 @@
   python benchmarks/table2_mini.py                       # = make table2 (6 epochs on a CPU, 20 elsewhere)
   python benchmarks/table2_mini.py --ablations --epochs 20 --checkpoint ckpt/sam2.1_t
 
-From one frozen image encoder (a SAM 2.1 tiny with random weights converted by the project's CLI,
-or --checkpoint for a converted real model) it fine-tunes SAM 2's mask decoder (the baseline, the
+From one frozen image encoder (--checkpoint, a converted SAM 2; by default the stand-in SAM 2 of
+`make pretrain` when workdir/standin/export exists, else a SAM 2.1 tiny with random weights
+converted by the project's CLI) it fine-tunes SAM 2's mask decoder (the baseline, the
 paper's "SAM 2" rows) and SafeClick with the same data, schedule and seed, then runs evaluate.py on
 the test split with zero-shot SAM 2, the fine-tuned SAM 2 and SafeClick (and the no_e1 / no_e2 /
 no_crl ablations with --ablations, the paper's Table 3). Writes into --out:
@@ -121,7 +122,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/table2", help="table.md and summary.md go here")
     p.add_argument("--workdir", default="workdir/table2", help="models, logs, evaluation outputs")
-    p.add_argument("--checkpoint", default=None, help="converted SAM 2 model directory (default: random tiny)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="converted SAM 2 model directory (default: the stand-in of `make pretrain` if present, else random)",
+    )
     p.add_argument("--root", action="append", default=None, help="dataset folder (default: data/abdomen)")
     p.add_argument("--cache-dir", default=None, help="slice cache (default: data/cache/<first root's name>)")
     p.add_argument("--num-volumes", type=int, default=15, help="synthetic volumes when the root is generated")
@@ -159,7 +164,11 @@ def main(argv=None) -> int:
     times = {}
 
     ensure_data(args.root, cache, args.data_seed, args.num_volumes)
-    encoder = Path(args.checkpoint) if args.checkpoint else random_encoder(work / "encoder", args.seed)
+    from safeclick_jax import standin
+
+    chosen = args.checkpoint or standin.default_checkpoint()
+    log(standin.encoder_line(chosen).replace("RANDOM weights", "a RANDOM SAM 2.1 tiny (torch init)"))
+    encoder = Path(chosen) if chosen else random_encoder(work / "encoder", args.seed)
     log(f"encoder {encoder}, data {args.root} -> {cache}")
 
     roots = "(" + ",".join(f'"{r}"' for r in args.root) + ",)"
@@ -216,7 +225,7 @@ def main(argv=None) -> int:
         "dice": table[ds],
         "improve_columns": [h for h, _ in COLUMNS],
         "rois": sum(d["rois"] for d in summary["datasets"].values()),
-        "encoder": str(args.checkpoint or "SAM 2.1 tiny, random weights (torch init, seed %d)" % args.seed),
+        "encoder": str(chosen or "SAM 2.1 tiny, random weights (torch init, seed %d)" % args.seed),
         "steps": steps,
         "image_size": summary["image_size"],
     }

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from safeclick_jax import compile_cache
+from safeclick_jax import compile_cache, standin
 from safeclick_jax.data import default_data_config
 from safeclick_jax.models.config import get_config as get_sam2_config
 from safeclick_jax.training.train_state import PARTS
@@ -67,8 +67,11 @@ def make(
     )
 
     c.init = ml_collections.ConfigDict()
-    # A converted SAM 2 / MedSAM 2 model directory (python -m convert.sam2_to_flax). None: random
-    # weights everywhere (a loud warning; fine for tests and the CPU demo, useless for research).
+    # A converted SAM 2 / MedSAM 2 model directory (python -m convert.sam2_to_flax). Default: the
+    # stand-in SAM 2 pretrained here (`make pretrain`, safeclick_jax/standin.py) when it exists,
+    # else None: random weights everywhere (a loud warning; fine for tests, useless for research).
+    if checkpoint is None:
+        checkpoint = standin.default_checkpoint()
     c.init.checkpoint = ml_collections.FieldReference(checkpoint, field_type=str)
     c.init.seed = 0  # the SafeClick head's init (and everything without checkpoint)
     # The memory path written into every export (so volume propagation works on it) when the task

@@ -60,6 +60,8 @@ def test_chunk_plan():
     assert plan_chunks(64, 1024, 1024) == (1, 1024)  # SafeClick experts at 512 px, batch 8: whole heads
     assert plan_chunks(64, 256, 256) == (16, 256)  # ... at 256 px: 16 heads at a time
     assert plan_chunks(2, 100, 100) == (2, 100)  # everything fits: one piece
+    assert plan_chunks(32, 196, 196) == (16, 196)  # Hiera-t 14 x 14 windows, 128 px, batch 8: equal pieces
+    assert plan_chunks(1, 4100, 4096) == (1, 248)  # 17 query chunks of 248 rows (4216), not of 256 (4352)
     assert plan_chunks(1, 100, 30, max_scores=30 * 13) == (1, 8)  # rounded down to a multiple of 8
     assert plan_chunks(64, 100, 1000, max_scores=10) == (1, 1)  # never zero
 

@@ -109,10 +109,10 @@ def _flax_cfg():
 def test_image_path_equals_transformers_forward(hf_model):
     import jax.numpy as jnp
 
-    from safeclick_jax.models.registry import load_model
+    from safeclick_jax.inference.loader import load_model
 
     model, _, converted = hf_model
-    flax_model, _, _ = load_model(converted)
+    flax_model = load_model(converted).network
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
     points = np.array([[[[60.0, 90.0], [180.0, 40.0]]]], np.float32)

@@ -96,6 +96,7 @@ def test_oracle_scores_one_everywhere_and_gets_no_click():
     assert sessions[0].clicks == []
     s = interactive.summarize(rows)[0]
     assert (s["dsc_auc"], s["nsd_auc"], s["final_dsc"], s["box_dsc"]) == (4.0, 4.0, 1.0, 1.0)
+    assert (s["cases"], s["labels"], s["label_final_dsc"]) == (1, 2, 1.0)
 
 
 def test_empty_model_first_click_is_the_centre_of_the_largest_component():
@@ -108,6 +109,39 @@ def test_empty_model_first_click_is_the_centre_of_the_largest_component():
     assert all(r["dsc"] == 0.0 and r["nsd"] == 0.0 for r in rows)
     # an unchanged prediction gets the same click again at every step, one per label
     assert len(sessions[0].clicks) == 2 * interactive.NUM_CLICKS
+
+
+class HalfRight(Oracle):
+    """Label 1 exactly, nothing else."""
+
+    def predict(self):
+        return np.where(self.case.labels == 1, 1, 0).astype(np.uint8)
+
+
+def test_nsd_is_gated_by_the_case_mean_dice_as_the_challenge_does():
+    """CVPR25_iter_eval.py: NSD counts only where the case's mean Dice over its labels exceeds 0.2."""
+    model, _ = model_of(HalfRight, "half")
+    case = synthetic_case()  # two labels: label 1 right, label 2 missed -> case DSC 0.5
+    rows = interactive.run_case(model, case)
+    cases = interactive.case_steps(rows)
+    assert len(cases) == interactive.STEPS and {c["labels"] for c in cases} == {2}
+    assert all(c["dsc"] == 0.5 and c["nsd"] == 0.5 for c in cases)  # the missed label's NSD 0 counts
+    # Five labels, one right: case DSC 0.2 is not above the gate, so the right label's NSD 1 is dropped.
+    labels = np.zeros((12, 40, 40), np.uint8)
+    for k in range(5):
+        labels[2:10, 2 + 7 * k : 7 + 7 * k, 5:30] = k + 1
+    five = interactive.Case("five", "toy", labels, labels, (1.0, 1.0, 1.0))
+    rows = interactive.run_case(model, five)
+    label1 = [r for r in rows if r["label"] == 1]
+    assert all(r["dsc"] == 1.0 and r["nsd"] == 1.0 for r in label1)  # per label: right
+    cases = interactive.case_steps(rows)
+    assert all(c["dsc"] == pytest.approx(0.2) and c["nsd"] == 0.0 for c in cases)
+    # Tables average cases, not labels: (0.5 + 0.2) / 2, while the labels' own mean is 2 / 7.
+    s = interactive.summarize(interactive.run_case(model, case) + rows)[0]
+    assert (s["cases"], s["labels"]) == (2, 7)
+    assert s["final_dsc"] == pytest.approx(0.35) and s["final_nsd"] == pytest.approx(0.25)
+    assert s["dsc_auc"] == pytest.approx(4 * 0.35) and s["label_final_dsc"] == pytest.approx(2 / 7)
+    assert interactive.curve(rows)["half"] == ([pytest.approx(0.2)] * 6, [0.0] * 6)
 
 
 def test_auc_is_the_trapezoid_of_the_steps():
@@ -179,6 +213,9 @@ def test_bad_cases_are_counted_not_raised(tmp_path):
     with open(tmp_path / "interactive.csv") as f:
         got = list(csv.DictReader(f))
     assert list(got[0]) == ["model", "dataset", "case", "label", "step", "dsc", "nsd", "seconds"]
+    with open(tmp_path / "interactive_cases.csv") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == interactive.STEPS and got[0]["labels"] == "1" and float(got[0]["nsd"]) == 1.0
     assert (tmp_path / "interactive_curve.png").stat().st_size > 0
 
 

@@ -55,3 +55,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_threads = 2  # grain read threads
     c.eval_seed = 0
     return c
+
+
+# The embedded generators by the name a config gives them (data.synthetic_kind).
+SYNTHETIC_KINDS = {"smoke": "synthetic", "abdomen": "synthetic_abdomen", "procedural": "procedural"}
+
+
+def write_synthetic(kind: str, root, num_volumes: int, seed: int, shape=None):
+    """Writes the embedded dataset `kind` (a key of SYNTHETIC_KINDS) to `root`; shape None: its own."""
+    import importlib
+
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"data.synthetic_kind: {kind!r} is none of {sorted(SYNTHETIC_KINDS)}")
+    gen = importlib.import_module(f"safeclick_jax.data.{SYNTHETIC_KINDS[kind]}")
+    return gen.write_dataset(root, num_volumes, seed, *(() if shape is None else (tuple(shape),)))

@@ -81,13 +81,19 @@ def make_volume(seed: int, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0), noise_hu
 
 def write_dataset(out, num_volumes: int = 10, seed: int = 0, shape=(48, 48, 16), spacing=(2.0, 2.0, 5.0)) -> Path:
     """Writes `num_volumes` volumes and dataset.json in the MSD layout under `out`."""
-    meta = {"name": "SafeClickSynthetic", "description": "synthetic CT-like volumes (deterministic)", "labels": LABELS}
+    meta = {
+        "name": "SafeClickSynthetic",
+        "description": "synthetic CT-like volumes (deterministic)",
+        "labels": LABELS,
+        "modality": "CT",
+    }
     return write_msd(out, make_volume, "synth", meta, num_volumes, seed, shape, spacing)
 
 
 def write_msd(out, make, prefix: str, meta: dict, num_volumes: int, seed: int, shape, spacing) -> Path:
     """Volume i = make(seed * 100003 + i, shape, spacing) -> (image, labels, affine), written as
-    imagesTr/labelsTr/<prefix>_<i>.nii.gz with a dataset.json (MSD layout) holding `meta`."""
+    imagesTr/labelsTr/<prefix>_<i>.nii.gz with a dataset.json (MSD layout) holding `meta` (name,
+    description, labels, modality)."""
     out = Path(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,7 @@ def write_msd(out, make, prefix: str, meta: dict, num_volumes: int, seed: int, s
         "name": meta["name"],
         "description": meta["description"],
         "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
+        "modality": {"0": meta["modality"]},
         "labels": meta["labels"],
         "numTraining": num_volumes,
         "numTest": 0,
@@ -114,21 +120,35 @@ def write_msd(out, make, prefix: str, meta: dict, num_volumes: int, seed: int, s
     return out
 
 
-def main(argv=None) -> int:
+def dataset_cli(argv, module, doc: str, write, num_volumes: int, shape, spacing, what: str) -> int:
+    """The command line of a generator module: --out, --num-volumes, --seed, --shape, --spacing."""
     p = argparse.ArgumentParser(
-        prog="python -m safeclick_jax.data.synthetic",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--num-volumes", type=int, default=10)
+    p.add_argument("--num-volumes", type=int, default=num_volumes)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=[48, 48, 16])
-    p.add_argument("--spacing", type=float, nargs=3, default=[2.0, 2.0, 5.0])
+    p.add_argument("--shape", type=int, nargs=3, default=list(shape))
+    p.add_argument("--spacing", type=float, nargs=3, default=list(spacing))
     a = p.parse_args(argv)
-    out = write_dataset(a.out, a.num_volumes, a.seed, tuple(a.shape), tuple(a.spacing))
-    print(f"wrote {a.num_volumes} synthetic volumes to {out}")
+    if min(a.shape) < 1 or min(a.spacing) <= 0:
+        p.error(f"--shape {a.shape} --spacing {a.spacing}: every size must be positive")
+    out = write(a.out, a.num_volumes, a.seed, tuple(a.shape), tuple(a.spacing))
+    print(f"wrote {a.num_volumes} {what} to {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return dataset_cli(
+        argv,
+        "safeclick_jax.data.synthetic",
+        __doc__,
+        write_dataset,
+        10,
+        (48, 48, 16),
+        (2.0, 2.0, 5.0),
+        "synthetic volumes",
+    )
 
 
 if __name__ == "__main__":

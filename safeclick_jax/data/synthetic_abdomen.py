@@ -12,22 +12,22 @@ fail in real CT (the paper's Table 2):
   vein (a curved in-plane tube 2-4 px wide, 150 HU) running along the pancreas;
 - 1-3 lesions of several sizes inside the liver (25 HU, a little darker than the liver), one label;
 - kidneys (130 HU), a vertebra (bone, unlabeled) and subcutaneous fat;
-- partial-volume blur (Gaussian, sigma ~0.8 px in-plane), a smooth multiplicative bias field and
-  Gaussian noise (12 HU).
-Volumes are 128 x 128 x 8 at 1.5 x 1.5 x 3 mm (LPS affine, as the smoke set). Everything follows
-from the seed; 15 volumes are written in about a second, split 7:1:2 by `prepare` (10 / 2 / 3).
+- partial-volume blur (Gaussian, sigma 1.2 mm), a smooth multiplicative bias field and Gaussian
+  noise (12 HU).
+Volumes are 128 x 128 x 40 at 1.5 mm isotropic (LPS affine, as the smoke set): 40 slices, so that
+propagation through a volume shows. Everything follows from the seed; 15 volumes are written in a
+few seconds, split 7:1:2 by `prepare` (10 / 2 / 3).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from safeclick_jax.data.synthetic import write_msd
+from safeclick_jax.data.synthetic import dataset_cli, write_msd
 
 LABELS = {
     "0": "background",
@@ -42,8 +42,10 @@ LABELS = {
     "9": "pancreas",
     "10": "liver_lesion",
 }
-SHAPE = (128, 128, 8)
-SPACING = (1.5, 1.5, 3.0)
+SHAPE = (128, 128, 40)
+SPACING = (1.5, 1.5, 1.5)
+BLUR_MM = 1.2  # partial-volume blur, Gaussian sigma
+VEIN_MM = (9.0, 12.0)  # thickness of the splenic / portal vein across slices
 
 
 def _wobbly(grid, center, axes, rng, amp=(0.04, 0.12)):
@@ -124,12 +126,13 @@ def make_volume(seed: int, shape=SHAPE, spacing=SPACING, noise_hu: float = 12.0)
     aorta = (grid[0] - ax) ** 2 + (grid[1] - ay) ** 2 <= ar**2
     image[aorta & body] = 170.0
     labels[aorta & body] = 7
-    # Splenic / portal vein: a curved in-plane tube from the spleen's hilum to the liver, on a few slices.
+    # Splenic / portal vein: a curved in-plane tube from the spleen's hilum to the liver, 9-12 mm thick.
     p0 = size[:2] * [0.68 + j(0.02)[0], 0.56 + j(0.02)[1]]
     p1 = size[:2] * [0.52 + j(0.03)[0], 0.58 + j(0.03)[1]]
     p2 = size[:2] * [0.36 + j(0.02)[0], 0.52 + j(0.02)[1]]
-    z0 = int(round(pz * shape[2])) - rng.integers(1, 3)
-    for z in range(max(z0, 0), min(z0 + rng.integers(3, 5), shape[2])):
+    thick = max(1, int(round(rng.uniform(*VEIN_MM) / spacing[2])))
+    z0 = int(round(pz * shape[2])) - thick // 2
+    for z in range(max(z0, 0), min(z0 + thick, shape[2])):
         v = _tube_2d(shape[:2], p0, p1, p2, rng.uniform(1.2, 2.2)) & body[..., z]
         image[..., z][v] = 150.0
         labels[..., z][v] = 8
@@ -144,8 +147,8 @@ def make_volume(seed: int, shape=SHAPE, spacing=SPACING, noise_hu: float = 12.0)
         m = paint(10, 25.0, c, (r, r, r * 3.0), within=liver)
         liver &= ~m
 
-    # Partial-volume blur (finer in-plane than across slices), smooth bias field, noise.
-    image = ndimage.gaussian_filter(image, sigma=(0.8, 0.8, 0.4))
+    # Partial-volume blur (the same in mm along every axis), smooth bias field, noise.
+    image = ndimage.gaussian_filter(image, sigma=[BLUR_MM / s for s in spacing])
     bx, by = (grid[0] / size[0] - 0.5), (grid[1] / size[1] - 0.5)
     coeff = rng.uniform(-0.08, 0.08, 3)
     bias = 1.0 + coeff[0] * bx + coeff[1] * by + coeff[2] * (bx * bx + by * by)
@@ -163,25 +166,22 @@ def write_dataset(out, num_volumes: int = 15, seed: int = 0, shape=SHAPE, spacin
         "name": "SafeClickSyntheticAbdomen",
         "description": "synthetic abdominal CT: touching organs, thin vessels, lesions (deterministic)",
         "labels": LABELS,
+        "modality": "CT",
     }
     return write_msd(out, make_volume, "abdomen", meta, num_volumes, seed, shape, spacing)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m safeclick_jax.data.synthetic_abdomen",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return dataset_cli(
+        argv,
+        "safeclick_jax.data.synthetic_abdomen",
+        __doc__,
+        write_dataset,
+        15,
+        SHAPE,
+        SPACING,
+        "synthetic abdominal volumes",
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-volumes", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE))
-    p.add_argument("--spacing", type=float, nargs=3, default=list(SPACING))
-    a = p.parse_args(argv)
-    out = write_dataset(a.out, a.num_volumes, a.seed, tuple(a.shape), tuple(a.spacing))
-    print(f"wrote {a.num_volumes} synthetic abdominal volumes to {out}")
-    return 0
 
 
 if __name__ == "__main__":

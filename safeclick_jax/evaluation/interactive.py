@@ -22,9 +22,13 @@ Steps (step numbers as in the challenge's description):
    component of the label).
 2-6. one corrective click per label (clicks.corrective_click_3d, ties seeded by (seed, case, label,
    step)); labels that are already exact get none; then one predict() for all labels.
-Metrics per label and step: Dice, and NSD at 2 mm with the voxel spacing (surface_dice), set to 0
-where Dice <= 0.2 (the challenge's rule); `seconds` = the model's time in that step (the session's
-calls) divided by the case's labels.
+Metrics are scored as the challenge's CVPR25_iter_eval.py scores them, per case: after each step
+the case's DSC is the mean over its labels of their Dice, and its NSD (2 mm, with the voxel spacing;
+surface_dice) the mean over its labels of their NSD, counted only where the case's DSC exceeds 0.2
+(0 otherwise, even for a label that is right on its own); DSC_AUC / NSD_AUC are the trapezoids of
+the case's values over the five click steps, and the figures of a dataset are means over its
+cases. The rows keep each label's own Dice and (ungated) NSD beside them. `seconds` = the model's
+time in that step (the session's calls) divided by the case's labels.
 """
 
 from __future__ import annotations
@@ -161,10 +165,34 @@ def box_3d(gt: np.ndarray, rng: np.random.Generator) -> Box3D:
 
 
 def step_metrics(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float, float]:
-    """(Dice, NSD at 2 mm) of one label; NSD is 0 where Dice <= 0.2."""
-    d = surface_dice.dice(pred, gt)
-    nsd = 0.0 if not d > NSD_MIN_DICE else surface_dice.surface_dice(pred, gt, spacing, TOLERANCE_MM)
-    return d, nsd
+    """(Dice, NSD at 2 mm) of one label, NSD not gated (the gate is the case's: case_steps)."""
+    return surface_dice.dice(pred, gt), surface_dice.surface_dice(pred, gt, spacing, TOLERANCE_MM)
+
+
+def case_steps(rows: list[dict]) -> list[dict]:
+    """The challenge's per-case scores from per-label rows: for each (model, dataset, case, step),
+    dsc = the mean of its labels' Dice, nsd = the mean of their NSD where dsc > 0.2, else 0;
+    labels = how many, seconds = the step's model time per label."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["dataset"], r["case"], r["step"]), []).append(r)
+    out = []
+    for (m, ds, case, step), sel in groups.items():
+        dsc = float(np.mean([r["dsc"] for r in sel]))
+        nsd = float(np.mean([r["nsd"] for r in sel])) if dsc > NSD_MIN_DICE else 0.0
+        out.append(
+            {
+                "model": m,
+                "dataset": ds,
+                "case": case,
+                "step": step,
+                "labels": len(sel),
+                "dsc": dsc,
+                "nsd": nsd,
+                "seconds": float(np.mean([r["seconds"] for r in sel])),
+            }
+        )
+    return out
 
 
 def trapezoid(values) -> float:
@@ -174,8 +202,9 @@ def trapezoid(values) -> float:
 
 
 def label_summary(steps: list[dict]) -> dict:
-    """Per-label scores from its rows of steps 1..6: DSC_AUC / NSD_AUC over the five click steps
-    (x = 0..4, maximum 4), final DSC / NSD after the fifth click, box-step DSC, seconds in all."""
+    """Scores of one case (or one label) from its rows of steps 1..6: DSC_AUC / NSD_AUC over the
+    five click steps (x = 0..4, maximum 4), final DSC / NSD after the fifth click, box-step DSC,
+    seconds in all."""
     steps = sorted(steps, key=lambda r: r["step"])
     dsc = [r["dsc"] for r in steps]
     nsd = [r["nsd"] for r in steps]
@@ -294,27 +323,34 @@ def run(
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (model, dataset): means over labels of label_summary, with the number of labels."""
-    by_label: dict = {}
-    for r in rows:
-        by_label.setdefault((r["model"], r["dataset"], r["case"], r["label"]), []).append(r)
+    """Per (model, dataset): means over cases of their challenge scores (case_steps, label_summary),
+    with the number of cases and labels, and beside them the mean over labels of each label's own
+    final Dice (`label_final_dsc`)."""
+    by_case: dict = {}
+    for r in case_steps(rows):
+        by_case.setdefault((r["model"], r["dataset"], r["case"]), []).append(r)
     groups: dict = {}
-    for (m, ds, _, _), steps in by_label.items():
-        groups.setdefault((m, ds), []).append(label_summary(steps))
+    for (m, ds, _), steps in by_case.items():
+        groups.setdefault((m, ds), []).append((label_summary(steps), steps[0]["labels"]))
+    final = max(r["step"] for r in rows) if rows else STEPS
     out = []
     for (m, ds), sums in groups.items():
-        row = {"model": m, "dataset": ds, "labels": len(sums)}
-        for k in sums[0]:
-            row[k] = float(np.nanmean([s[k] for s in sums]))
+        row = {"model": m, "dataset": ds, "cases": len(sums), "labels": sum(n for _, n in sums)}
+        for k in sums[0][0]:
+            row[k] = float(np.nanmean([s[k] for s, _ in sums]))
+        row["label_final_dsc"] = float(
+            np.mean([r["dsc"] for r in rows if (r["model"], r["dataset"], r["step"]) == (m, ds, final)])
+        )
         out.append(row)
     return out
 
 
 def curve(rows: list[dict]) -> dict:
-    """{model: (mean DSC per step [6], mean NSD per step [6])} over every label of every case."""
+    """{model: (mean DSC per step [6], mean NSD per step [6])} over the cases (challenge scores)."""
+    cases = case_steps(rows)
     out = {}
-    for m in dict.fromkeys(r["model"] for r in rows):
-        sel = [r for r in rows if r["model"] == m]
+    for m in dict.fromkeys(r["model"] for r in cases):
+        sel = [r for r in cases if r["model"] == m]
         dsc = [float(np.nanmean([r["dsc"] for r in sel if r["step"] == s])) for s in range(1, STEPS + 1)]
         nsd = [float(np.nanmean([r["nsd"] for r in sel if r["step"] == s])) for s in range(1, STEPS + 1)]
         out[m] = (dsc, nsd)

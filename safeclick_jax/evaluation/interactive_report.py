@@ -1,5 +1,6 @@
-"""Files of `evaluate.py --protocol interactive`: interactive.csv, noc.csv, interactive.md and
-interactive_curve.png (see interactive.py and noc.py for the definitions)."""
+"""Files of `evaluate.py --protocol interactive`: interactive.csv (per label), interactive_cases.csv
+(per case, the challenge's scores), noc.csv, interactive.md and interactive_curve.png (see
+interactive.py and noc.py for the definitions)."""
 
 from __future__ import annotations
 
@@ -39,17 +40,20 @@ def interactive_section(rows: list[dict], use_box: bool, seed: int) -> list[str]
         "## Interactive 3D protocol (CVPR 2025 challenge)",
         "",
         f"Step 1: {first} per label; steps 2-6: one corrective click per label (largest 26-connected error "
-        f"component, farthest voxel from its boundary), seed {seed}. DSC_AUC / NSD_AUC: trapezoid over the five "
-        "click steps (maximum 4); NSD at 2 mm, 0 where DSC <= 0.2; seconds: the model's time per label for "
-        "the six steps.",
+        f"component, farthest voxel from its boundary), seed {seed}. Scored per case as CVPR25_iter_eval.py: "
+        "DSC = mean over the case's labels, NSD (2 mm) counted only where that DSC > 0.2; DSC_AUC / NSD_AUC: "
+        "trapezoid over the five click steps (maximum 4); means over cases. Label final DSC: the mean over "
+        "labels of each label's own Dice. Seconds: the model's time per label for the six steps.",
         "",
-        "| model | dataset | labels | DSC_AUC | NSD_AUC | final DSC | final NSD | s / label | step-1 DSC |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | dataset | cases | labels | DSC_AUC | NSD_AUC | final DSC | final NSD | label final DSC "
+        "| s / label | step-1 DSC |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in interactive.summarize(rows):
         md.append(
-            f"| {s['model']} | {s['dataset']} | {s['labels']} | {_f(s['dsc_auc'])} | {_f(s['nsd_auc'])} | "
-            f"{_f(s['final_dsc'])} | {_f(s['final_nsd'])} | {_f(s['seconds'], 2)} | {_f(s['box_dsc'])} |"
+            f"| {s['model']} | {s['dataset']} | {s['cases']} | {s['labels']} | {_f(s['dsc_auc'])} | "
+            f"{_f(s['nsd_auc'])} | {_f(s['final_dsc'])} | {_f(s['final_nsd'])} | {_f(s['label_final_dsc'])} | "
+            f"{_f(s['seconds'], 2)} | {_f(s['box_dsc'])} |"
         )
     return md + [""]
 
@@ -100,10 +104,13 @@ def curve_figure(rows: list[dict], path) -> Path:
 
 
 def write(workdir, rows, notes, noc_rows=None, use_box=True, seed=0, max_clicks=noc.MAX_CLICKS, run_line="") -> Path:
-    """Writes the four files; returns the markdown's path."""
+    """Writes the five files; returns the markdown's path."""
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "interactive.csv", rows, ["model", "dataset", "case", "label", "step", "dsc", "nsd", "seconds"])
+    cases = interactive.case_steps(rows)
+    fields = ["model", "dataset", "case", "step", "labels", "dsc", "nsd", "seconds"]
+    write_csv(out / "interactive_cases.csv", cases, fields)
     md = ["# Interactive segmentation", ""] + ([run_line, ""] if run_line else [])
     md += interactive_section(rows, use_box, seed) + notes_section(notes)
     if noc_rows is not None:

@@ -9,6 +9,7 @@ Feature maps are NHWC throughout.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
@@ -28,11 +29,106 @@ def gelu(x):
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # eps differs per module in SAM 2 (1e-6 Hiera/LayerNorm2d, 1e-5 two-way transformer), so it is
     # always passed explicitly. use_fast_variance=False computes E[(x-mean)^2] like torch.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    return LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm (same parameters, same forward values) with a hand-written backward pass
+    (`normalize_last_axis`)."""
+
+    def __call__(self, x):
+        return normalize_last_axis(x, self.scale[...], self.bias[...], self.epsilon)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_last_axis(x, scale, bias, eps: float):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, computed in float32 (also
+    for bf16 inputs, as flax), output in the promoted dtype of x, scale and bias.
+
+    Why a custom VJP: autodiff of the two-pass variance differentiates mean, (x - mean)^2 and
+    rsqrt one by one, and XLA:CPU runs the result as several full passes over x and the cotangent.
+    The closed form dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * scale, needs one
+    pass for the two row means and one for dx."""
+    return _ln_fwd(x, scale, bias, eps)[0]
+
+
+def _ln_stats(x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return x32, mean, var
+
+
+def _ln_fwd(x, scale, bias, eps):
+    dtype = jnp.result_type(x, scale, bias)
+    x32, mean, var = _ln_stats(x)
+    rstd = jax.lax.rsqrt(var + eps)
+    # flax's order of operations (nnx.normalization._normalize), so the values are flax's
+    y = (x32 - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _ln_bwd(eps, res, dy):
+    x, mean, rstd, scale, bias = res
+    f32 = jnp.float32
+    xhat = (x.astype(f32) - mean) * rstd
+    dy32 = dy.astype(f32)
+    g = dy32 * scale.astype(f32)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    axes = tuple(range(dy.ndim - 1))
+    dscale = (dy32 * xhat).sum(axes)
+    dbias = dy32.sum(axes)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+normalize_last_axis.defvjp(_ln_fwd, _ln_bwd)
 
 
 def linear(din: int, dout: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, rngs=rngs)
+    return Linear(din, dout, use_bias=use_bias, rngs=rngs)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear (same parameters and forward values) whose kernel gradient transposes the
+    narrower of the input and the output cotangent (`dense`)."""
+
+    def __call__(self, x):
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else jnp.zeros((kernel.shape[1],), kernel.dtype)
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        return dense(x, kernel, bias)
+
+
+@jax.custom_vjp
+def dense(x, kernel, bias):
+    """x @ kernel + bias over x's last axis.
+
+    Why a custom VJP: the kernel gradient x^T dy sums over the tokens, the leading (major) axis
+    of both x [T, din] and dy [T, dout], and XLA:CPU's dot kernels take the summed axis minor on
+    the left operand, so one operand is transposed in memory first. Autodiff leaves the choice to
+    XLA, which also transposed the wider one (dqkv [T, 3 * dim] rather than x [T, dim]); here the
+    narrower one is the left operand."""
+    return _dense_fwd(x, kernel, bias)[0]
+
+
+def _dense_fwd(x, kernel, bias):
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,)), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+    x, kernel = res
+    din, dout = kernel.shape
+    x2, dy2 = x.reshape(-1, din), dy.reshape(-1, dout)
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    if din <= dout:
+        dk = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
+    else:
+        dk = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), dy2.sum(0).astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def conv(

@@ -1,0 +1,78 @@
+"""XLA:CPU compiler options on SAM 2's image encoder: each option set against the default, in one
+process, calls alternating (common.time_interleaved), JAX only.
+
+    python benchmarks/bench_xla_options.py [--cases 128x8:grad 1024x1:fwd] [--repeats 3]
+
+Options are DebugOptions fields passed to `compile(compiler_options=...)`, the same fields as the
+XLA_FLAGS of the same name (the list below is what jaxlib's libjax_common.so has; `strings` on it
+lists the xla_cpu_* flags). Writes benchmarks/results/xla_options.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_encoder_grad import jax_fns, parse_case  # noqa: E402
+from benchmarks.common import ratio, time_interleaved, write  # noqa: E402
+from convert.sam2_to_flax import convert_state_dict  # noqa: E402
+from safeclick_jax.models.config import get_config  # noqa: E402
+
+VARIANTS = {
+    "YNNPACK off (Eigen / XLA dots)": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "YNNPACK dots only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "YNNPACK individual dots": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "fast math": {"xla_cpu_enable_fast_math": True},
+    "XNNPACK graph fusion greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
+    "oneDNN": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
+    "prefer 512-bit vectors": {"xla_cpu_prefer_vector_width": 512},
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sam2.1_hiera_t")
+    p.add_argument("--cases", nargs="+", default=["128x8:grad", "1024x1:fwd"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    from sam2.build_sam import build_sam2
+
+    version = a.model.split("_hiera_")[0]
+    torch.manual_seed(0)
+    tmodel = build_sam2(f"configs/{version}/{a.model}.yaml", ckpt_path=None, device="cpu")
+    jmodel, _ = convert_state_dict({k: v.numpy() for k, v in tmodel.state_dict().items()}, get_config(a.model))
+    del tmodel
+    rows = []
+    for text in a.cases:
+        size, batch, kind = parse_case(text)
+        fns = {"default": jax_fns(jmodel, size, batch)[kind == "grad"]}
+        for name in a.variants:
+            try:
+                fns[name] = jax_fns(jmodel, size, batch, VARIANTS[name])[kind == "grad"]
+            except Exception as e:  # an option this jaxlib rejects: report it, time the rest
+                rows.append({"case": text, "options": name, "note": f"{type(e).__name__}: {str(e)[:80]}"})
+        r = time_interleaved(fns, a.repeats)
+        for name in fns:
+            rows.append(
+                {
+                    "case": text,
+                    "options": name,
+                    "ms": r[name]["median_s"] * 1e3,
+                    "time / default": ratio(r[name], r["default"]),
+                }
+            )
+            print(rows[-1], flush=True)
+    write("xla_options", rows, ["case", "options", "ms", "time / default", "note"], {"repeats": a.repeats})
+
+
+if __name__ == "__main__":
+    from safeclick_jax.host_memory import use_huge_pages
+
+    use_huge_pages()
+    main()
