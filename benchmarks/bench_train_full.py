@@ -129,8 +129,10 @@ def jax_plan(frames: int, objects: int, corrections: int, centres):
 
 def jax_step(model, mem, corrections: int, dtype):
     cfg = types.SimpleNamespace(
-        num_correction_pt_per_frame=corrections, num_init_cond_frames=1, add_all_frames_to_correct_as_cond=True, **LOSS
-    )
+        num_correction_pt_per_frame=corrections, num_init_cond_frames=1, add_all_frames_to_correct_as_cond=True,
+        binarize_mask_from_pts_for_mem_enc=False,
+    )  # fmt: skip
+    loss_cfg = types.SimpleNamespace(**LOSS)
     graphdef, params, rest = nnx.split((model, mem), nnx.Param, ...)
     decay = jax.tree.map(lambda x: x.ndim > 1, params)  # sam2: no weight decay on biases and norms
     opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD, mask=decay))
@@ -140,7 +142,7 @@ def jax_step(model, mem, corrections: int, dtype):
     def step(state, rest, images, masks, plan, key):
         def loss_fn(p):
             m, me = nnx.merge(graphdef, cast_floats(p, dtype), cast_floats(rest, dtype))
-            return full.clip_loss(m, me, images.astype(dtype), masks, plan, key, cfg)[0]
+            return full.clip_loss(m, me, images.astype(dtype), masks, plan, key, cfg, loss_cfg)[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, o = opt.update(grads, state["opt"], state["params"])

@@ -60,18 +60,15 @@ def ensure_data(dc, log=_log) -> None:
     if (Path(dc.cache_dir) / "rois.npy").exists():
         return
     if jax.process_index() == 0:
-        from safeclick_jax.data import prepare, synthetic, synthetic_abdomen
+        from safeclick_jax.data import prepare, write_synthetic
 
         synth = dc.synthetic_root
         for root in dc.roots:
             if not Path(root).exists():
                 if synth and os.path.abspath(root) == os.path.abspath(synth):
                     kind = dc.synthetic_kind
-                    gen = {"smoke": synthetic, "abdomen": synthetic_abdomen}.get(kind)
-                    if gen is None:
-                        raise ValueError(f"data.synthetic_kind: {kind!r} is none of 'smoke', 'abdomen'")
                     log(f"data: generating the synthetic {kind} dataset ({dc.synthetic_volumes} volumes) in {root}")
-                    gen.write_dataset(root, num_volumes=dc.synthetic_volumes, seed=0)
+                    write_synthetic(kind, root, num_volumes=dc.synthetic_volumes, seed=0)
                 else:
                     raise FileNotFoundError(f"data.roots: {root} does not exist")
         log(f"data: preparing {list(dc.roots)} -> {dc.cache_dir}")
