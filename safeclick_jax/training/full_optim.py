@@ -53,7 +53,7 @@ TRUNK = "image_encoder.trunk."
 
 def _keys(path) -> list[str]:
     """Dict / sequence keys of a pytree path (the array inside an nnx.Variable adds `.value`)."""
-    return [str(getattr(p, "key", getattr(p, "idx", ""))) for p in path if not isinstance(p, jax.tree_util.GetAttrKey)]
+    return [str(getattr(p, "key", getattr(p, "idx", p))) for p in path if not isinstance(p, jax.tree_util.GetAttrKey)]
 
 
 def torch_name(path) -> str:
