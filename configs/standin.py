@@ -51,7 +51,7 @@ def get_config(arg=None):
     # decay 0.9) would barely move random weights; one lr for every part, as SAM's pretraining
     # (AdamW, cosine), with sam2's clipping and weight decay.
     c.optim.lr = 3e-4
-    c.optim.vision_lr = 3e-4
+    c.optim.vision_lr_mult = 1.0
     c.optim.layer_decay = 1.0
 
     if phase == "image":

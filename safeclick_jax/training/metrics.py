@@ -105,7 +105,8 @@ def plot_curves(metrics_path, out_png) -> Path | None:
         if pts:
             b.plot(*zip(*pts), marker="o", label=label)
     b.set(xlabel="step", ylabel="Dice", title="validation Dice")
-    b.legend()
+    if val:  # a run without validation (the clip task) has no curve to name
+        b.legend()
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)
