@@ -112,7 +112,7 @@ def test_smoke_run_writes_everything(reference):
 def test_export_is_a_complete_model_for_the_volume_engine(reference):
     """The export carries the memory path (random here: no init checkpoint): the volume engine
     opens it without a memory checkpoint and propagates a click through a volume."""
-    from safeclick_jax.volume_predictor import VolumePredictor
+    from safeclick_jax.inference import VolumePredictor
 
     wd, out = reference
     assert "memory path: RANDOM (init.seed 0), written into the export" in out

@@ -10,7 +10,9 @@ Two layouts:
   `images*/` and `labels*/` folders with equal names. A file is a label when its name (without
   .nii/.nii.gz) is, or ends with `_`/`-`/`.` plus, one of LABEL_TOKENS (`case1_seg.nii.gz`,
   `seg.nii.gz`); it matches the image whose name without an IMAGE_TOKENS suffix is the same
-  (`case1.nii.gz`, `case1_ct.nii.gz`; `ct.nii.gz` pairs with `seg.nii.gz`).
+  (`case1.nii.gz`, `case1_ct.nii.gz`; `ct.nii.gz` pairs with `seg.nii.gz`). An image may also be
+  a DICOM series, a folder of DICOM files or a `.zip` of one, named as its label without the token
+  (`imagesTr/case1/` or `case1.zip` with `labelsTr/case1.nii.gz` / `case1_seg.nii.gz`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+
+from safeclick_jax.data import dicom
 
 LABEL_TOKENS = ("seg", "segmentation", "label", "labels", "mask", "gt")
 IMAGE_TOKENS = ("img", "image", "ct", "mr", "mri", "vol", "volume", "0000")
@@ -114,10 +118,17 @@ def discover_msd(root: Path, channel: int | None = None, modality: str | None = 
 def discover_plain(root: Path, channel: int | None = None, modality: str | None = None) -> list[Case]:
     images: dict[tuple[str, str], Path] = {}
     labels: dict[tuple[str, str], Path] = {}
+    series = [p for p in sorted(root.rglob("*")) if p.is_dir() and dicom.is_series(p)]
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
+        if p.name.startswith(".") or any(s in p.parents for s in series):
             continue
-        stem = nifti_stem(p.name)
+        is_series = p in series or (p.is_file() and p.suffix.lower() == ".zip")
+        if is_series:
+            stem = p.stem if p.is_file() else p.name
+        elif p.is_file():
+            stem = nifti_stem(p.name)
+        else:
+            continue
         if stem is None:
             continue
         # Group key: the folder, with images*/labels* siblings mapped to one group.
@@ -127,7 +138,9 @@ def discover_plain(root: Path, channel: int | None = None, modality: str | None 
         in_image_dir = folder_low.startswith(("image", "img", "vol"))
         group = str(parent.parent) if (in_label_dir or in_image_dir) else str(parent)
         key, is_label = _strip_token(stem, LABEL_TOKENS)
-        if in_label_dir:
+        if is_series:  # a DICOM series is an image; its label map is a NIfTI
+            key, is_label = stem, False
+        elif in_label_dir:
             is_label = True
         elif in_image_dir:
             is_label = False

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from safeclick_jax.data import default_data_config, layouts, nifti, preprocess, roi_index
+from safeclick_jax.data import default_data_config, dicom, layouts, nifti, preprocess, roi_index
 
 CACHE_FILES = ("volumes.json", "rois.npy", "summary.json")
 SUMMARY_VERSION = 1
@@ -59,7 +59,7 @@ def process_case(case: layouts.Case, index: int, out_dir: str, opts: dict) -> di
     if case.problem:
         return {**base, "ok": False, "reason": case.problem}
     try:
-        image, label = nifti.load_pair(case.image, case.label, case.channel)
+        image, label = dicom.load_pair(case.image, case.label, case.channel)
         mode = preprocess.resolve_mode(opts["normalization"], case.modality, image.data)
         img01 = preprocess.normalize_intensity(image.data, mode, opts["percentiles"], opts["ct_window"])
         target = preprocess.target_spacing_for(image.spacing, opts["target_spacing"])
