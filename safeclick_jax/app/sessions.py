@@ -210,7 +210,17 @@ class SessionStore:
         self._lock = threading.Lock()
         self.compute = threading.Lock()
         self.writer = persist.LabelWriter(quiet_s)
+        self._closed = threading.Event()
         self._load_all()
+        # idle engines are freed without waiting for a request to come
+        threading.Thread(target=self._expire_every, args=(min(60.0, max(1.0, idle_s / 4)),), daemon=True).start()
+
+    def _expire_every(self, period_s: float) -> None:
+        while not self._closed.wait(period_s):
+            try:
+                self.expire()
+            except Exception:
+                log.exception("freeing idle sessions failed")
 
     def _load_all(self) -> None:
         """The sessions of an earlier run, freed (each wakes when next used)."""
@@ -352,6 +362,7 @@ class SessionStore:
 
     def close(self):
         """At shutdown: every label map written; the state stays (a temporary root is removed)."""
+        self._closed.set()
         self.writer.close()
         with self._lock:
             for x in self._sessions.values():
