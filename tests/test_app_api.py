@@ -260,15 +260,25 @@ def test_normalization_field(client):
     assert (len(store), sorted(store.root.iterdir())) == before
 
 
-def test_idle_sessions_expire(client):
+def test_idle_sessions_free_their_engine_and_keep_their_state(client):
+    """(Resuming them: tests/test_app_state.py.)"""
+    import time
+
     store = client.app.state.store
     sid = _open(client)["id"]
+    for _ in range(300):  # the background encoding makes the session busy, and busy ones stay
+        if client.get(f"/api/volumes/{sid}").json()["encoding"] == {"done": 6, "total": 6}:
+            break
+        time.sleep(0.1)
     store.idle_s, idle = 0.0, store.idle_s
     try:
         assert sid in store.expire()
     finally:
         store.idle_s = idle
-    assert client.get(f"/api/volumes/{sid}").status_code == 404
+    d = client.get(f"/api/volumes/{sid}").json()
+    assert d["live"] is False and d["objects"] == [{"id": 1, "name": "object 1", "visible": True}]
+    assert (store.root / sid / "state.json").is_file()
+    assert client.delete(f"/api/volumes/{sid}").status_code == 200
     assert not (store.root / sid).exists()
 
 

@@ -175,6 +175,15 @@ def test_page_click_propagate_overlay(server, driver):
     shot = os.environ.get("APP_SCREENSHOT")
     if shot:
         driver.save_screenshot(shot)
+    # a reload resumes the session named in the page's URL: same id, the overlay drawn again
+    assert f"session={sid}" in driver.current_url
+    driver.refresh()
+    ready = "const s = window.safeclick; return s && s.state.vol && s.nv.volumes.length === 1 && !s.state.busy"
+    _wait(driver, ready)
+    assert driver.execute_script("return window.safeclick.state.vol.id") == sid
+    time.sleep(0.5)
+    again = _canvas_pixels(driver)
+    assert ((again[..., 0] > again[..., 1] + 40) & (np.abs(again - before).sum(-1) > 30)).sum() > 20
 
 
 def _draw(driver, key, offsets, steps=4):

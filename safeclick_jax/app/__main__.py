@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 
 from safeclick_jax import compile_cache
-from safeclick_jax.data.volume_file import MAX_VOXELS
+from safeclick_jax.app.auth import LOOPBACK, read_key
+from safeclick_jax.app.persist import DEFAULT_STATE_DIR
+from safeclick_jax.data.volume_file import MAX_BYTES, MAX_VOXELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-voxels", type=int, default=MAX_VOXELS, help=f"largest volume opened, in voxels (default {MAX_VOXELS})"
     )
-    p.add_argument("--idle-minutes", type=float, default=30.0, help="a session idle this long is freed (default 30)")
+    p.add_argument(
+        "--max-volume-mb",
+        type=float,
+        default=MAX_BYTES / 2**20,
+        help=f"largest voxel data a header may declare (what a .nii.gz decompresses to; default {MAX_BYTES >> 20})",
+    )
+    p.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=30.0,
+        help="a session idle this long frees its engine; its state stays (default 30)",
+    )
+    p.add_argument("--max-sessions", type=int, default=8, help="live sessions (with an engine) at once (default 8)")
+    p.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        help=f"folder of every session's state; a restart resumes them (default {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument("--autosave", action="store_true", help="write each label map beside its input after every change")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help="file holding the API key every request must send (Authorization: Bearer KEY); "
+        "required with a --host other than loopback",
+    )
     p.add_argument(
         "--compilation-cache",
         default=compile_cache.DEFAULT_DIR,
@@ -55,12 +81,16 @@ def main(argv=None) -> int:
     data_dir = Path(a.data_dir)
     if not data_dir.is_dir():
         raise SystemExit(f"error: --data-dir {data_dir}: no such folder")
-    if a.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"WARNING: binding {a.host}: anyone who can reach this address can open and segment the volumes "
-            f"in {data_dir}; there is no login. Prefer 127.0.0.1 with an SSH tunnel.",
-            flush=True,
-        )
+    if a.max_sessions < 1:
+        raise SystemExit(f"error: --max-sessions {a.max_sessions}: at least 1")
+    key = None
+    if a.api_key_file is not None:
+        try:
+            key = read_key(a.api_key_file)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    elif a.host not in LOOPBACK:
+        raise SystemExit(f"error: --host {a.host} serves beyond this machine: give --api-key-file FILE")
     print(f"loading the model from {checkpoint} ...", flush=True)
     try:
         factory = engine_factory(checkpoint, a.memory_checkpoint, untrained_memory=a.untrained_memory)
@@ -77,7 +107,15 @@ def main(argv=None) -> int:
         model_name=checkpoint,
         ready=ready,
         max_voxels=a.max_voxels,
+        max_bytes=int(a.max_volume_mb * 2**20),
+        state_dir=a.state_dir,
+        max_sessions=a.max_sessions,
+        autosave=a.autosave,
+        api_key=key,
     )
+
+    if len(app.state.store):
+        print(f"{len(app.state.store)} sessions of {a.state_dir} resumed (each wakes when next used)", flush=True)
 
     def warm():
         try:

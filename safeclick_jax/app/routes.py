@@ -20,14 +20,24 @@ from pathlib import Path
 from typing import Annotated, Callable
 
 import nibabel as nib
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
+from safeclick_jax.app.persist import checksum
 from safeclick_jax.app.requests import EditObject, NewObject, ObjectChoice, ObjectInPath, OpenVolume, Prompt
-from safeclick_jax.app.sessions import BadInput, Session, SessionStore, named, safe_path
+from safeclick_jax.app.sessions import (
+    BadInput,
+    CannotResume,
+    Session,
+    SessionStore,
+    autosave_path,
+    named,
+    safe_path,
+)
 from safeclick_jax.data import dicom
 from safeclick_jax.data.preprocess import NORMALIZATIONS
-from safeclick_jax.data.volume_file import SERIES_SUFFIX, read_label_map, read_volume, volume_stem, volume_suffix
+from safeclick_jax.data.volume_file import MAX_BYTES, SERIES_SUFFIX, read_label_map, read_volume, volume_suffix
 from safeclick_jax.inference.geometry import voxel_index
 
 log = logging.getLogger("safeclick_jax.app")
@@ -35,17 +45,21 @@ log = logging.getLogger("safeclick_jax.app")
 
 @dataclasses.dataclass
 class AppState:
-    """What the routes share: the engine factory, the data folder, the sessions and the lock that
-    runs one model call at a time (the CPU is shared by every session)."""
+    """What the routes share: the engine factory, the data folder, the sessions (their `compute`
+    lock runs one model call at a time: the CPU is shared by every session) and the limits."""
 
     engines: Callable  # engines(): a new engine (VolumePredictor interface) per session
     data_dir: Path
     store: SessionStore
     max_voxels: int
+    max_bytes: int = MAX_BYTES
     model_name: str | None = None
     ready: threading.Event | None = None  # set once the model is compiled
     status: dict = dataclasses.field(default_factory=lambda: {"state": "ready", "error": None})
-    compute: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def compute(self) -> threading.Lock:
+        return self.store.compute
 
     def timed(self, s: Session, fn):
         """fn() under the session's and the compute lock -> (result, milliseconds)."""
@@ -53,6 +67,52 @@ class AppState:
         with s.lock, self.compute:
             out = fn()
         return out, round((time.perf_counter() - t0) * 1000.0, 1)
+
+    def read(self, path: Path, name: str):
+        """The volume file, its header checked against the limits before any voxel is read."""
+        return named(read_volume, path, name, max_voxels=self.max_voxels, max_bytes=self.max_bytes)
+
+    def wake(self, s: Session) -> None:
+        """Gives a freed session its engine back: the volume read (its checksum checked), the
+        recorded interactions replayed one per hold of the compute lock (`s.resume` counts
+        them), then its slices encoded in the background. CannotResume (409) keeps the state."""
+        if s.live:
+            return
+        with s.lock:
+            if s.live:
+                return
+            s.check_volume()
+            self.store.make_room(keep=s)
+            vol = self.read(s.path, s.name)
+            engine = self.engines()
+            entries = list(s.interactions)
+            s.resume.update(done=0, total=len(entries), running=True)
+            try:
+                with self.compute:
+                    engine.set_volume(vol, axis=s.axis, normalization=s.normalization)
+                for i, entry in enumerate(entries):
+                    with self.compute:
+                        engine.replay([entry])
+                    s.resume["done"] = i + 1
+            except ValueError as e:
+                raise CannotResume(f"session {s.id}: interaction {s.resume['done']} does not replay ({e})") from None
+            finally:
+                s.resume["running"] = False
+            s.engine, s.image, s.interactions = engine, vol.image, []
+        threading.Thread(target=self.encode_slices, args=(s, engine), daemon=True).start()
+
+    def label_map(self, s: Session):
+        """The session's label map: the engine's, or the one on disk while it is freed."""
+        if not s.live:
+            lab = self.store.stored_labels(s)
+            if lab is not None:
+                s.check_volume()
+                return lab
+            self.wake(s)
+        with s.lock, self.compute:
+            if s.engine is not None:
+                return s.engine.label_map()
+        return self.label_map(s)  # freed meanwhile: its label map was written first
 
     def encode_slices(self, s: Session, engine) -> None:
         """After a volume opens: compiles the steps that depend on its size, then encodes its
@@ -63,7 +123,7 @@ class AppState:
         try:
             for step in [engine.compile_volume_steps] + [partial(engine.encode_slice, t) for t in order]:
                 with s.lock, self.compute:
-                    if s.engine is not engine:  # the session was closed
+                    if s.engine is not engine:  # the session was closed or freed
                         return
                     step()
         except Exception:  # a click encodes its slice itself; the page keeps working
@@ -77,14 +137,26 @@ def app_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(app_state)]
 
 
-def live_session(sid: str, st: State) -> Session:
+def stored_session(sid: str, st: State) -> Session:
     s = st.store.get(sid)
     if s is None:
-        raise HTTPException(404, f"no volume {sid!r} (closed, or expired after idle time)")
+        raise HTTPException(404, f"no session {sid!r} on this server (it never existed, or was closed)")
     return s
 
 
-Live = Annotated[Session, Depends(live_session)]
+def live_session(sid: str, st: State, request: Request):
+    """The session with its engine (a freed one is woken first); after a request that changes
+    it (any method but GET) succeeded, its state is written to disk before the answer leaves."""
+    s = stored_session(sid, st)
+    with st.store.using(s):
+        st.wake(s)
+        yield s
+        if request.method != "GET":
+            st.store.save(s)
+
+
+Stored = Annotated[Session, Depends(stored_session)]  # the session's state only (no engine needed)
+Live = Annotated[Session, Depends(live_session, scope="function")]
 
 
 def known(s: Session, o: int | None) -> int | None:
@@ -185,20 +257,30 @@ async def open_volume(request: Request, st: State):
                 volume_suffix(source.name)
                 if not source.is_file():
                     raise BadInput(f"path {req.path!r}: no such file in the data folder")
-        vol = await asyncio.to_thread(named, read_volume, path, name, max_voxels=st.max_voxels)
-        if series:  # the viewer and the downloads take the series as a NIfTI on its own grid
+        vol = await asyncio.to_thread(st.read, path, name)
+        if series:  # the session keeps the series as a NIfTI on its own grid (viewer, downloads, resume)
             path = work / "input.nii.gz"
             await asyncio.to_thread(nib.save, vol.image, str(path))
+        await asyncio.to_thread(st.store.make_room)
         engine = st.engines()
 
         def start():
             with st.compute:
                 engine.set_volume(vol, axis=req.axis, normalization=req.normalization)
+            engine.add_object(1)
+            return checksum(path)
 
-        await asyncio.to_thread(start)
-        s = Session(sid, engine, name, path, vol.image, work, source, axis=req.axis)
+        sha = await asyncio.to_thread(start)
+        geometry = {
+            "shape": [int(v) for v in vol.image.shape[:3]],
+            "spacing": [float(v) for v in vol.image.header.get_zooms()[:3]],
+            "affine": np.asarray(vol.image.affine).tolist(),
+        }
+        s = Session(
+            sid, name, path, work, source, sha, req.axis, req.normalization, engine.normalization,
+            int(engine.num_slices), geometry, engine=engine, image=vol.image,
+        )  # fmt: skip
         s.objects[1] = {"name": "object 1", "visible": True}
-        engine.add_object(1)
         st.store.add(s)
         threading.Thread(target=st.encode_slices, args=(s, engine), daemon=True).start()
         return {**s.describe()}
@@ -208,19 +290,41 @@ async def open_volume(request: Request, st: State):
 
 
 @router.get("/volumes/{sid}")
-def describe(s: Live):
+def describe(s: Stored):
+    """The session (live or freed: `live`; `resume`: interactions replayed while it wakes)."""
     return s.describe()
 
 
+@router.post("/volumes/{sid}/resume")
+def resume(s: Stored, st: State):
+    """Starts waking a freed session in the background (the page, on reload); GET
+    /api/volumes/{id} shows `resume` {"done", "total"} meanwhile. Its volume is checked now."""
+    if not s.live:
+        s.check_volume()
+        threading.Thread(target=_wake_logged, args=(st, s), daemon=True).start()
+    return s.describe()
+
+
+def _wake_logged(st: AppState, s: Session) -> None:
+    try:
+        with st.store.using(s):
+            st.wake(s)
+    except Exception as e:  # the next request that needs the engine answers it
+        log.warning("resuming session %s failed: %s", s.id, e)
+
+
 @router.get("/volumes/{sid}/image.nii.gz")
-def image(s: Live):
+def image(s: Stored):
+    if not s.live:
+        s.check_volume()
     if s.path.name.lower().endswith(".nii.gz"):
         return FileResponse(s.path, media_type="application/gzip", filename="image.nii.gz")
     return Response(gzip.compress(s.path.read_bytes(), 1), media_type="application/gzip")
 
 
 @router.delete("/volumes/{sid}")
-def close(s: Live, st: State):
+def close(s: Stored, st: State):
+    """Closes the session: its engine and its state on disk are gone."""
     with s.lock:
         st.store.delete(s.id)
     return {"deleted": s.id}
@@ -296,7 +400,7 @@ async def propagate(s: Live, st: State, body: ObjectChoice | None = None):
 
 
 @router.get("/volumes/{sid}/events")
-async def events(s: Live):
+async def events(s: Stored):
     """Server-sent events: `data: {"done", "total", "running"}` every 0.2 s while a propagation
     runs (and once when none does)."""
 
@@ -371,18 +475,19 @@ def delete_object(o: ObjectInPath, s: Live, st: State):
 
 
 @router.get("/volumes/{sid}/labels.nii.gz")
-def labels(s: Live, visible: bool = False):
-    """The label map (input affine and header); `?visible=true` leaves hidden objects out."""
+def labels(s: Stored, st: State, visible: bool = False):
+    """The label map (input affine and header); `?visible=true` leaves hidden objects out. A
+    freed session answers from its state on disk, without waking."""
     hide = [o for o, v in s.objects.items() if not v["visible"]] if visible else []
-    with s.lock:
-        img = s.labels_image(hide)
+    with st.store.using(s):
+        img = s.labels_image(st.label_map(s), hide)
     return Response(gzip.compress(img.to_bytes(), 1), media_type="application/gzip")
 
 
 @router.get("/volumes/{sid}/overlay/{stamp}/labels.nii.gz", include_in_schema=False)
-def overlay(s: Live, stamp: str):
+def overlay(s: Stored, st: State, stamp: str):
     """The page's overlay: visible objects only; `stamp` defeats the browser cache."""
-    return labels(s, visible=True)
+    return labels(s, st, visible=True)
 
 
 @router.post("/volumes/{sid}/labels")
@@ -395,6 +500,7 @@ async def upload_labels(request: Request, s: Live, st: State):
     path = s.workdir / ("labels" + volume_suffix(Path(up.filename or "").name))
     path.write_bytes(await up.read())
     lab = await asyncio.to_thread(named, read_label_map, path, str(up.filename), s.engine.volume, st.max_voxels)
+    path.unlink()  # the label map is in the interactions now
     # every labelled slice becomes a mask prompt, so the label map shows the upload as it is
     ids, ms = await asyncio.to_thread(st.timed, s, lambda: s.engine.set_labels(lab, slices="all"))
     s.objects = {o: s.objects.get(o, {"name": f"object {o}", "visible": True}) for o in ids}
@@ -402,12 +508,12 @@ async def upload_labels(request: Request, s: Live, st: State):
 
 
 @router.post("/volumes/{sid}/save")
-def save(s: Live, st: State):
+def save(s: Stored, st: State):
     """Writes the label map beside the input in the data folder: NAME_labels.nii.gz (for a DICOM
     series folder or zip NAME, on the series' grid)."""
     if s.source is None:
         raise BadInput("an uploaded volume has no place in the data folder; use Download")
-    out = s.source.with_name(volume_stem(s.source) + "_labels.nii.gz")
-    with s.lock:
-        nib.save(s.labels_image(), str(out))
+    out = autosave_path(s.source)
+    with st.store.using(s):
+        nib.save(s.labels_image(st.label_map(s)), str(out))
     return {"saved": str(out.relative_to(st.data_dir.resolve()))}

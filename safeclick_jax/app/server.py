@@ -15,10 +15,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from safeclick_jax.app import strokes
+from safeclick_jax.app.auth import ApiKey
 from safeclick_jax.app.requests import validation_sentence
 from safeclick_jax.app.routes import AppState, router
-from safeclick_jax.app.sessions import SessionStore, safe_path  # noqa: F401  (safe_path: re-exported)
-from safeclick_jax.data.volume_file import MAX_VOXELS
+from safeclick_jax.app.sessions import Busy, CannotResume, SessionStore, safe_path  # noqa: F401  (safe_path: re-exported)
+from safeclick_jax.data.volume_file import MAX_BYTES, MAX_VOXELS
 
 HERE = Path(__file__).parent
 NIIVUE_DIST = HERE / "web" / "node_modules" / "@niivue" / "niivue" / "dist"
@@ -68,15 +69,28 @@ def create_app(
     model_name: str | None = None,
     ready: threading.Event | None = None,
     max_voxels: int = MAX_VOXELS,
+    max_bytes: int = MAX_BYTES,
+    state_dir: str | Path | None = None,
+    max_sessions: int = 8,
+    autosave: bool = False,
+    api_key: str | None = None,
+    quiet_s: float = 1.0,
 ) -> FastAPI:
     """engine_factory(): a new engine (VolumePredictor interface) per session. `ready`: set once
-    the model is compiled (health reports "loading" until then). `max_voxels`: the largest volume
-    opened, checked on the file's header before any voxel is read."""
+    the model is compiled (health reports "loading" until then). `max_voxels` / `max_bytes`: the
+    largest volume opened, checked on the file's header before any voxel is read. `state_dir`:
+    the sessions' state (app/persist.py; None: a temporary folder, removed at shutdown); the
+    sessions found there are resumed. `max_sessions`: live sessions (with an engine).
+    `autosave`: each label map also written beside its input. `api_key`: required on every API
+    call (app/auth.py). `quiet_s`: a label map is written once its session is quiet this long."""
     app = FastAPI(title="safeclick-jax", docs_url="/api/docs", openapi_url="/api/openapi.json")
-    st = AppState(engine_factory, Path(data_dir), SessionStore(idle_s=idle_s), max_voxels, model_name, ready)
+    store = SessionStore(state_dir, idle_s=idle_s, max_live=max_sessions, quiet_s=quiet_s, autosave=autosave)
+    st = AppState(engine_factory, Path(data_dir), store, max_voxels, max_bytes, model_name, ready)
     st.status["state"] = "ready" if ready is None else "loading"
     app.state.ctx, app.state.store, app.state.status = st, st.store, st.status
     app.add_middleware(UploadLimit, limit=int(max_upload_mb * 2**20))
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)  # added last: runs first, before any body is read
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, e):
@@ -85,6 +99,14 @@ def create_app(
     @app.exception_handler(ValidationError)
     async def invalid_form(_, e):
         return JSONResponse({"detail": validation_sentence(e.errors())}, status_code=400)
+
+    @app.exception_handler(Busy)
+    async def busy(_, e):
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(CannotResume)
+    async def cannot_resume(_, e):
+        return JSONResponse({"detail": str(e)}, status_code=409)
 
     @app.exception_handler(ValueError)  # BadInput, VolumeError and the engine's refusals
     async def value_error(_, e):

@@ -1,5 +1,6 @@
 // safeclick-jax web page: niivue viewer + the server's HTTP API (docs/app.md).
-import { Niivue, DRAG_MODE, SLICE_TYPE, SHOW_RENDER } from "/vendor/niivue/index.js";
+import { Niivue, NVImage, DRAG_MODE, SLICE_TYPE, SHOW_RENDER } from "/vendor/niivue/index.js";
+import { askKey, authHeaders, download, putSessionInUrl, readEvents, sessionInUrl } from "/static/persist.js";
 import { strokeTools } from "/static/strokes.js";
 
 const $ = (id) => document.getElementById(id);
@@ -26,7 +27,7 @@ function showError(text) {
 }
 
 async function api(method, path, body, isForm = false) {
-  const opt = { method, headers: {} };
+  const opt = { method, headers: authHeaders() };
   if (body !== undefined) {
     if (isForm) opt.body = body;
     else { opt.body = JSON.stringify(body); opt.headers["content-type"] = "application/json"; }
@@ -34,6 +35,7 @@ async function api(method, path, body, isForm = false) {
   const r = await fetch(path, opt);
   let data = null;
   try { data = await r.json(); } catch { data = {}; }
+  if (r.status === 401 && askKey(data.detail || "401")) return api(method, path, body, isForm);
   if (!r.ok) throw new Error(data.detail || `${r.status} ${r.statusText}`);
   return data;
 }
@@ -82,7 +84,8 @@ function mmToVoxel(mm) {
 async function refreshOverlay() {
   const v = state.vol;
   if (!v) return;
-  await nv.loadDrawingFromUrl(`/api/volumes/${v.id}/overlay/${Date.now()}/labels.nii.gz`);
+  const url = `/api/volumes/${v.id}/overlay/${Date.now()}/labels.nii.gz`;
+  nv.loadDrawing(await NVImage.loadFromUrl({ url, name: "labels.nii.gz", headers: authHeaders() }));
   nv.setDrawOpacity(parseFloat($("opacity").value));
   nv.drawScene();
 }
@@ -134,20 +137,27 @@ async function openVolume(bodyOrForm, isForm) {
     state.vol = null;
     $("overlay-msg").textContent = "Opening the volume...";
     const v = await api("POST", "/api/volumes", bodyOrForm, isForm).finally(() => ($("overlay-msg").textContent = ""));
-    state.vol = v;
-    state.obj = v.objects[0].id;
-    state.inv = invert4(v.affine);
-    await nv.loadVolumes([{ url: `/api/volumes/${v.id}/image.nii.gz`, name: "image.nii.gz" }]);
-    nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
-    const mapping = { ct_window: "CT window", percentile: "percentile clipping" }[v.normalization] || v.normalization;
-    $("volinfo").textContent =
-      `${v.name}: ${v.shape.join(" x ")} voxels, ${v.spacing.map((s) => s.toFixed(2)).join(" x ")} mm; ` +
-      `intensities: ${mapping}`;
-    renderObjects();
-    await refreshOverlay();
-    watchEncoding(v);
-    return v;
+    return showVolume(v);
   });
+}
+
+// a session opened now, or resumed after a reload / a restart (its id in the page's URL)
+async function showVolume(v) {
+  state.vol = v;
+  state.obj = v.objects.length ? v.objects[0].id : 1;
+  state.inv = invert4(v.affine);
+  putSessionInUrl(v.id);
+  await nv.loadVolumes([{ url: `/api/volumes/${v.id}/image.nii.gz`, name: "image.nii.gz", headers: authHeaders() }]);
+  nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
+  const mapping = { ct_window: "CT window", percentile: "percentile clipping" }[v.normalization] || v.normalization;
+  $("volinfo").textContent =
+    `${v.name}: ${v.shape.join(" x ")} voxels, ${v.spacing.map((s) => s.toFixed(2)).join(" x ")} mm; ` +
+    `intensities: ${mapping}`;
+  renderObjects();
+  await refreshOverlay();
+  if (!v.live) await api("POST", `/api/volumes/${v.id}/resume`);
+  watchEncoding(v);
+  return v;
 }
 
 // after opening, the server encodes the slices in the background: show how far it is
@@ -155,9 +165,10 @@ async function watchEncoding(v) {
   while (state.vol && state.vol.id === v.id) {
     const d = await api("GET", `/api/volumes/${v.id}`).catch(() => null);
     if (!d || !state.vol || state.vol.id !== v.id) break;
-    const e = d.encoding;
-    if (e.done >= e.total) break;
-    $("encoding").textContent = `encoding slices ${e.done} / ${e.total} (clicks work meanwhile)`;
+    const e = d.encoding, r = d.resume;
+    if (d.live && e.done >= e.total) break;
+    $("encoding").textContent = d.live ? `encoding slices ${e.done} / ${e.total} (clicks work meanwhile)`
+      : `resuming the session: ${r.done} / ${r.total} interactions replayed`;
     await new Promise((r) => setTimeout(r, 1000));
   }
   $("encoding").textContent = "";
@@ -175,13 +186,12 @@ async function prompt(body, kind = "prompts") {
 async function propagate() {
   const v = state.vol;
   if (!v) return;
-  const es = new EventSource(`/api/volumes/${v.id}/events`);
-  es.onmessage = (e) => {
-    const p = JSON.parse(e.data);
+  const es = new AbortController();
+  readEvents(`/api/volumes/${v.id}/events`, (p) => {
     if (p.total) { $("progress").max = p.total; $("progress").value = p.done; $("progtext").textContent = `${p.done} / ${p.total} slices`; }
-  };
+  }, es.signal).catch(() => {});
   const out = await act("propagate", () => api("POST", `/api/volumes/${v.id}/propagate`, { object: state.obj }));
-  es.close();
+  es.abort();
   if (out) {
     const p = out.progress;  // the final count: the last event may not have arrived before the answer
     $("progress").max = p.total; $("progress").value = p.done; $("progtext").textContent = `${p.done} / ${p.total} slices`;
@@ -270,7 +280,8 @@ $("redo").onclick = () => history("redo");
 $("clear").onclick = () => state.vol && act("clear object", () =>
   api("POST", `/api/volumes/${state.vol.id}/objects/${state.obj}/clear`).then(reloadAll));
 $("opacity").oninput = (e) => { nv.setDrawOpacity(parseFloat(e.target.value)); nv.drawScene(); };
-$("download").onclick = () => { if (state.vol) window.location = `/api/volumes/${state.vol.id}/labels.nii.gz`; };
+$("download").onclick = () => state.vol && act("download", () =>
+  download(`/api/volumes/${state.vol.id}/labels.nii.gz`, state.vol.name.replace(/\.nii(\.gz)?$/i, "") + "_labels.nii.gz"));
 $("save").onclick = () => state.vol && act("save", async () => {
   const out = await api("POST", `/api/volumes/${state.vol.id}/save`);
   $("timing").textContent = `saved ${out.saved}`;
@@ -314,6 +325,8 @@ async function start() {
   const { files } = await api("GET", "/api/files");
   $("files").innerHTML = files.map((f) => `<option>${f.path}</option>`).join("");
   status("ready");
+  const resumed = sessionInUrl() && await act("resume", async () => showVolume(await api("GET", `/api/volumes/${sessionInUrl()}`)));
+  if (resumed) return;
   const pick = new URLSearchParams(location.search).get("open") || (files[0] && files[0].path);
   if (pick) await openVolume({ path: pick });
   else $("overlay-msg").textContent = "No volume in the data folder: upload a .nii or .nii.gz file.";
