@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.init.checkpoint = None  # random weights: never the stand-in itself (common's default when it exists)
 
     # The pretraining data (seed 0; the zero-shot protocol's held-out volumes are seed 1): on a CPU 40
-    # volumes of 128 x 128 x 48 for 128 px training (8 s to write); elsewhere 100 of 512 x 512 x 64, so
+    # volumes of 128 x 128 x 48 for 128 px training; elsewhere 100 of 512 x 512 x 64, so
     # that 1024 px training does not see 8x upsampled slices.
     cpu = jax.default_backend() == "cpu"
     name = "procedural" if cpu else "procedural_512"

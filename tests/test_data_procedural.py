@@ -78,7 +78,7 @@ def test_write_and_prepare_in_seconds(tmp_path):
     t0 = time.perf_counter()
     root = procedural.write_dataset(tmp_path / "proc", num_volumes=10, seed=3, shape=(96, 96, 24))
     seconds = time.perf_counter() - t0
-    assert seconds < 10, seconds  # 0.1 s a volume at 128 x 128 x 48 on 2 cores
+    assert seconds < 10, seconds  # generation is vectorised: far below this bound
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["numTraining"] == 10 and meta["modality"] == {"0": "procedural"} and meta["labels"] == LABELS
     img = nib.load(str(root / meta["training"][0]["image"]))
