@@ -44,28 +44,9 @@ from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory  # noqa: E402
 from safeclick_jax.training import full  # noqa: E402
 from safeclick_jax.training.step import cast_floats  # noqa: E402
+from tests.sam2_torch import SAM2_LOSS, import_training  # noqa: E402
 
 LR, WD, CLIP = 5e-6, 0.1, 0.1  # sam2's yaml: base lr, weight decay, max_norm
-LOSS = dict(
-    mask_weight=20.0, dice_weight=1.0, iou_weight=1.0, class_weight=1.0, focal_alpha=0.25, focal_gamma=2.0,
-    iou_loss="l1", supervise_all_iou=True,
-)  # fmt: skip
-
-
-def import_training():
-    """sam2's `training` package without tensordict and its trainer (neither is needed for a step)."""
-    if "tensordict" not in sys.modules:
-        td = types.ModuleType("tensordict")
-        td.tensorclass = lambda cls: cls
-        sys.modules["tensordict"] = td
-    if "training.trainer" not in sys.modules:
-        tr = types.ModuleType("training.trainer")
-        tr.CORE_LOSS_KEY = "core_loss"
-        sys.modules["training.trainer"] = tr
-    import training.loss_fns as loss_fns
-    import training.model.sam2 as sam2_train
-
-    return sam2_train, loss_fns
 
 
 def torch_model(name: str, size: int, corrections: int):
@@ -132,7 +113,7 @@ def jax_step(model, mem, corrections: int, dtype):
         num_correction_pt_per_frame=corrections, num_init_cond_frames=1, add_all_frames_to_correct_as_cond=True,
         binarize_mask_from_pts_for_mem_enc=False,
     )  # fmt: skip
-    loss_cfg = types.SimpleNamespace(**LOSS)
+    loss_cfg = types.SimpleNamespace(**SAM2_LOSS)
     graphdef, params, rest = nnx.split((model, mem), nnx.Param, ...)
     decay = jax.tree.map(lambda x: x.ndim > 1, params)  # sam2: no weight decay on biases and norms
     opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD, mask=decay))

@@ -48,3 +48,29 @@ def max_abs(a, b) -> float:
 
 def nchw_to_nhwc(t) -> np.ndarray:
     return t.detach().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+# sam2's training-yaml loss weights (MultiStepMultiMasksAndIous), shared by the parity test and the benchmark
+SAM2_LOSS = dict(
+    mask_weight=20.0, dice_weight=1.0, iou_weight=1.0, class_weight=1.0, focal_alpha=0.25, focal_gamma=2.0,
+    iou_loss="l1", supervise_all_iou=True,
+)  # fmt: skip
+
+
+def import_training():
+    """sam2's `training` package without tensordict and its trainer (neither is needed for a step)."""
+    import sys
+    import types
+
+    if "tensordict" not in sys.modules:
+        td = types.ModuleType("tensordict")
+        td.tensorclass = lambda cls: cls
+        sys.modules["tensordict"] = td
+    if "training.trainer" not in sys.modules:
+        tr = types.ModuleType("training.trainer")
+        tr.CORE_LOSS_KEY = "core_loss"
+        sys.modules["training.trainer"] = tr
+    import training.loss_fns as loss_fns
+    import training.model.sam2 as sam2_train
+
+    return sam2_train, loss_fns

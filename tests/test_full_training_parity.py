@@ -10,7 +10,6 @@ IoUs, object scores; per frame: the pointer and the memory features (rel <= 1e-4
 
 from __future__ import annotations
 
-import sys
 import types
 
 import jax
@@ -23,30 +22,10 @@ from safeclick_jax.inference.loader import load_model
 from safeclick_jax.models.memory import SAM2Memory
 from safeclick_jax.models.sam2 import IMAGE_PATH_PREFIXES
 from safeclick_jax.training import full
-from tests.sam2_torch import config_path, numpy_state_dict, rel_err, torch
+from tests.sam2_torch import SAM2_LOSS, config_path, import_training, numpy_state_dict, rel_err, torch
 
 MODEL, SIZE, K = "sam2.1_hiera_t", 128, 2
 REL, LOSS_REL = 1e-4, 1e-5
-LOSS_CFG = dict(
-    mask_weight=20.0, dice_weight=1.0, iou_weight=1.0, class_weight=1.0, focal_alpha=0.25, focal_gamma=2.0,
-    iou_loss="l1", supervise_all_iou=True,
-)  # fmt: skip
-
-
-def import_training():
-    """sam2's `training` package without tensordict / tensorboard / its trainer (not needed here)."""
-    if "tensordict" not in sys.modules:
-        td = types.ModuleType("tensordict")
-        td.tensorclass = lambda cls: cls
-        sys.modules["tensordict"] = td
-    if "training.trainer" not in sys.modules:
-        tr = types.ModuleType("training.trainer")
-        tr.CORE_LOSS_KEY = "core_loss"
-        sys.modules["training.trainer"] = tr
-    import training.loss_fns as loss_fns
-    import training.model.sam2 as sam2_train
-
-    return sam2_train, loss_fns
 
 
 def build_sam2_train(**train_args):
@@ -246,7 +225,7 @@ def test_full_training_step_matches_sam2_train(case, tmp_path, monkeypatch):
         add_all_frames_to_correct_as_cond=True,
         binarize_mask_from_pts_for_mem_enc=False,
     )
-    loss_cfg = types.SimpleNamespace(**LOSS_CFG)
+    loss_cfg = types.SimpleNamespace(**SAM2_LOSS)
     graphdef, params, rest = nnx.split((model, mem), nnx.Param, ...)
 
     def loss_fn(params):
