@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
     raw = gzip.compress(nib.Nifti1Image(image, affine).to_bytes())
     (d / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
     (d / "notnifti.nii").write_bytes(b"hello, not a NIfTI header" * 20)
-    bomb(d / "bomb.nii.gz", (1500, 1500, 1500))  # 29 kB claiming 6.3 GiB of int16 zeros
+    bomb(d / "bomb.nii.gz", (1500, 1500, 1500))  # a small file whose header claims 1500^3 int16 zeros
     (d / "sub").mkdir()
     outside = tmp_path_factory.mktemp("outside")
     nib.save(nib.Nifti1Image(image, affine), str(outside / "secret.nii.gz"))

@@ -266,7 +266,7 @@ def test_kill_9_loses_nothing(app_model_dir, data_dir, tmp_path):
         sid, _ = _work(http)
         assert http.post(f"/api/volumes/{sid}/prompts", json={"voxel": [20, 8, 1], "object": 3}).status_code == 200
         lab = _labels(http, sid)
-        os.kill(proc.pid, signal.SIGKILL)  # before the label map is written behind (1 s of quiet)
+        os.kill(proc.pid, signal.SIGKILL)  # before the quiet period after which the label map is written behind
         proc.wait()
         proc = _serve(app_model_dir, data_dir, state, cache, port)
         _wait_ready(http, proc)

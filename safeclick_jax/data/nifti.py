@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 MAX_VOXELS = 1 << 30  # default voxels per volume (1024^3; a 512 x 512 x 2000 CT is half of it)
-MAX_BYTES = 1 << 32  # default declared (decompressed) voxel data: 4 GiB
+MAX_BYTES = 1 << 32  # default limit on the declared (decompressed) voxel data
 
 
 class VolumeError(ValueError):
