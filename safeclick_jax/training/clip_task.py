@@ -24,7 +24,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx, traverse_util
 
 from safeclick_jax import checkpoint, parallel
@@ -176,25 +175,8 @@ class ClipTask:
                 return loss, terms
 
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            if nan_at >= 0:  # testing knob: a diverged step
-                loss = jnp.where(state["step"] == nan_at, jnp.nan, loss)
-            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            gnorm = optax.global_norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-            new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-            metrics = {
-                "loss": loss,
-                "focal": terms["mask"],
-                "dice": terms["dice"],
-                "iou": terms["iou"],
-                "class": terms["class"],
-                "grad_norm": gnorm,
-                "lr": schedule(state["step"]),
-                "finite": ok,
-            }
-            return new, metrics
+            named = {"focal": terms["mask"], "dice": terms["dice"], "iou": terms["iou"], "class": terms["class"]}
+            return step_lib.apply_gradients(optimizer, schedule, nan_at, state, loss, named, grads, state["rng"])
 
         rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
         compiled = jax.jit(

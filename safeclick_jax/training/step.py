@@ -124,6 +124,22 @@ def _loss_cfg(cfg) -> types.SimpleNamespace:
     return types.SimpleNamespace(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
 
 
+def apply_gradients(optimizer, schedule, nan_at: int, state, loss, terms: dict, grads, rng):
+    """The optimizer update shared by the tasks' steps: a step whose loss or gradient norm is not
+    finite leaves the state as it was (the loop stops on `finite`); `nan_at` >= 0 is the testing
+    knob that makes that step diverge. -> (state, metrics: loss, `terms`, grad_norm, lr, finite)."""
+    if nan_at >= 0:
+        loss = jnp.where(state["step"] == nan_at, jnp.nan, loss)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    metrics = {"loss": loss, **terms, "grad_norm": gnorm, "lr": schedule(state["step"]), "finite": ok}
+    return new, metrics
+
+
 def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding=None, frozen_sharding=None):
     """The jit-compiled step(state, frozen, batch) -> (state, metrics). Shardings default to
     replicated (parallel.param_sharding gives the FSDP ones)."""
@@ -144,25 +160,8 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, sta
             return losses.sam2_loss(logits, iou, obj, target, cand, loss_cfg)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        if nan_at >= 0:  # testing knob: a diverged step
-            loss = jnp.where(state["step"] == nan_at, jnp.nan, loss)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        gnorm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(key)}
-        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics = {
-            "loss": loss,
-            "focal": aux["focal"],
-            "dice": aux["dice"],
-            "iou": aux["iou"],
-            "class": aux["class"],
-            "grad_norm": gnorm,
-            "lr": schedule(state["step"]),
-            "finite": ok,
-        }
-        return new, metrics
+        terms = {n: aux[n] for n in ("focal", "dice", "iou", "class")}
+        return apply_gradients(optimizer, schedule, nan_at, state, loss, terms, grads, jax.random.key_data(key))
 
     rep, data = replicated(mesh), batch_sharding(mesh)
     state_sharding = rep if state_sharding is None else state_sharding
