@@ -74,7 +74,7 @@ class ClipSample(grain.transforms.RandomMap):
         image, labels = self.cache.volume_arrays(int(vid))
         name = self.cache.volumes[int(vid)]["image"]
         out = clips.sample_clip(rng, image, labels, self.frames, self.objects, self.image_size, name)
-        return {"images": out["images"], "masks": out["masks"], "plan_seed": plan_seed}
+        return {"images": out["images"], "masks": out["masks"], "objects": out["valid"], "plan_seed": plan_seed}
 
 
 class ClipTask:
@@ -170,7 +170,7 @@ class ClipTask:
                 model, mem = nnx.merge(graphdef, step_lib.cast_floats(params, cdt), step_lib.cast_floats(frozen, cdt))
                 images = batch["images"].astype(cdt)
                 loss, (terms, _) = full.clip_loss(
-                    model, mem, images, batch["masks"], plan, key, cfg, loss_cfg, drop_path, dropout
+                    model, mem, images, batch["masks"], plan, key, cfg, loss_cfg, drop_path, dropout, batch["objects"]
                 )
                 return loss, terms
 
@@ -195,7 +195,7 @@ class ClipTask:
             for n in PER_CLIP:
                 x = plan.pop(n)  # [T, B*K, ...] -> [B, T, K, ...]
                 per_clip[n] = np.moveaxis(x.reshape((t, b, k) + x.shape[2:]), 1, 0)
-            local = {"images": batch["images"], "masks": masks, **per_clip}
+            local = {"images": batch["images"], "masks": masks, "objects": batch["objects"], **per_clip}
             glob = {n: jax.make_array_from_process_local_data(rep, np.asarray(v)) for n, v in plan.items()}
             return compiled(state, frozen, parallel.global_batch(local, mesh), glob)
 

@@ -295,9 +295,10 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
     return jax.tree.map(lambda *xs: jnp.stack(xs), *slots)
 
 
-def step_loss(masks, iou, obj, multimask, mask_prompt, target, cfg):
+def step_loss(masks, iou, obj, multimask, mask_prompt, target, real, cfg):
     """MultiStepMultiMasksAndIous._update_losses for one decoding of N objects, each term summed
-    over objects (not yet divided by their number). masks [N,4,h,w] low-res logits, target [N,S,S]."""
+    over objects (not yet divided by their number). masks [N,4,h,w] low-res logits, target [N,S,S],
+    real [N] 1 for an object, 0 for a padding slot (no term)."""
     size = target.shape[-1]
     t = target.astype(jnp.float32)[:, None]
     hr = jax.image.resize(masks, masks.shape[:2] + (size, size), "linear", antialias=False)
@@ -314,21 +315,26 @@ def step_loss(masks, iou, obj, multimask, mask_prompt, target, cfg):
         iou_l = jnp.sum(jnp.where(cand, iou_err, 0.0), -1) / jnp.sum(cand)
     else:
         iou_l = pick(iou_err)
-    present = jnp.any(target, axis=(1, 2)).astype(jnp.float32)
+    present = jnp.any(target, axis=(1, 2)).astype(jnp.float32) * real
     obj_l = losses.sigmoid_focal(obj[:, :, None], present[:, None, None], *OBJ_FOCAL)
     return {
         "mask": jnp.sum(pick(focal) * present),
         "dice": jnp.sum(pick(dice) * present),
         "iou": jnp.sum(iou_l * present),
-        "class": jnp.sum(obj_l),
+        "class": jnp.sum(obj_l * real),
     }
 
 
-def multistep_loss(out: dict, masks, cfg):
+def multistep_loss(out: dict, masks, cfg, objects=None):
     """MultiStepMultiMasksAndIous over every decoding step of every frame: (weighted total, terms),
-    each term summed over steps and frames and divided by the number of objects."""
+    each term summed over steps and frames and divided by the number of objects.
+
+    objects [B, K] bool (optional): which object slots hold an object. A padding slot (a clip with
+    fewer than K objects, data/clips.py) is not one of SAM2Train's objects: it adds no loss term,
+    the object score's included, and is not counted."""
     num_frames, steps = out["valid"].shape
     n = out["masks"].shape[2]
+    real = jnp.ones((n,), jnp.float32) if objects is None else objects.reshape(n).astype(jnp.float32)
     size = masks.shape[-1]
     gt = masks.astype(bool).transpose(1, 0, 2, 3, 4).reshape(num_frames, n, size, size)[out["frame"]]
     flat = lambda x: x.reshape((num_frames * steps,) + x.shape[2:])
@@ -345,9 +351,10 @@ def multistep_loss(out: dict, masks, cfg):
     @jax.checkpoint  # the input-resolution logits of a step are recomputed in the backward pass
     def one(xs):
         m, i, o, mm, mp, t, v = xs
-        return jax.tree.map(lambda x: jnp.where(v, x, 0.0), step_loss(m, i, o, mm, mp, t, cfg))
+        return jax.tree.map(lambda x: jnp.where(v, x, 0.0), step_loss(m, i, o, mm, mp, t, real, cfg))
 
-    terms = jax.tree.map(lambda x: jnp.sum(x) / n, jax.lax.map(one, xs))
+    count = jnp.maximum(jnp.sum(real), 1.0)
+    terms = jax.tree.map(lambda x: jnp.sum(x) / count, jax.lax.map(one, xs))
     total = (
         cfg.mask_weight * terms["mask"]
         + cfg.dice_weight * terms["dice"]
@@ -357,10 +364,13 @@ def multistep_loss(out: dict, masks, cfg):
     return total, terms
 
 
-def clip_loss(model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path: float = 0.0, dropout: float = 0.0):
-    """The differentiable loss of one batch of clips: (loss, (terms, tracking outputs))."""
+def clip_loss(
+    model, mem, images, masks, plan, key, cfg, loss_cfg, drop_path: float = 0.0, dropout: float = 0.0, objects=None
+):
+    """The differentiable loss of one batch of clips: (loss, (terms, tracking outputs)); objects
+    [B, K] marks the slots that hold an object (multistep_loss)."""
     out = track_clip(model, mem, images, masks, plan, key, cfg, drop_path, dropout)
-    loss, terms = multistep_loss(out, masks, loss_cfg)
+    loss, terms = multistep_loss(out, masks, loss_cfg, objects)
     return loss, (terms, out)
 
 
