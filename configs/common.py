@@ -203,6 +203,7 @@ def _full(c, model_name: str):
     c.clip.accelerator_num_frames = 8  # sam2's yaml and MedSAM 2
     c.clip.cpu_num_frames = 4  # the CPU size, with data.cpu_image_size (128 px)
     c.clip.max_objects = 3
+    c.clip.min_object_pixels = 0  # > 0: draw only objects at least this large on a clip's first slice
     # Prompts (SAM2Train.prepare_prompt_inputs; sam2's names without _for_train). With probability
     # prob_to_use_pt_input the initial conditioning frames get clicks or boxes, else their mask;
     # given clicks, prob_to_use_box_input makes it a box (0.5 x 0.5 = a box a quarter of the time).

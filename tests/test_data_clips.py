@@ -44,6 +44,19 @@ def test_fewer_objects_than_k_are_padding():
     assert clip["valid"].tolist() == [True, True, False] and not clip["masks"][:, 2].any()
 
 
+def test_min_pixels_draws_only_large_objects_or_the_largest():
+    image, labels = volume()
+    labels[0][labels[0] == 2] = 0
+    labels[0, 15:17, 8:10] = 2  # object 2: 4 pixels of 40x40 on the first slice -> 2-3 at 32 px
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        clip = sample_clip(rng, image, labels[:3], 3, 3, 32, min_pixels=20)
+        assert sorted(clip["objects"][clip["valid"]].tolist()) == [1, 3]
+    labels[0][labels[0] != 2] = 0  # only the small object left: it is drawn anyway
+    clip = sample_clip(rng, image, labels[:3], 3, 3, 32, min_pixels=20)
+    assert clip["objects"].tolist() == [2, 0, 0]
+
+
 @pytest.mark.parametrize(
     "t, k, empty, match",
     [

@@ -43,13 +43,21 @@ def check_volume(labels: np.ndarray, num_frames: int, num_objects: int, name: st
     return starts
 
 
-def sample_clip(rng, image, labels, num_frames: int, num_objects: int, image_size: int, name: str = "volume"):
+def sample_clip(
+    rng, image, labels, num_frames: int, num_objects: int, image_size: int, name: str = "volume", min_pixels: int = 0
+):
     """-> {"images" [T,S,S,3] float32 (normalised), "masks" [T,K,S,S] bool, "valid" [K] bool,
-    "start", "objects" [K] label values (0 = padding)}."""
+    "start", "objects" [K] label values (0 = padding)}. `min_pixels` > 0: only objects with at
+    least that many pixels on the first slice at the image size are drawn (the largest one when
+    none has), so that a clip does not ask for objects smaller than the decoder's output grid."""
     starts = check_volume(labels, num_frames, num_objects, name)
     start = int(rng.choice(starts))
     clip = labels[start : start + num_frames]
     visible = np.setdiff1d(np.unique(clip[0]), [0])
+    if min_pixels > 0:
+        first = resize_nearest(clip[0], image_size, image_size)
+        area = np.array([(first == v).sum() for v in visible])
+        visible = visible[area >= min_pixels] if (area >= min_pixels).any() else visible[[int(np.argmax(area))]]
     chosen = rng.choice(visible, min(len(visible), num_objects), replace=False)
     objects = np.zeros(num_objects, np.int64)
     objects[: len(chosen)] = chosen

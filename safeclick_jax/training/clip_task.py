@@ -65,15 +65,16 @@ def num_frames(config) -> tuple[int, str]:
 class ClipSample(grain.transforms.RandomMap):
     """volume id -> one clip of it (clips.sample_clip) and the seed of its batch's prompt plan."""
 
-    def __init__(self, cache: pipeline.Cache, frames: int, objects: int, image_size: int):
+    def __init__(self, cache: pipeline.Cache, frames: int, objects: int, image_size: int, min_pixels: int):
         self.cache, self.frames, self.objects, self.image_size = cache, frames, objects, image_size
+        self.min_pixels = min_pixels
 
     def random_map(self, vid, rng: np.random.Generator):
         # first: then it depends only on the element's index, the same on every process
         plan_seed = rng.integers(2**62)
         image, labels = self.cache.volume_arrays(int(vid))
         name = self.cache.volumes[int(vid)]["image"]
-        out = clips.sample_clip(rng, image, labels, self.frames, self.objects, self.image_size, name)
+        out = clips.sample_clip(rng, image, labels, self.frames, self.objects, self.image_size, name, self.min_pixels)
         return {"images": out["images"], "masks": out["masks"], "objects": out["valid"], "plan_seed": plan_seed}
 
 
@@ -135,7 +136,8 @@ class ClipTask:
             raise ConfigError(f"{config.data.cache_dir}: fewer training volumes ({len(vids)}) than processes")
         seed = int(config.data.shuffle_seed)
         ds = ds.shuffle(seed=seed).repeat(None)
-        ds = ds.random_map(ClipSample(cache, self.frames, k, env.image_size), seed=seed + 1)
+        sample = ClipSample(cache, self.frames, k, env.image_size, int(config.clip.min_object_pixels))
+        ds = ds.random_map(sample, seed=seed + 1)
         ds = ds.batch(env.local_batch, drop_remainder=True)
         it = pipeline.make_iterator(ds, num_threads=int(config.data.num_threads))
         log("clips: no validation in the clip task yet; the last checkpoint is kept as the best")

@@ -8,7 +8,8 @@ optimizer.py), as optax, and which parts train.
 trainable, ...)); paths are read as the torch names they mirror (models/weight_map.py).
 
 - lr: `lr` for everything, `vision_lr_mult * lr` for the image encoder, both cosine-annealed to
-  lr * min_lr_ratio (fvcore CosineParamScheduler from lr to lr / 10), and on the Hiera trunk the
+  lr * min_lr_ratio (fvcore CosineParamScheduler from lr to lr / 10) after `warmup_steps` of a
+  linear warm-up from 0 (none in sam2's fine-tuning configs), and on the Hiera trunk the
   layer-wise decay of layer_decay_param_modifier: block i scales by layer_decay ** (L - i - 1)
   with L = number of blocks + 1, the patch embedding by layer_decay ** L, the position embeddings
   by 1 (the config's '*pos_embed*' override), other trunk tensors by 1 (Hiera.get_layer_id).
@@ -135,9 +136,15 @@ def scale_per_parameter(scales) -> optax.GradientTransformation:
 
 def make_optimizer(cfg, params, total_steps: int):
     """-> (optax transform, base lr schedule). cfg: the `optim` section of `full` (lr,
-    vision_lr_mult, min_lr_ratio, layer_decay, weight_decay, grad_clip, b1, b2)."""
+    vision_lr_mult, min_lr_ratio, warmup_steps (linear from 0), layer_decay, weight_decay,
+    grad_clip, b1, b2)."""
     scales, decay_mask = per_parameter(params, cfg)
-    schedule = optax.cosine_decay_schedule(float(cfg.lr), max(int(total_steps), 1), alpha=float(cfg.min_lr_ratio))
+    total, warmup = max(int(total_steps), 1), int(cfg.warmup_steps)
+    schedule = optax.cosine_decay_schedule(float(cfg.lr), total, alpha=float(cfg.min_lr_ratio))
+    if warmup > 0:  # from random weights (configs/standin.py); sam2's fine-tuning has none
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, float(cfg.lr), min(warmup, total - 1), total, end_value=float(cfg.lr) * float(cfg.min_lr_ratio)
+        )
     chain = [optax.clip_by_global_norm(float(cfg.grad_clip))] if float(cfg.grad_clip) > 0 else []
     chain += [
         optax.scale_by_adam(float(cfg.b1), float(cfg.b2)),  # eps 1e-8 as torch
