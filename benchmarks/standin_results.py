@@ -2,7 +2,8 @@
 the demo, Table 2 in miniature on its frozen encoder, and the CVPR 2025 interactive protocol.
 
   python benchmarks/standin_results.py                       # after `make pretrain`
-  python benchmarks/standin_results.py --parts table2 --all  # one part, every run of it
+  python benchmarks/standin_results.py --all                 # every run (longer; see below)
+  python benchmarks/standin_results.py --parts protocol      # one part (its section is updated)
   python benchmarks/standin_results.py --standin DIR --quick # a smoke stand-in, tiny schedules (tests)
 
 From a stand-in model directory (--standin, default workdir/standin/export, `make pretrain`):
@@ -13,10 +14,10 @@ demo      `make train`'s model on the stand-in (workdir/sam2_t, what `make app` 
           (zero_shot.deepest_click), propagation with the app's engine (app.server.engine_factory),
           3D Dice of the liver and 2D Dice on the clicked slice.
 table2    benchmarks/table2_mini.py on the stand-in's frozen encoder: seed 0 on the synthetic
-          abdomen with the ablations no_e1 / no_e2 / no_crl; with --all also seed 1 and the held-out
-          abdomen (data seed 1, training seed 0). Per run: the IP averages of every model, SAM 2's
-          drop from PP to its worst IP condition per prompt type, SafeClick - SAM 2 on both IP
-          averages, F_conv and alpha of the SafeClick model (table2_mini.consensus_path).
+          abdomen (--ablations: also no_e1 / no_e2 / no_crl); --all: the ablations, seed 1 and the
+          held-out abdomen (data seed 1, training seed 0). Per run: the IP averages of every
+          model, SAM 2's drop from PP to its worst IP condition per prompt type, SafeClick - SAM 2
+          on both IP averages, F_conv and alpha of the SafeClick model (table2_mini.consensus_path).
 protocol  evaluate.py --protocol interactive on the abdomen's test volumes with the zero-shot
           stand-in, the fine-tuned SAM 2 and SafeClick of table2's seed 0, and a SAM 2 fine-tuned
           with the `full` task from the stand-in (its memory path too; --full-steps): DSC_AUC,
@@ -54,7 +55,16 @@ TABLE2_RUNS = {
 }
 # Minutes of each part on the 2-core CPU at the default settings, from the runs of
 # benchmarks/RESULTS.md ("The stand-in's results"); printed before a run as its expected time.
-EXPECTED_MIN = {"demo": 6.0, "table2 seed0": 11.0, "table2 seed1": 4.0, "table2 heldout": 4.5, "protocol": 14.0}
+EXPECTED_MIN = {
+    "demo": 6.0,
+    "table2 seed0": 10.0,
+    "table2 ablations": 14.0,
+    "table2 seed1": 10.0,
+    "table2 heldout": 10.5,
+    "protocol fine-tune": 3.0,
+    "protocol per volume": 6.0,
+}
+TEST_VOLUMES = 3  # the synthetic abdomen's test split (15 volumes split 10 / 2 / 3)
 QUICK_TRAIN = ["--config.train.epochs=1", "--config.train.steps_per_epoch=2", "--config.eval.max_rois=2"]
 # make train's data (configs/common.py), given again where a variant (smoke) changes it
 ABDOMEN = [
@@ -91,20 +101,27 @@ def run(cmd: list[str], logfile: Path) -> float:
     return time.perf_counter() - t0
 
 
-def trained_from(workdir: Path, standin: Path) -> bool:
-    """A training workdir whose export was trained from this stand-in, after it was written."""
-    export, config = workdir / "export" / "model.json", workdir / "config.json"
-    if not export.exists() or not config.exists():
+def stale(workdir: Path, standin: Path) -> bool:
+    """A training workdir started from something else than this stand-in, or before it was written
+    (train.py writes config.json when it starts)."""
+    config = workdir / "config.json"
+    if not config.exists():
         return False
     init = json.loads(config.read_text())["init"]["checkpoint"]
-    same = init is not None and Path(REPO / init).resolve() == standin.resolve()
-    return same and export.stat().st_mtime > (standin / "model.json").stat().st_mtime
+    same = init is not None and (REPO / init).resolve() == standin.resolve()
+    return not same or config.stat().st_mtime < (standin / "model.json").stat().st_mtime
+
+
+def trained_from(workdir: Path, standin: Path) -> bool:
+    """A training workdir whose export was trained from this stand-in."""
+    return (workdir / "export" / "model.json").exists() and not stale(workdir, standin)
 
 
 def clear_stale(workdir: Path, standin: Path, keep_aside: bool) -> None:
-    """A workdir trained from something else than this stand-in goes: renamed aside (keep_aside, a
-    workdir the user has, such as `make train`'s) or removed (this script's own)."""
-    if not workdir.exists() or trained_from(workdir, standin):
+    """A stale workdir goes (a run of this stand-in that stopped stays, train.py resumes it):
+    renamed aside (keep_aside: a workdir the user has, such as `make train`'s) or removed (this
+    script's own)."""
+    if not stale(workdir, standin):
         return
     if keep_aside:
         aside = workdir.with_name(f"{workdir.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -154,8 +171,8 @@ class Runner:
             # `make train` = train.py --config configs/sam2_t.py --workdir workdir/sam2_t; its
             # init.checkpoint defaults to the stand-in at workdir/standin/export, given here for any
             cmd = ["train.py", f"--config={self.config('')}", f"--workdir={wd}"]
-            cmd += [f"--config.init.checkpoint={self.rel(self.standin)}", "--config.plot=False"]
-            cmd += (QUICK_TRAIN + ABDOMEN) if self.a.quick else []
+            cmd += [f"--config.init.checkpoint={self.rel(self.standin)}"]
+            cmd += (QUICK_TRAIN + ABDOMEN + ["--config.plot=False"]) if self.a.quick else []
             log(f"demo model: training `make train`'s model -> {wd} (log {self.work / 'demo.log'})")
             run(cmd, self.work / "demo.log")
         train_s = time.perf_counter() - t0
@@ -435,6 +452,19 @@ def check_finite(tree, where="summary") -> None:
         raise SystemExit(f"error: {where} = {tree}")
 
 
+def expected_minutes(parts: list[str], runs: list[str], a) -> dict:
+    """What each step of the chosen parts is expected to take on the 2-core CPU (EXPECTED_MIN)."""
+    plan = {"demo": EXPECTED_MIN["demo"]} if "demo" in parts else {}
+    if "table2" in parts:
+        plan.update({f"table2 {r}": EXPECTED_MIN[f"table2 {r}"] for r in runs})
+        if a.ablations:
+            plan["table2 ablations"] = EXPECTED_MIN["table2 ablations"]
+    if "protocol" in parts:
+        cases = min(a.max_cases or TEST_VOLUMES, TEST_VOLUMES)
+        plan["protocol"] = EXPECTED_MIN["protocol fine-tune"] + cases * EXPECTED_MIN["protocol per volume"]
+    return plan
+
+
 def standin_id(standin: Path) -> str:
     return f"{standin.resolve()} {(standin / 'model.json').stat().st_mtime_ns}"
 
@@ -470,16 +500,11 @@ def main(argv=None) -> int:
     if a.all:
         a.ablations = True
     runs = list(TABLE2_RUNS) if a.all else ["seed0"]
-    plan = (["demo"] if "demo" in parts else []) + ([f"table2 {r}" for r in runs] if "table2" in parts else [])
-    plan += ["protocol"] if "protocol" in parts else []
-    expected = sum(EXPECTED_MIN[k] for k in plan)
+    plan = expected_minutes(parts, runs, a)
     log(f"stand-in {standin}; parts: {', '.join(plan)}")
     if not a.quick:
-        log(
-            "expected on a 2-core CPU: "
-            + ", ".join(f"{k} {EXPECTED_MIN[k]:.0f} min" for k in plan)
-            + f"; {expected:.0f} min in all"
-        )
+        minutes = ", ".join(f"{k} {v:.0f} min" for k, v in plan.items())
+        log(f"expected on a 2-core CPU: {minutes}; {sum(plan.values()):.0f} min in all")
 
     r = Runner(a)
     out = Path(a.out)

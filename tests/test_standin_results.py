@@ -144,5 +144,5 @@ def test_quick_every_part_on_a_smoke_standin(tmp_path):
     cmd = [sys.executable, "pretrain.py", "--smoke", f"--workdir={work}", "--max-cases=1"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    out = run_quick(tmp_path, work / "export")
+    out = run_quick(tmp_path, work / "export", "--ablations")
     check_summary(out, ("demo", "table2", "protocol"))
