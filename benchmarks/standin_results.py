@@ -18,7 +18,8 @@ table2    benchmarks/table2_mini.py on the stand-in's frozen encoder: seed 0 on 
           held-out abdomen (data seed 1, training seed 0). Per run: the IP averages of every
           model, SAM 2's drop from PP to its worst IP condition per prompt type, SafeClick - SAM 2
           on both IP averages, F_conv and alpha of the SafeClick model (table2_mini.consensus_path).
-protocol  evaluate.py --protocol interactive on the abdomen's test volumes with the zero-shot
+protocol  evaluate.py --protocol interactive on the abdomen's test volumes (--max-cases, 1 unless
+          --all: a volume costs about 7 minutes on 2 CPU cores) with the zero-shot
           stand-in, the fine-tuned SAM 2 and SafeClick of table2's seed 0, and a SAM 2 fine-tuned
           with the `full` task from the stand-in (its memory path too; --full-steps): DSC_AUC,
           NSD_AUC, final DSC / NSD, NoC@85/90, and a check that NSD is gated per case on its
@@ -27,7 +28,8 @@ protocol  evaluate.py --protocol interactive on the abdomen's test volumes with 
 Writes --out/summary.md and summary.json (the parts run so far for this stand-in; a rerun of one
 part updates its section) beside each run's own files; models and logs go to --workdir. Every
 trained model is kept and reused while the stand-in is unchanged (a model older than the
-stand-in's model.json is trained again). Prints the expected time of the chosen parts first.
+stand-in's model.json is trained again). Prints the expected time of the chosen parts first:
+about 27 minutes on a 2-core CPU by default, 70 with --all (EXPECTED_MIN).
 """
 
 from __future__ import annotations
@@ -53,16 +55,17 @@ TABLE2_RUNS = {
     "seed1": ["--seed=1"],
     "heldout": ["--seed=0", "--root=data/abdomen_seed1", "--cache-dir=data/cache/abdomen_seed1", "--data-seed=1"],
 }
-# Minutes of each part on the 2-core CPU at the default settings, from the runs of
-# benchmarks/RESULTS.md ("The stand-in's results"); printed before a run as its expected time.
+# Minutes of each step on the 2-core CPU at the default settings with a stand-in of the real size
+# (sam2.1 tiny, 128 px), printed before a run as its expected time. Measured (benchmarks/RESULTS.md):
+# demo, table2 seed0. Estimated from those and RESULTS.md's interactive-protocol times: the rest.
 EXPECTED_MIN = {
-    "demo": 6.0,
-    "table2 seed0": 10.0,
+    "demo": 5.0,
+    "table2 seed0": 8.1,
     "table2 ablations": 14.0,
-    "table2 seed1": 10.0,
-    "table2 heldout": 10.5,
-    "protocol fine-tune": 3.0,
-    "protocol per volume": 6.0,
+    "table2 seed1": 8.1,
+    "table2 heldout": 9.0,
+    "protocol fixed": 6.5,  # the full fine-tune, compiling two model kinds, NoC
+    "protocol per volume": 7.0,
 }
 TEST_VOLUMES = 3  # the synthetic abdomen's test split (15 volumes split 10 / 2 / 3)
 QUICK_TRAIN = ["--config.train.epochs=1", "--config.train.steps_per_epoch=2", "--config.eval.max_rois=2"]
@@ -461,7 +464,7 @@ def expected_minutes(parts: list[str], runs: list[str], a) -> dict:
             plan["table2 ablations"] = EXPECTED_MIN["table2 ablations"]
     if "protocol" in parts:
         cases = min(a.max_cases or TEST_VOLUMES, TEST_VOLUMES)
-        plan["protocol"] = EXPECTED_MIN["protocol fine-tune"] + cases * EXPECTED_MIN["protocol per volume"]
+        plan["protocol"] = EXPECTED_MIN["protocol fixed"] + cases * EXPECTED_MIN["protocol per volume"]
     return plan
 
 
@@ -476,11 +479,15 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="workdir/standin_results", help="trained models and logs")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--ablations", action="store_true", help="table2 seed 0 also trains no_e1, no_e2, no_crl")
-    p.add_argument("--all", action="store_true", help="--ablations, and table2 on seed 1 and the held-out abdomen")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="--ablations, table2 on seed 1 and the held-out abdomen, the protocol on every test volume",
+    )
     p.add_argument("--quick", action="store_true", help="tiny schedules on a smoke stand-in (tests)")
     p.add_argument("--full-steps", type=int, default=150, help="steps of the `full` fine-tune (protocol)")
     p.add_argument("--full-lr", type=float, default=1e-4, help="its lr: the decoder fine-tunes' (paper) lr")
-    p.add_argument("--max-cases", type=int, default=None, help="protocol on at most this many test volumes")
+    p.add_argument("--max-cases", type=int, default=1, help="protocol on this many test volumes (0: all; --all: all)")
     p.add_argument("--noc-rois", type=int, default=40, help="NoC on this many evenly spaced test ROIs")
     a = p.parse_args(argv)
     parts = [x for x in a.parts.split(",") if x]
@@ -498,7 +505,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.full_steps, a.max_cases, a.noc_rois = 2, 1, 2
     if a.all:
-        a.ablations = True
+        a.ablations, a.max_cases = True, 0
     runs = list(TABLE2_RUNS) if a.all else ["seed0"]
     plan = expected_minutes(parts, runs, a)
     log(f"stand-in {standin}; parts: {', '.join(plan)}")
