@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup lint test test-slow train pretrain table2 bench clean app app-setup browser-deps screenshot
+.PHONY: setup lint test test-slow train pretrain standin-results table2 bench clean app app-setup browser-deps screenshot
 
 setup: $(STAMP)
 
@@ -65,6 +65,12 @@ train: setup
 # train, table2, app and evaluate.py then start from (safeclick_jax/standin.py).
 pretrain: setup
 	$(BIN)/python pretrain.py $(PRETRAIN_ARGS)
+
+# What the stand-in gives, after `make pretrain` (benchmarks/standin_results.py): the demo's 3D Dice,
+# Table 2 in miniature on its frozen encoder, the interactive protocol with four models, in
+# benchmarks/results/standin/summary.md. STANDIN_ARGS=--all: table2 on seed 1 and held-out data too.
+standin-results: setup
+	$(BIN)/python benchmarks/standin_results.py $(STANDIN_ARGS)
 
 # The paper's Table 2 in miniature (benchmarks/table2_mini.py): SAM 2 fine-tuned vs SafeClick, same encoder.
 table2: setup

@@ -9,8 +9,10 @@ converted by the project's CLI) it fine-tunes SAM 2's mask decoder (the baseline
 paper's "SAM 2" rows) and SafeClick with the same data, schedule and seed, then runs evaluate.py on
 the test split with zero-shot SAM 2, the fine-tuned SAM 2 and SafeClick (and the no_e1 / no_e2 /
 no_crl ablations with --ablations, the paper's Table 3). Writes into --out:
-  table.md    the Table 2 layout (Dice per prompt condition, PP / IP, IP averages, Improve row)
-  summary.md  Improve on PP and IP per prompt type, the conditions SafeClick wins, run time
+  table.md      the Table 2 layout (Dice per prompt condition, PP / IP, IP averages, Improve row)
+  summary.md    Improve on PP and IP per prompt type, the conditions SafeClick wins, whether the
+                consensus path opened (F_conv, alpha), run time
+  results.json  the Dice rows of every model, the consensus path of each SafeClick model, times
 The data defaults to the embedded synthetic abdomen (safeclick_jax.data.synthetic_abdomen);
 --root takes any prepared-able dataset folder instead (repeat for several).
 """
@@ -24,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -70,6 +74,19 @@ def ensure_data(roots: list[str], cache: Path, seed: int, num_volumes: int) -> N
     prepare.prepare_dataset(roots, cache, default_data_config(), progress=False)
 
 
+def consensus_path(model_dir) -> dict:
+    """How far a SafeClick model's consensus path (CRL, eqs. 8-9) has opened: F_conv starts at zero,
+    so its largest |w| and Frobenius norm say how much x2' adds to E3's x3; alpha (eq. 8, from 1.0)
+    weighs E1's cross-affinity. None for what the model lacks (alpha without CRL or E1)."""
+    from safeclick_jax import checkpoint
+
+    _, params, _ = checkpoint.load(str(model_dir))
+    crl = params["safeclick"]["crl"]
+    w = np.asarray(crl["conv"]["kernel"], np.float64)
+    alpha = float(np.asarray(crl["alpha"])) if "alpha" in crl else None
+    return {"f_conv_max_abs": float(np.abs(w).max()), "f_conv_frobenius": float(np.linalg.norm(w)), "alpha": alpha}
+
+
 def run(cmd: list[str], logfile: Path) -> float:
     """Runs cmd with its output in logfile; returns the wall time; exits with its log's tail on failure."""
     t0 = time.perf_counter()
@@ -112,6 +129,14 @@ def summary_md(res: dict, candidate: str, times: dict, args) -> str:
         f"SafeClick wins {len(wins)} of 8 imperfect conditions: {', '.join(wins) or 'none'}"
         + (f"; loses {', '.join(losses)}." if losses else "."),
         "",
+        "Consensus path (F_conv zero-initialised, alpha from 1.0): "
+        + "; ".join(
+            f"{name} F_conv max |w| {c['f_conv_max_abs']:.4f} (Frobenius {c['f_conv_frobenius']:.3f})"
+            + ("" if c["alpha"] is None else f", alpha {c['alpha']:.4f}")
+            for name, c in res["consensus_path"].items()
+        )
+        + ".",
+        "",
         "Run time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + ".",
         "",
     ]
@@ -137,6 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=-1, help="-1: train ROIs // batch")
     p.add_argument("--seed", type=int, default=0, help="init / shuffle / prompt seed of every model")
     p.add_argument("--ablations", action="store_true", help="also train no_e1, no_e2, no_crl (Table 3)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the configs' smoke variant (miniature head, 64 px) on top of each model's: for a --checkpoint "
+        "of the smoke size (tests)",
+    )
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -191,7 +222,8 @@ def main(argv=None) -> int:
     trained = {}
     for name, variant in runs.items():
         wd = work / (variant or "safeclick")
-        config = "configs/sam2_t.py" + (f":{variant}" if variant else "")
+        variants = ",".join(v for v in (variant, "smoke" if args.smoke else "") if v)
+        config = "configs/sam2_t.py" + (f":{variants}" if variants else "")
         if args.reuse and (wd / "export" / "model.json").exists():
             log(f"reusing {name}: {wd}/export")
             trained[name] = wd
@@ -204,7 +236,8 @@ def main(argv=None) -> int:
         log(f"  done in {times[f'train {name}'] / 60:.1f} min")
 
     eval_dir = work / "eval"
-    cmd = [sys.executable, "evaluate.py", "--config=configs/sam2_t.py", f"--cache_dir={cache}"]
+    config = "configs/sam2_t.py" + (":smoke" if args.smoke else "")  # the models' image size
+    cmd = [sys.executable, "evaluate.py", f"--config={config}", f"--cache_dir={cache}"]
     cmd += [f"--checkpoint={encoder}", f"--name={ZERO_SHOT}"]
     for name, wd in trained.items():
         cmd += [f"--checkpoint={wd}", f"--name={name}"]
@@ -228,6 +261,7 @@ def main(argv=None) -> int:
         "encoder": str(chosen or "SAM 2.1 tiny, random weights (torch init, seed %d)" % args.seed),
         "steps": steps,
         "image_size": summary["image_size"],
+        "consensus_path": {name: consensus_path(wd / "export") for name, wd in trained.items() if name != BASELINE},
     }
     eval_table = (eval_dir / "table.md").read_text()
     head = (
