@@ -124,6 +124,9 @@ def heads(model, mem, feats: dict, pix, coords, labels, mask_input, has_mask):
     if hasattr(model, "safeclick"):
         features["refined"] = model.safeclick.image_features(feats["block"], pix)
     masks, iou, tokens, obj = decoder_outputs(model, features, coords, labels, mask_input, has_mask)
+    # float32 outputs whatever the compute dtype (bf16): as a GT mask prompt's (mask_prompt_output),
+    # the other branch of the conditionals in track_clip, and the loss's inputs
+    masks, iou, obj = masks.astype(jnp.float32), iou.astype(jnp.float32), obj.astype(jnp.float32)
     masks = jnp.where((obj > 0)[:, :, None, None], masks, video.NO_OBJ_SCORE)
     multimask = jnp.sum(labels[0] >= 0) <= MULTIMASK_MAX_POINTS
     best = jnp.where(multimask, jnp.argmax(iou[:, 1:], axis=-1) + 1, 0)
@@ -135,7 +138,7 @@ def heads(model, mem, feats: dict, pix, coords, labels, mask_input, has_mask):
         "obj": obj,
         "multimask": multimask,
         "low": low,
-        "ptr": mem.object_pointer(token, obj),
+        "ptr": mem.object_pointer(token, obj).astype(jnp.float32),
     }
 
 
