@@ -222,6 +222,9 @@ def _full(c, model_name: str):
     # masks entering the memory encoder: sigmoid of the logits (SAM2Train, training mode); True
     # binarises masks of frames prompted by clicks (SAM2Base in eval mode)
     c.clip.binarize_mask_from_pts_for_mem_enc = False
+    # validation (each evaluation): this many fixed clips of the val split, one click per object on
+    # the first frame, no corrections (training/clip_task.py); 0 trains without validation
+    c.clip.val_clips = 8
 
     # sam2's optimiser: the image encoder at vision_lr_mult * lr (3e-6 / 5e-6 in the yaml), the Hiera
     # trunk's blocks with layer-wise decay layer_decay^(depth - layer) (layer_decay_param_modifier;

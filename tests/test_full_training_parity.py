@@ -330,3 +330,95 @@ def test_lr_and_weight_decay_per_parameter_match_sam2():
     for n in sorted(names):
         assert ours[n] == pytest.approx(expected[n], rel=1e-12), n
         assert ours_decay[n] == (not (fnmatch.fnmatchcase(n, "*bias*") or n in norms)), n
+
+
+# sam2 binarises only outside training (SAM2Base._encode_new_memory: `binarize and not self.training`),
+# so the reference is SAM2Train in eval mode, its prompt settings the `_for_eval` ones
+BINARIZED = dict(
+    binarize_mask_from_pts_for_mem_enc=True,
+    prob_to_use_pt_input_for_eval=1.0,
+    prob_to_use_box_input_for_eval=0.0,
+    num_init_cond_frames_for_eval=1,
+    rand_init_cond_frames_for_eval=False,
+    num_frames_to_correct_for_eval=1,
+    rand_frames_to_correct_for_eval=False,
+    num_correction_pt_per_frame=1,
+    pt_sampling_for_eval="uniform",  # the replay takes torch's clicks; "center" would need OpenCV
+)
+
+
+def test_binarized_click_masks_enter_the_memory_as_sam2_does(tmp_path, monkeypatch):
+    """clip.binarize_mask_from_pts_for_mem_enc: frame 0 (a click, then one corrective click) enters
+    the memory encoder as (logits > 0), frame 1 (tracked, no click) as sigmoid(logits). Both frames'
+    memory features equal sam2's with that flag (rel <= 1e-4) and so does the loss (rel <= 1e-5);
+    without the flag frame 0's memory is another one."""
+    tm = build_sam2_train(**BINARIZED).eval()
+    model, mem = jax_pair(tm, tmp_path)
+    images, masks = clip_data(2)
+    backbone, frames, corrections, losses = run_torch(tm, images, masks, monkeypatch)
+    plan = replay_plan(backbone, corrections, 2, 1)
+    assert backbone["use_pt_input"] and backbone["frames_to_add_correction_pt"] == [0]
+    graphdef, state = nnx.split((model, mem))
+    loss_cfg = types.SimpleNamespace(**SAM2_LOSS)
+
+    def forward(binarize: bool):
+        cfg = types.SimpleNamespace(
+            num_correction_pt_per_frame=1,
+            num_init_cond_frames=1,
+            add_all_frames_to_correct_as_cond=True,
+            binarize_mask_from_pts_for_mem_enc=binarize,
+        )
+        fn = lambda s: full.clip_loss(
+            *nnx.merge(graphdef, s), jnp.asarray(images), jnp.asarray(masks), plan, jax.random.key(0), cfg, loss_cfg
+        )
+        loss, (_, out) = jax.jit(fn)(state)
+        return float(loss), np.asarray(out["mem_feats"]).transpose(0, 1, 4, 2, 3)  # [T, N, m, E, E]
+
+    loss, memory = forward(True)
+    for t in (0, 1):
+        check(f"frame {t} memory (binarised clicks)", memory[t], to_np(frames[t]["maskmem_features"]))
+    check("loss (binarised clicks)", loss, float(losses["core_loss"]), LOSS_REL)
+    _, sigmoid_memory = forward(False)
+    assert rel_err(sigmoid_memory[0], to_np(frames[0]["maskmem_features"])) > 1e-2
+
+
+def test_drop_path_and_dropout_change_the_loss_only_when_on():
+    """model.drop_path (Hiera's stochastic depth) and model.dropout (memory attention) at 0.3 change
+    the loss and follow the key; at 0 (the parity tests above) the key changes nothing. The smoke
+    model on a 2-slice clip of 2 objects, clicks without corrections (no other use of the key)."""
+    from configs import common
+    from safeclick_jax.data import clips
+    from safeclick_jax.models.memory import MemoryConfig
+    from safeclick_jax.training import model_init
+
+    config = common.make(MODEL, "smoke,full")
+    # frame 1 tracked (memory attention, where the dropout is): one conditioning frame
+    config.clip.update(num_correction_pt_per_frame=0, prob_to_use_pt_input=1.0, num_init_cond_frames=1)
+    size = config.data.image_size
+    model = model_init.build_model(config, size, log=lambda *a: None)
+    mem = SAM2Memory(MemoryConfig.for_model(model.cfg), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.stack([[(yy - 20 - 20 * k - t) ** 2 + (xx - 30 + 2 * t) ** 2 < 70 for k in range(2)] for t in range(2)])
+    images = jnp.asarray(rng.normal(size=(1, 2, size, size, 3)), jnp.float32)
+    plan = clips.prompt_plan(rng, masks, config.clip)
+    graphdef, state = nnx.split((model, mem))
+    loss_cfg = types.SimpleNamespace(**config.loss.to_dict())
+    cfg = types.SimpleNamespace(**config.clip.to_dict())
+
+    compiled = {}
+
+    def loss(drop_path, dropout, seed):
+        if (drop_path, dropout) not in compiled:
+            fn = lambda s, key: full.clip_loss(
+                *nnx.merge(graphdef, s), images, jnp.asarray(masks[None]), plan, key, cfg, loss_cfg, drop_path, dropout
+            )[0]
+            compiled[drop_path, dropout] = jax.jit(fn)
+        return float(compiled[drop_path, dropout](state, jax.random.key(seed)))
+
+    off = loss(0.0, 0.0, 0)
+    assert loss(0.0, 0.0, 1) == off
+    for rates in ((0.3, 0.0), (0.0, 0.3)):
+        on = loss(*rates, 0)
+        assert abs(on - off) / off > 1e-4, (rates, on, off)
+        assert loss(*rates, 1) != on, rates

@@ -75,6 +75,15 @@ def test_smoke_run_trains_the_whole_model(reference):
     assert summary["task"] == "clips" and summary["steps"] == 6
     desc = json.loads((wd / "export" / "model.json").read_text())
     assert desc["training"]["task"] == "clips"
+    # validation each epoch on the val split's fixed clips; best/ is the best of them
+    assert "clips: validation on 8 fixed clips of 1 val volumes" in out
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r for r in rows if "val_dice" in r}
+    assert sorted(val) == [3, 6] and all(r["val_source"] == "val" and r["val_clips"] == 8 for r in val.values())
+    assert all(0 <= r["val_dice"] <= 1 and np.isfinite(r["val_loss"]) for r in val.values())
+    best = max(val, key=lambda s: (val[s]["val_dice"], -s))
+    assert summary["best_step"] == best and summary["best_val_dice"] == val[best]["val_dice"]
+    assert json.loads((wd / "best" / "model.json").read_text())["training"]["step"] == best
 
 
 def test_export_is_propagated_by_the_volume_engine(reference):

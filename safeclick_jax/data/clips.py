@@ -13,6 +13,8 @@ object), slices along the cache's axis.
   the GT" draws. The initial click / box come from the GT here (sam2_utils.get_next_point with no
   prediction, sample_box_points); corrective clicks depend on predictions and are drawn in the
   graph (full.error_click).
+- `validation_plan` is the fixed plan of the clip task's validation: one positive click per object
+  at its deepest point on the first frame (the zero-shot protocol's click), no corrections.
 
 Bad input raises ClipError, one line naming the value (the training loop exits 2 on it).
 """
@@ -20,6 +22,7 @@ Bad input raises ClipError, one line naming the value (the training loop exits 2
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from safeclick_jax.data.pipeline import resize_nearest, sam2_image
 
@@ -136,4 +139,34 @@ def prompt_plan(rng, masks: np.ndarray, cfg) -> dict:
         "coords": coords,
         "labels": labels,
         "from_gt": rng.random((num_frames, c)) < float(cfg.prob_to_sample_from_gt),
+    }
+
+
+def deepest_point(mask: np.ndarray) -> np.ndarray:
+    """The deepest pixel of a 2D mask: the maximum of its Euclidean distance transform, the image
+    border counting as boundary (ties: the first in row-major order). -> (x, y) float32."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return np.array([col, row], np.float32)
+
+
+def validation_plan(masks: np.ndarray) -> dict:
+    """The fixed plan of validation for masks [T, N, S, S] bool: frame 0 the one conditioning frame,
+    a positive click at each object's deepest point there (an empty mask, a padding slot: a negative
+    click at the centre, so every row has one point), no corrective clicks, frames in order."""
+    num_frames, n, size = masks.shape[0], masks.shape[1], masks.shape[-1]
+    coords = np.zeros((num_frames, n, 2, 2), np.float32)
+    labels = np.full((num_frames, n, 2), -2, np.int32)
+    for i, m in enumerate(masks[0]):
+        present = bool(m.any())
+        coords[0, i, 0] = deepest_point(m) if present else (size // 2, size // 2)
+        labels[0, i, 0] = int(present)
+    return {
+        "order": np.arange(num_frames, dtype=np.int32),
+        "init_cond": np.arange(num_frames) == 0,
+        "correct": np.zeros(num_frames, bool),
+        "use_pt": np.bool_(True),
+        "coords": coords,
+        "labels": labels,
+        "from_gt": np.zeros((num_frames, 0), bool),
     }

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
+from safeclick_jax.data.clips import deepest_point
 from safeclick_jax.data.procedural import kind_of
 from safeclick_jax.evaluation import interactive
 
@@ -84,8 +84,7 @@ def label_names(root) -> dict[int, str]:
 def deepest_click(mask: np.ndarray) -> tuple[int, int, int]:
     """(slice, row, col) of the click: the deepest point of the object's largest slice."""
     z = int(np.argmax(mask.sum(axis=(1, 2))))
-    depth = ndimage.distance_transform_edt(np.pad(mask[z], 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    col, row = deepest_point(mask[z])
     return z, int(row), int(col)
 
 

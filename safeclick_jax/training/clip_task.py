@@ -13,6 +13,15 @@ with its per-element rng, so a restart reads the same clips and plans (exact res
 sharded over the `data` axis with their objects; the plan's per-object prompts travel with their
 clip, its decisions (which frames condition, which get corrections) are the same on every
 process (the same element index gives the same seed).
+
+Validation (each evaluation, the loop's best checkpoint is the best val Dice): `clip.val_clips`
+clips of the prepared `val` split, the same ones every time (clip i from val volume i mod V with
+the generator seeded by (eval.seed, i)), each object prompted by one click at its deepest point
+on the first frame and tracked through the clip without corrections (clips.validation_plan).
+Reported: val Dice (full.final_dice: hard Dice of each object's final mask on each frame,
+padding slots left out, averaged over objects and frames) and val loss (full.multistep_loss,
+per object). An empty val split (or val_clips 0) trains without validation, the last checkpoint
+kept as the best.
 """
 
 from __future__ import annotations
@@ -84,6 +93,7 @@ class ClipTask:
     def __init__(self, config, env: Env):
         self.config, self.env = config, env
         self.memory = None
+        self.val_vids = []  # set by data
 
     def _volumes(self, split: str) -> list[int]:
         cache = pipeline.Cache(self.config.data.cache_dir)
@@ -140,8 +150,22 @@ class ClipTask:
         ds = ds.random_map(sample, seed=seed + 1)
         ds = ds.batch(env.local_batch, drop_remainder=True)
         it = pipeline.make_iterator(ds, num_threads=int(config.data.num_threads))
-        log("clips: no validation in the clip task yet; the last checkpoint is kept as the best")
-        return Data(it, len(vids) // env.n_proc, 0, None, "clips")
+        self.val_vids = self._volumes("val")
+        n_val = int(config.clip.val_clips) if self.val_vids else 0
+        if n_val <= 0:
+            why = "the validation split is empty" if not self.val_vids else "clip.val_clips is 0"
+            log(f"clips: {why}: training WITHOUT validation, the last checkpoint is kept as the best")
+            return Data(it, len(vids) // env.n_proc, 0, None, "clips")
+        try:
+            for v in self.val_vids:
+                clips.check_volume(cache.volume_arrays(v)[1], self.frames, k, cache.volumes[v]["image"])
+        except clips.ClipError as e:
+            raise ConfigError(f"clip.num_frames / clip.max_objects (val split): {e}") from None
+        log(
+            f"clips: validation on {n_val} fixed clips of {len(self.val_vids)} val volumes, one click per object "
+            "on the first frame, no corrections"
+        )
+        return Data(it, len(vids) // env.n_proc, n_val, "val", "clips")
 
     def optimizer(self, total_steps: int, log):
         o = self.config.optim
@@ -160,12 +184,7 @@ class ClipTask:
         cdt = step_lib.compute_dtype(config)
 
         def step(state, frozen, batch, plan):
-            b, t, k = batch["masks"].shape[:3]
-            plan = {
-                **plan,
-                # [B, T, K, ...] -> [T, B*K, ...]: full.py's object order (clip-major)
-                **{n: jnp.moveaxis(batch[n], 0, 1).reshape((t, b * k) + batch[n].shape[3:]) for n in PER_CLIP},
-            }
+            plan = {**plan, **_per_object(batch)}
             key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
             def loss_fn(params):
@@ -189,21 +208,94 @@ class ClipTask:
         )
 
         def train(state, frozen, batch):
-            masks = batch["masks"]  # [B, T, K, S, S] this process's clips
-            b, t, k = masks.shape[:3]
-            flat = np.moveaxis(masks, 0, 1).reshape((t, b * k) + masks.shape[3:])
-            plan = clips.prompt_plan(np.random.default_rng(int(batch["plan_seed"][0])), flat, cfg)
-            per_clip = {}
-            for n in PER_CLIP:
-                x = plan.pop(n)  # [T, B*K, ...] -> [B, T, K, ...]
-                per_clip[n] = np.moveaxis(x.reshape((t, b, k) + x.shape[2:]), 1, 0)
-            local = {"images": batch["images"], "masks": masks, "objects": batch["objects"], **per_clip}
-            glob = {n: jax.make_array_from_process_local_data(rep, np.asarray(v)) for n, v in plan.items()}
-            return compiled(state, frozen, parallel.global_batch(local, mesh), glob)
+            plan = clips.prompt_plan(np.random.default_rng(int(batch["plan_seed"][0])), _frame_major(batch), cfg)
+            return compiled(state, frozen, *_device_inputs(batch, plan, mesh))
 
-        return Steps(train, None, LOG_KEYS)
+        evaluate = None
+        if data.val_source is not None:
+            evaluate = self._evaluator(graphdef, placed, data.n_val, cfg, loss_cfg, cdt)
+        return Steps(train, evaluate, LOG_KEYS)
+
+    def _evaluator(self, graphdef, placed: Placed, n_val: int, cfg, loss_cfg, cdt):
+        """(params, frozen) -> {"val_dice", "val_loss", "val_clips", "val_objects"} over the fixed
+        validation clips (module docstring); every process runs the same number of batches, slots
+        past the last clip are all padding."""
+        env, mesh = self.env, self.env.mesh
+        cache = pipeline.Cache(self.config.data.cache_dir)
+        k, seed = int(self.config.clip.max_objects), int(self.config.eval.seed)
+        # the validation forward: frame 0 the one conditioning frame, no correction steps compiled
+        val_cfg = types.SimpleNamespace(**{**vars(cfg), "num_correction_pt_per_frame": 0, "num_init_cond_frames": 1})
+
+        def one_clip(i: int) -> dict:
+            j = i % n_val  # past the last clip: a copy of one, all padding
+            vid = self.val_vids[j % len(self.val_vids)]
+            image, labels = cache.volume_arrays(vid)
+            rng = np.random.default_rng([seed, j])
+            out = clips.sample_clip(rng, image, labels, self.frames, k, env.image_size, cache.volumes[vid]["image"])
+            return {"images": out["images"], "masks": out["masks"], "objects": out["valid"] & (i < n_val)}
+
+        def step(params, frozen, batch, plan):
+            model, mem = nnx.merge(graphdef, step_lib.cast_floats(params, cdt), step_lib.cast_floats(frozen, cdt))
+            masks, objects = batch["masks"], batch["objects"]
+            plan = {**plan, **_per_object(batch)}
+            out = full.track_clip(model, mem, batch["images"].astype(cdt), masks, plan, jax.random.key(0), val_cfg)
+            loss, _ = full.multistep_loss(out, masks, loss_cfg, objects)
+            dice_sum, count = full.final_dice(out, masks, objects)
+            n_obj = jnp.sum(objects.astype(jnp.float32))
+            return {"dice_sum": dice_sum, "count": count, "loss_sum": loss * n_obj, "objects": n_obj}
+
+        rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        params_sharding = placed.state_sharding["params"]
+        compiled = jax.jit(step, in_shardings=(params_sharding, placed.frozen_sharding, shard, rep), out_shardings=rep)
+        n_batches = -(-n_val // env.global_batch)
+
+        def evaluate(params, frozen):
+            tot = {}
+            for b in range(n_batches):
+                first = b * env.global_batch + jax.process_index() * env.local_batch
+                items = [one_clip(first + j) for j in range(env.local_batch)]
+                batch = {n: np.stack([x[n] for x in items]) for n in items[0]}
+                inputs = _device_inputs(batch, clips.validation_plan(_frame_major(batch)), mesh)
+                out = jax.device_get(compiled(params, frozen, *inputs))
+                tot = {n: tot.get(n, 0.0) + float(v) for n, v in out.items()}
+            return {
+                "val_dice": tot["dice_sum"] / max(tot["count"], 1.0),
+                "val_loss": tot["loss_sum"] / max(tot["objects"], 1.0),
+                "val_clips": n_val,
+                "val_objects": int(tot["objects"]),
+            }
+
+        return evaluate
 
     def export_model(self, graphdef, params, frozen):
         model, mem = nnx.merge(graphdef, params, frozen)
         extra = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in state_dict(mem).items()})
         return model, extra
+
+
+def _frame_major(batch: dict) -> np.ndarray:
+    """A host batch's masks [B, T, K, S, S] -> [T, B*K, S, S]: full.py's object order (clip-major)."""
+    masks = batch["masks"]
+    b, t, k = masks.shape[:3]
+    return np.moveaxis(masks, 0, 1).reshape((t, b * k) + masks.shape[3:])
+
+
+def _device_inputs(batch: dict, plan: dict, mesh):
+    """A host batch of clips and its plan -> (the clips with the plan's per-object prompts, [B, T, K,
+    ...], sharded over `data`; the plan's decisions, replicated)."""
+    b, t, k = batch["masks"].shape[:3]
+    plan = dict(plan)
+    per_clip = {}
+    for n in PER_CLIP:
+        x = plan.pop(n)  # [T, B*K, ...] -> [B, T, K, ...]
+        per_clip[n] = np.moveaxis(x.reshape((t, b, k) + x.shape[2:]), 1, 0)
+    local = {"images": batch["images"], "masks": batch["masks"], "objects": batch["objects"], **per_clip}
+    rep = parallel.replicated(mesh)
+    glob = {n: jax.make_array_from_process_local_data(rep, np.asarray(v)) for n, v in plan.items()}
+    return parallel.global_batch(local, mesh), glob
+
+
+def _per_object(batch) -> dict:
+    """In the step: the per-clip prompts [B, T, K, ...] -> the plan's [T, B*K, ...]."""
+    b, t, k = batch["masks"].shape[:3]
+    return {n: jnp.moveaxis(batch[n], 0, 1).reshape((t, b * k) + batch[n].shape[3:]) for n in PER_CLIP}

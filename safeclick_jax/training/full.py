@@ -124,6 +124,9 @@ def heads(model, mem, feats: dict, pix, coords, labels, mask_input, has_mask):
     if hasattr(model, "safeclick"):
         features["refined"] = model.safeclick.image_features(feats["block"], pix)
     masks, iou, tokens, obj = decoder_outputs(model, features, coords, labels, mask_input, has_mask)
+    # float32 outputs whatever the compute dtype (bf16): as a GT mask prompt's (mask_prompt_output),
+    # the other branch of the conditionals in track_clip, and the loss's inputs
+    masks, iou, obj = masks.astype(jnp.float32), iou.astype(jnp.float32), obj.astype(jnp.float32)
     masks = jnp.where((obj > 0)[:, :, None, None], masks, video.NO_OBJ_SCORE)
     multimask = jnp.sum(labels[0] >= 0) <= MULTIMASK_MAX_POINTS
     best = jnp.where(multimask, jnp.argmax(iou[:, 1:], axis=-1) + 1, 0)
@@ -135,7 +138,7 @@ def heads(model, mem, feats: dict, pix, coords, labels, mask_input, has_mask):
         "obj": obj,
         "multimask": multimask,
         "low": low,
-        "ptr": mem.object_pointer(token, obj),
+        "ptr": mem.object_pointer(token, obj).astype(jnp.float32),
     }
 
 
@@ -362,6 +365,26 @@ def multistep_loss(out: dict, masks, cfg, objects=None):
         + cfg.class_weight * terms["class"]
     )
     return total, terms
+
+
+def final_dice(out: dict, masks, objects):
+    """Hard Dice of every object's final mask on every frame: the chosen output of the frame's last
+    decoding step (the best multimask output by predicted IoU for at most one point, else the
+    single mask) at input resolution, > 0, against the GT (1 when both are empty). objects [B, K]:
+    padding slots are left out. -> (sum over objects and frames, their count)."""
+    num_frames, n = out["valid"].shape[0], out["masks"].shape[2]
+    size = masks.shape[-1]
+    gt = masks.astype(bool).transpose(1, 0, 2, 3, 4).reshape(num_frames, n, size, size)[out["frame"]]
+    last = jnp.sum(out["valid"], axis=1) - 1  # valid steps are a prefix: step 0, then all corrections or none
+    pick = lambda x: jnp.take_along_axis(x, last.reshape((num_frames,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+    logits, iou = pick(out["masks"]).astype(jnp.float32), pick(out["iou"])  # [T, N, 4, h, w], [T, N, 4]
+    multimask = pick(out["multimask"][..., None])[:, 0]
+    best = jnp.where(multimask[:, None], jnp.argmax(iou[..., 1:], axis=-1) + 1, 0)
+    chosen = jnp.take_along_axis(logits, best[..., None, None, None], axis=2)[:, :, 0]
+    chosen = jax.image.resize(chosen, chosen.shape[:2] + (size, size), "linear", antialias=False)
+    real = jnp.broadcast_to(objects.reshape(1, n), (num_frames, n))
+    d = losses.hard_dice(chosen, gt, real)
+    return jnp.sum(d), jnp.sum(real.astype(jnp.float32))
 
 
 def clip_loss(

@@ -97,8 +97,12 @@ def plot_curves(metrics_path, out_png) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    a.set(xlabel="step", ylabel="loss", title="training loss")
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="training")
+    val_loss = [(r["step"], r["val_loss"]) for r in val if "val_loss" in r]  # the clip task's
+    if val_loss:
+        a.plot(*zip(*val_loss), marker="o", label="validation")
+        a.legend()
+    a.set(xlabel="step", ylabel="loss", title="loss")
     a.set_yscale("log")
     for key, label in (("val_dice", "all"), ("val_dice_point", "clicks"), ("val_dice_box", "boxes")):
         pts = [(r["step"], r[key]) for r in val if key in r]
