@@ -64,6 +64,9 @@ def get_config(arg=None):
     c.clip.num_correction_pt_per_frame = 1
     c.clip.min_object_pixels = 100 if cpu else 100 * 8 * 8  # the same share of a 1024 px image
 
+    # Validation (8 fixed clips of the val split, one click per object): a handful of times a
+    # phase, not every epoch of 7 or 28 steps
+    c.eval.every_epochs = 30 if phase == "image" else 3
     if phase == "image":
         _phase(c, frames=1, objects=6, batch=4, cpu_steps=1000, steps=20000)  # an image: many objects (>= 7 a volume)
         # A mask prompt on a single frame is its own output (SAM2Train): only clicks and boxes teach
@@ -78,6 +81,7 @@ def get_config(arg=None):
         c.data.synthetic_volumes = 5
         c.data.synthetic_shape = (48, 48, 12)
         _phase(c, frames=1 if phase == "image" else 2, objects=2, batch=1, cpu_steps=3, steps=3)
+        c.eval.every_epochs = 1
     return c
 
 
