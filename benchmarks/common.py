@@ -25,11 +25,15 @@ def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1, settle_s: float = 0.1) -> dict:
     """Like time_fn for several functions, called in turn (a, b, b, a, ...) so that each round sees
     the same machine state: on a shared 2-core VM the speed drifts by 10-20 % over a minute, which
     would bias back-to-back blocks of runs. Returns {name: time_fn-style dict}; each dict also has
-    `round_s`, the per-round times, from which `ratio` computes a median of per-round ratios."""
+    `round_s`, the per-round times, from which `ratio` computes a median of per-round ratios.
+
+    Before each timed call the process sleeps settle_s (untimed): torch's OpenMP threads keep
+    spinning for some milliseconds after a torch call and would take the cores from a JAX call that
+    starts at once, so every call starts from an idle machine instead."""
     out = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -44,6 +48,7 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
         # colder (caches, allocator state) for the next one; alternating cancels that bias.
         for name in names if i % 2 == 0 else names[::-1]:
             fn = fns[name]
+            time.sleep(settle_s)
             t0 = time.perf_counter()
             fn()
             out[name]["round_s"].append(time.perf_counter() - t0)

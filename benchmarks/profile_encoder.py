@@ -118,6 +118,27 @@ def profile_torch(fn, calls: int) -> tuple[list, float]:
     return rows, sum(r[1] for r in rows)
 
 
+def print_jax(rows: list, total: float, top: int, unit: str, group_name: str, group) -> None:
+    """profile_jax's rows as markdown: the top ops, then their times summed by group(where, kind)."""
+    print(f"JAX: thunk time {total:.0f} ms per {unit} (summed over threads)\n")
+    print("| pass | function:line | kind | ms | share |\n|---|---|---|---:|---:|")
+    for (direction, where, k), ms in rows[:top]:
+        print(f"| {direction} | {where} | {k} | {ms:.1f} | {ms / total:.1%} |")
+    by = collections.Counter()
+    for (direction, where, k), ms in rows:
+        by[(direction, group(where, k))] += ms
+    print(f"\n| pass | {group_name} | ms | share |\n|---|---|---:|---:|")
+    for (direction, g), ms in by.most_common(top):
+        print(f"| {direction} | {g} | {ms:.1f} | {ms / total:.1%} |")
+
+
+def print_torch(rows: list, total: float, top: int, unit: str) -> None:
+    print(f"\ntorch: self CPU time {total:.0f} ms per {unit}\n")
+    print("| aten op | ms | share |\n|---|---:|---:|")
+    for name, ms in rows[:top]:
+        print(f"| {name} | {ms:.1f} | {ms / total:.1%} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sam2.1_hiera_t")
@@ -136,22 +157,10 @@ def main():
     if a.which in ("jax", "both"):
         jmodel, _ = convert_state_dict({k: v.numpy() for k, v in tmodel.state_dict().items()}, get_config(a.model))
         rows, total = profile_jax(jax_fns(jmodel, size, batch)[kind == "grad"], a.calls)
-        print(f"JAX: thunk time {total:.0f} ms per call (summed over threads)\n")
-        print("| pass | function:line | kind | ms | share |\n|---|---|---|---:|---:|")
-        for (direction, where, k), ms in rows[: a.top]:
-            print(f"| {direction} | {where} | {k} | {ms:.1f} | {ms / total:.1%} |")
-        by = collections.Counter()
-        for (direction, _, k), ms in rows:
-            by[(direction, "dot" if "dot" in k else k)] += ms
-        print("\n| pass | kind | ms | share |\n|---|---|---:|---:|")
-        for (direction, k), ms in by.most_common(a.top):
-            print(f"| {direction} | {k} | {ms:.1f} | {ms / total:.1%} |")
+        print_jax(rows, total, a.top, "call", "kind", lambda where, kind: "dot" if "dot" in kind else kind)
     if a.which in ("torch", "both"):
         rows, total = profile_torch(torch_fns(tmodel, size, batch)[kind == "grad"], a.calls)
-        print(f"\ntorch: self CPU time {total:.0f} ms per call\n")
-        print("| aten op | ms | share |\n|---|---:|---:|")
-        for name, ms in rows[: a.top]:
-            print(f"| {name} | {ms:.1f} | {ms / total:.1%} |")
+        print_torch(rows, total, a.top, "call")
 
 
 if __name__ == "__main__":
