@@ -185,3 +185,41 @@ def test_object_pointer_and_tpos(pair):
         np.testing.assert_array_equal(
             np.asarray(mem.tpos_enc(t_pos)), tm.maskmem_tpos_enc[7 - t_pos - 1].detach().numpy().reshape(-1)
         )
+
+
+def test_depthwise_conv_gradients_match_torch():
+    """The fuser's depthwise 7x7 conv (layers.DepthwiseConv, its own kernel gradient) against torch
+    Conv2d(groups=dim): output, input gradient and kernel / bias gradients of a weighted sum."""
+    import jax
+    from flax import nnx
+
+    from safeclick_jax.models import layers
+
+    g = torch.Generator().manual_seed(5)
+    tconv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    with torch.no_grad():
+        tconv.weight.copy_(torch.randn(tconv.weight.shape, generator=g))
+        tconv.bias.copy_(torch.randn(tconv.bias.shape, generator=g))
+    x = torch.randn(2, 16, 9, 11, generator=g, requires_grad=True)
+    w = torch.randn(2, 16, 9, 11, generator=g)
+    (tconv(x) * w).sum().backward()
+
+    conv = layers.conv(16, 16, 7, nnx.Rngs(0), padding=3, groups=16)
+    assert isinstance(conv, layers.DepthwiseConv)
+    kernel = jnp.asarray(tconv.weight.detach().numpy().transpose(2, 3, 1, 0))  # (7, 7, 1, 16), the weight map's
+    conv.kernel[...] = kernel
+    conv.bias[...] = jnp.asarray(tconv.bias.detach().numpy())
+    nhwc = lambda t: jnp.asarray(t.detach().numpy().transpose(0, 2, 3, 1))  # noqa: E731
+    graphdef, params = nnx.split(conv)
+
+    def loss(params, xj):
+        return jnp.sum(nnx.merge(graphdef, params)(xj) * nhwc(w))
+
+    xj = nhwc(x)
+    out = nnx.merge(graphdef, params)(xj)
+    (gp, gx) = jax.grad(loss, argnums=(0, 1))(params, xj)
+    ref_out = tconv(x).detach().numpy().transpose(0, 2, 3, 1)
+    assert max_abs(np.asarray(out), ref_out) < 1e-4
+    assert rel_err(np.asarray(gx), x.grad.numpy().transpose(0, 2, 3, 1)) < 1e-5
+    assert rel_err(np.asarray(gp["kernel"][...]), tconv.weight.grad.numpy().transpose(2, 3, 1, 0)) < 1e-5
+    assert rel_err(np.asarray(gp["bias"][...]), tconv.bias.grad.numpy()) < 1e-5

@@ -145,6 +145,8 @@ def conv(
     convs) becomes PatchConv, the same parameters computed as one matmul."""
     if k == stride and padding == 0 and groups == 1:
         return PatchConv(din, dout, k, rngs, zero_init)
+    if groups == din == dout and stride == 1 and not zero_init:
+        return DepthwiseConv(din, k, padding, rngs)
     # Explicit symmetric padding, as torch: 'SAME' would pad asymmetrically for strided convs.
     kw = {"kernel_init": nnx.initializers.zeros} if zero_init else {}
     return nnx.Conv(
@@ -157,6 +159,65 @@ def conv(
         rngs=rngs,
         **kw,
     )
+
+
+class DepthwiseConv(nnx.Module):
+    """torch Conv2d(dim, dim, k, padding=p, groups=dim) on NHWC, stride 1: nnx.Conv's parameters
+    (kernel (k, k, 1, dim), bias) and forward, with the kernel gradient of `depthwise_conv`."""
+
+    def __init__(self, dim: int, k: int, padding: int, rngs: nnx.Rngs):
+        self.padding = padding
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, k, 1, dim), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x):
+        y = depthwise_conv(x, self.kernel[...].astype(x.dtype), self.padding)
+        return y + self.bias[...].astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x, kernel, padding: int):
+    """Depthwise k x k convolution, stride 1: x [N, H, W, C], kernel [k, k, 1, C].
+
+    Why a custom VJP: XLA:CPU computes the kernel gradient of a grouped convolution as a dense
+    one over all channel pairs ([C, k, k, C], then the diagonal), C times the work. Here it is
+    dk[a, b, c] = sum over n, h, w of x_pad[n, h + a, w + b, c] * dy[n, h, w, c], one reduction per
+    kernel tap; the input gradient stays XLA's (a depthwise convolution itself)."""
+    return _depthwise(x, kernel, padding)
+
+
+def _depthwise(x, kernel, padding):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        [(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+def _depthwise_fwd(x, kernel, padding):
+    return _depthwise(x, kernel, padding), (x, kernel)
+
+
+def _depthwise_bwd(padding, res, dy):
+    x, kernel = res
+    _, dx_fn = jax.vjp(lambda x_: _depthwise(x_, kernel, padding), x)
+    (dx,) = dx_fn(dy)
+    k = kernel.shape[0]
+    h, w = dy.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    taps = [
+        jnp.sum(xp[:, a : a + h, b : b + w, :] * dy, axis=(0, 1, 2), dtype=jnp.float32)
+        for a in range(k)
+        for b in range(k)
+    ]
+    dk = jnp.stack(taps).reshape(k, k, 1, -1)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class PatchConv(nnx.Module):
