@@ -182,12 +182,17 @@ def peak_step_mb(fn) -> float:
     return (_rss_kb("VmHWM") - before) / 1024
 
 
+def jax_model(tm, name: str, size: int):
+    """(model, memory path) in JAX with the torch model's weights."""
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    cfg = get_config(name).replace(image_size=size)
+    model, extra = convert_state_dict(sd, cfg)
+    return model, SAM2Memory.from_extra(cfg, extra)
+
+
 def measure(a, size: int, device: str, on_gpu: bool) -> dict:
     tm = torch_model(a.model, size, a.corrections)
-    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    cfg = get_config(a.model).replace(image_size=size)
-    model, extra = convert_state_dict(sd, cfg)
-    mem = SAM2Memory.from_extra(cfg, extra)
+    model, mem = jax_model(tm, a.model, size)
     tm = tm.to(device)
     images, masks, centres = clip(size, a.frames, a.objects)
     plan = jax_plan(a.frames, a.objects, a.corrections, centres)

@@ -4,8 +4,8 @@ gradients, AdamW) spends its time, by operation: XLA:CPU's per-thunk trace again
 
     python benchmarks/profile_train_full.py [--size 512] [--frames 4] [--objects 2] [--which both]
 
-Prints, per framework, the top operations and the time summed by model file (JAX: the Python file
-of the model function that made each op; torch: the aten op).
+Prints, per framework, the top operations; for JAX also the time summed by the model function that
+made each op.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import bench_train_full as b  # noqa: E402
+from benchmarks.bench_encoder_grad import Compiled  # noqa: E402
 from benchmarks.common import cpu_line  # noqa: E402
 from benchmarks.profile_encoder import print_jax, print_torch, profile_jax, profile_torch  # noqa: E402
 
@@ -35,40 +36,21 @@ def main():
     p.add_argument("--calls", type=int, default=1)
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args()
-    from convert.sam2_to_flax import convert_state_dict
-    from safeclick_jax.models.config import get_config
-    from safeclick_jax.models.memory import SAM2Memory
-
     tm = b.torch_model(a.model, a.size, a.corrections)
     images, masks, centres = b.clip(a.size, a.frames, a.objects)
     case = f"{a.model} {a.size} px, {a.frames} frames x {a.objects} objects, {a.corrections} corrections"
     print(f"{case}; {cpu_line()}\n")
     if a.which in ("jax", "both"):
-        sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-        cfg = get_config(a.model).replace(image_size=a.size)
-        model, extra = convert_state_dict(sd, cfg)
-        mem = SAM2Memory.from_extra(cfg, extra)
+        model, mem = b.jax_model(tm, a.model, a.size)
         step, state, rest = b.jax_step(model, mem, a.corrections, jnp.float32)
         plan = jax.tree.map(jnp.asarray, b.jax_plan(a.frames, a.objects, a.corrections, centres))
-        args = (state, rest, jnp.asarray(images), jnp.asarray(masks), plan, jax.random.key(0))
-        compiled = step.lower(*args).compile()
-        fn = _Bound(compiled, args)
+        fn = Compiled(step, state, rest, jnp.asarray(images), jnp.asarray(masks), plan, jax.random.key(0))
         rows, total = profile_jax(fn, a.calls)
         print_jax(rows, total, a.top, "step", "function", lambda where, kind: where.split(":")[0])
     if a.which in ("torch", "both"):
         tstep = b.torch_step(tm, a.corrections, "float32", "cpu")
         rows, total = profile_torch(lambda: tstep(images, masks), a.calls)
         print_torch(rows, total, a.top, "step")
-
-
-class _Bound:
-    """A compiled step bound to its arguments (profile_jax calls it and reads .compiled)."""
-
-    def __init__(self, compiled, args):
-        self.compiled, self.args = compiled, args
-
-    def __call__(self):
-        jax.block_until_ready(self.compiled(*self.args))
 
 
 if __name__ == "__main__":
