@@ -5,6 +5,13 @@ Naming rule used across the project: every Flax attribute path mirrors the PyTor
 (safeclick_jax/models/weight_map.py): Linear weight -> kernel (transposed), Conv weight -> kernel (HWIO),
 LayerNorm weight -> scale, Embedding weight -> embedding; every other tensor keeps its torch layout.
 Feature maps are NHWC throughout.
+
+Random initialisation is torch's, so that a model trained from scratch starts where sam2's
+SAM2Train starts: Linear / Conv weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's
+kaiming_uniform(a=sqrt(5)) and its bias rule), Embedding N(0, 1), and sam2_base's
+trunc_normal(std 0.02) for its learned position / "no memory" tensors (`small_normal`). Flax's
+defaults (lecun normal, zero biases, embeddings of std 1/sqrt(dim)) differ: prompt and output
+tokens 16x smaller, weights 1.7x larger.
 """
 
 from __future__ import annotations
@@ -19,6 +26,26 @@ from flax import nnx
 
 class Buffer(nnx.Variable):
     """A tensor loaded from the checkpoint that is never trained (torch `register_buffer`)."""
+
+
+def torch_uniform(fan_in: int):
+    """torch's default init of a Linear / Conv weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / (max(fan_in, 1) ** 0.5)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def small_normal(rngs: nnx.Rngs, shape) -> nnx.Param:
+    """sam2_base's trunc_normal_(std=0.02) (truncated at +-2, i.e. 100 std: a plain normal)."""
+    return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, jnp.float32))
+
+
+def embed(num: int, dim: int, rngs: nnx.Rngs) -> nnx.Embed:
+    """torch nn.Embedding: N(0, 1) rows."""
+    return nnx.Embed(num, dim, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
 
 
 def gelu(x):
@@ -85,7 +112,8 @@ normalize_last_axis.defvjp(_ln_fwd, _ln_bwd)
 
 
 def linear(din: int, dout: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return Linear(din, dout, use_bias=use_bias, rngs=rngs)
+    init = torch_uniform(din)
+    return Linear(din, dout, use_bias=use_bias, kernel_init=init, bias_init=init, rngs=rngs)
 
 
 class Linear(nnx.Linear):
@@ -148,7 +176,8 @@ def conv(
     if groups == din == dout and stride == 1 and not zero_init:
         return DepthwiseConv(din, k, padding, rngs)
     # Explicit symmetric padding, as torch: 'SAME' would pad asymmetrically for strided convs.
-    kw = {"kernel_init": nnx.initializers.zeros} if zero_init else {}
+    init = torch_uniform(din // groups * k * k)
+    kw = {"kernel_init": nnx.initializers.zeros, "bias_init": nnx.initializers.zeros} if zero_init else {}
     return nnx.Conv(
         din,
         dout,
@@ -157,7 +186,7 @@ def conv(
         padding=[(padding, padding)] * 2,
         feature_group_count=groups,
         rngs=rngs,
-        **kw,
+        **({"kernel_init": init, "bias_init": init} | kw),
     )
 
 
@@ -167,8 +196,9 @@ class DepthwiseConv(nnx.Module):
 
     def __init__(self, dim: int, k: int, padding: int, rngs: nnx.Rngs):
         self.padding = padding
-        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, k, 1, dim), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        init = torch_uniform(k * k)
+        self.kernel = nnx.Param(init(rngs.params(), (k, k, 1, dim)))
+        self.bias = nnx.Param(init(rngs.params(), (dim,)))
 
     def __call__(self, x):
         y = depthwise_conv(x, self.kernel[...].astype(x.dtype), self.padding)
@@ -230,10 +260,10 @@ class PatchConv(nnx.Module):
     384 -> 256 conv on 8 x 32 x 32 tokens: 219 ms, against ~15 ms for the matmul)."""
 
     def __init__(self, din: int, dout: int, k: int, rngs: nnx.Rngs, zero_init: bool = False):
-        init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
+        init = nnx.initializers.zeros if zero_init else torch_uniform(din * k * k)
         self.k = k
         self.kernel = nnx.Param(init(rngs.params(), (k, k, din, dout), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+        self.bias = nnx.Param(init(rngs.params(), (dout,), jnp.float32))
 
     def __call__(self, x):
         n, h, w, c = x.shape
@@ -258,9 +288,9 @@ class ConvTranspose2x2(nnx.Module):
     .transpose(2, 3, 1, 0), bias), so checkpoints and the weight map are unchanged."""
 
     def __init__(self, din: int, dout: int, rngs: nnx.Rngs):
-        init = nnx.initializers.lecun_normal()
+        init = torch_uniform(dout * 2 * 2)  # torch takes a ConvTranspose2d's fan-in from W(in, out, k, k)'s dim 1
         self.kernel = nnx.Param(init(rngs.params(), (2, 2, dout, din), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+        self.bias = nnx.Param(init(rngs.params(), (dout,), jnp.float32))
 
     def __call__(self, x):
         n, h, w, _ = x.shape

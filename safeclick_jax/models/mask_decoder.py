@@ -156,11 +156,11 @@ class MaskDecoder(nnx.Module):
             cfg.attention_downsample_rate,
         )
         self.num_mask_tokens = cfg.num_multimask_outputs + 1
-        self.iou_token = nnx.Embed(1, d, rngs=rngs)
-        self.mask_tokens = nnx.Embed(self.num_mask_tokens, d, rngs=rngs)
+        self.iou_token = layers.embed(1, d, rngs)
+        self.mask_tokens = layers.embed(self.num_mask_tokens, d, rngs)
         self.pred_obj_scores = cfg.pred_obj_scores
         if cfg.pred_obj_scores:
-            self.obj_score_token = nnx.Embed(1, d, rngs=rngs)
+            self.obj_score_token = layers.embed(1, d, rngs)
         # Index of the IoU token in the transformer's token sequence: [obj_score?, iou, masks, sparse].
         self.iou_index = 1 if cfg.pred_obj_scores else 0
         self.num_output_tokens = self.iou_index + 1 + self.num_mask_tokens

@@ -304,11 +304,11 @@ class SAM2Memory(nnx.Module):
         self.memory_encoder = MemoryEncoder(mc, rngs)
         self.obj_ptr_proj = layers.MLP(d, d, d, 3, rngs)  # use_mlp_for_obj_ptr_proj, ReLU
         self.mask_downsample = layers.conv(1, 1, 4, rngs, stride=4)
-        self.maskmem_tpos_enc = nnx.Param(jnp.zeros((mc.num_maskmem, 1, 1, m)))
-        self.no_mem_pos_enc = nnx.Param(jnp.zeros((1, 1, d)))
-        self.no_obj_ptr = nnx.Param(jnp.zeros((1, d)))
+        self.maskmem_tpos_enc = layers.small_normal(rngs, (mc.num_maskmem, 1, 1, m))
+        self.no_mem_pos_enc = layers.small_normal(rngs, (1, 1, d))
+        self.no_obj_ptr = layers.small_normal(rngs, (1, d))
         if mc.no_obj_embed_spatial:
-            self.no_obj_embed_spatial = nnx.Param(jnp.zeros((1, m)))
+            self.no_obj_embed_spatial = layers.small_normal(rngs, (1, m))
         if mc.proj_tpos_enc_in_obj_ptrs:
             self.obj_ptr_tpos_proj = layers.linear(d, m, rngs)
 

@@ -78,8 +78,8 @@ class PromptEncoder(nnx.Module):
         self.input_image_size = (cfg.image_size, cfg.image_size)
         self.image_embedding_size = (cfg.embedding_size, cfg.embedding_size)
         self.pe_layer = PositionEmbeddingRandom(d // 2, rngs)
-        self.point_embeddings = nnx.List([nnx.Embed(1, d, rngs=rngs) for _ in range(4)])
-        self.not_a_point_embed = nnx.Embed(1, d, rngs=rngs)
+        self.point_embeddings = nnx.List([layers.embed(1, d, rngs) for _ in range(4)])
+        self.not_a_point_embed = layers.embed(1, d, rngs)
         self.mask_downscaling = nnx.List(
             [
                 layers.conv(1, c // 4, 2, rngs, stride=2),
@@ -91,7 +91,7 @@ class PromptEncoder(nnx.Module):
                 layers.conv(c, d, 1, rngs),
             ]
         )
-        self.no_mask_embed = nnx.Embed(1, d, rngs=rngs)
+        self.no_mask_embed = layers.embed(1, d, rngs)
 
     def get_dense_pe(self):
         """Positional encoding of the image-embedding grid: [1, E, E, d_model] (NHWC)."""

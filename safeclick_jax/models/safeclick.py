@@ -209,7 +209,7 @@ class SafeClickModel(nnx.Module):
         self.image_encoder = ImageEncoder(cfg, rngs)
         self.sam_prompt_encoder = PromptEncoder(cfg, rngs)
         self.sam_mask_decoder = MaskDecoder(cfg, rngs)
-        self.no_mem_embed = nnx.Param(jnp.zeros((1, 1, cfg.d_model)))
+        self.no_mem_embed = layers.small_normal(rngs, (1, 1, cfg.d_model))
         self.safeclick = SafeClickHead(cfg, sc, rngs)
 
     def encode_image(self, images) -> dict:

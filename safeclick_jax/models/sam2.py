@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safeclick_jax.image import IMAGE_MEAN, IMAGE_STD  # noqa: F401  (re-exported)
+from safeclick_jax.models import layers
 from safeclick_jax.models.config import SAM2Config
 from safeclick_jax.models.image_encoder import ImageEncoder
 from safeclick_jax.models.mask_decoder import MaskDecoder
@@ -29,7 +30,7 @@ class SAM2Image(nnx.Module):
         self.image_encoder = ImageEncoder(cfg, rngs)
         self.sam_prompt_encoder = PromptEncoder(cfg, rngs)
         self.sam_mask_decoder = MaskDecoder(cfg, rngs)
-        self.no_mem_embed = nnx.Param(jnp.zeros((1, 1, cfg.d_model)))
+        self.no_mem_embed = layers.small_normal(rngs, (1, 1, cfg.d_model))
 
     def encode_image(self, images) -> dict:
         return encode_image(self, images)
