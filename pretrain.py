@@ -1,17 +1,20 @@
 """Pretrain the stand-in SAM 2 (`make pretrain`): a sam2.1 tiny trained from random weights on
-procedural data, an image phase and then a clip phase, followed by its zero-shot quality.
+procedural data, a decoder phase, an image phase and a clip phase, followed by its zero-shot quality.
 
   python pretrain.py [--workdir workdir/standin] [--smoke] [--set=--config.train.total_steps=100 ...]
 
 1. data: the procedural volumes of configs/standin.py (data.roots), generated when absent;
-2. image phase: train.py --config configs/standin.py:image --workdir W/image (clips of one slice:
-   SAM 2's image training, every part of the model trained);
-3. clip phase: train.py --config configs/standin.py:clip --workdir W/clip, initialised from the
+2. decoder phase: train.py --config configs/standin.py:decoder --workdir W/decoder (the prompt
+   encoder and mask decoder on single slices over the frozen random encoder: learning to follow
+   the click, from cached features);
+3. image phase: train.py --config configs/standin.py:image --workdir W/image, initialised from the
+   decoder phase's export (clips of one slice: SAM 2's image training, every part trained);
+4. clip phase: train.py --config configs/standin.py:clip --workdir W/clip, initialised from the
    image phase's export (clips of consecutive slices: the memory path learns to track);
-4. W/export: the clip phase's export, a complete model directory (encoder, decoder, memory path)
+5. W/export: the clip phase's export, a complete model directory (encoder, decoder, memory path)
    that every tool opens, and that `make train`, `make table2`, `make app` and evaluate.py then
    start from (safeclick_jax/standin.py);
-5. zero-shot (safeclick_jax/evaluation/zero_shot.py) on the synthetic abdomen's test split and on
+6. zero-shot (safeclick_jax/evaluation/zero_shot.py) on the synthetic abdomen's test split and on
    held-out procedural volumes: W/zero_shot_abdomen/, W/zero_shot_procedural/, and W/summary.md
    (time and loss of each phase, the zero-shot tables).
 
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
-PHASES = ("image", "clip")
+PHASES = ("decoder", "image", "clip")
 CONFIG = "configs/standin.py"
 
 

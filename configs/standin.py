@@ -1,27 +1,32 @@
 """The stand-in SAM 2 (`make pretrain` = python pretrain.py): sam2.1 tiny trained from random
-weights on procedural data (safeclick_jax/data/procedural.py), in two phases:
+weights on procedural data (safeclick_jax/data/procedural.py), in three phases:
 
-  python train.py --config configs/standin.py:image --workdir workdir/standin/image
+  python train.py --config configs/standin.py:decoder --workdir workdir/standin/decoder
+  python train.py --config configs/standin.py:image --workdir workdir/standin/image \
+      --config.init.checkpoint=workdir/standin/decoder/export
   python train.py --config configs/standin.py:clip --workdir workdir/standin/clip \
       --config.init.checkpoint=workdir/standin/image/export
 
-`image`: clips of one slice with several objects each, SAM 2's image training (every part trains);
-`clip`: clips of consecutive slices, so the memory path learns to carry a mask from slice to slice.
-Both are the `full` task of configs/common.py (the whole model on clips) with SAM 2's own decoder
-(no SafeClick head). `smoke` (after a comma) shrinks the model and data for tests.
+`decoder`: the prompt encoder and mask decoder on single slices over the frozen random image
+encoder (the slice task, its features computed once and cached), so that the decoder learns to
+segment what is clicked before the encoder moves; `image`: clips of one slice with several
+objects each, SAM 2's image training (every part trains); `clip`: clips of consecutive slices, so
+the memory path learns to carry a mask from slice to slice. `image` and `clip` are the `full`
+task of configs/common.py (the whole model on clips); all three use SAM 2's own decoder (no
+SafeClick head). `smoke` (after a comma) shrinks the model and data for tests.
 
 Sizes: the sam2.1 tiny architecture at the CPU image size (128 px) on a CPU, at its own 1024 px on
 a GPU/TPU (data.image_size = -1). Length: a fixed number of steps per phase (`train.total_steps`),
 fewer on a CPU (sized for 30 minutes on 2 cores in all; docs/pretraining.md) than elsewhere.
-The stand-in never starts from a previous stand-in: init.checkpoint is None for the image phase
-(pretrain.py passes the image export to the clip phase).
+The stand-in never starts from a previous stand-in: init.checkpoint is None for the decoder phase
+(pretrain.py passes each phase's export to the next).
 """
 
 import jax
 
 from configs import common
 
-PHASES = ("image", "clip")
+PHASES = ("decoder", "image", "clip")
 
 
 def get_config(arg=None):
@@ -30,7 +35,8 @@ def get_config(arg=None):
     if len(phases) != 1:
         raise ValueError(f"configs/standin.py needs one phase of {PHASES} after the colon, got {arg!r}")
     phase, rest = phases[0], [v for v in variants if v not in PHASES]
-    c = common.make("sam2.1_hiera_t", ",".join(["full", "baseline", *rest]), cpu_image_size=128, checkpoint=None)
+    task = [] if phase == "decoder" else ["full"]
+    c = common.make("sam2.1_hiera_t", ",".join([*task, "baseline", *rest]), cpu_image_size=128, checkpoint=None)
     c.variant = ",".join(["standin", *variants])
     c.init.checkpoint = None  # random weights: never the stand-in itself (common's default when it exists)
 
@@ -61,6 +67,8 @@ def get_config(arg=None):
     c.optim.vision_lr_mult = 1.0
     c.optim.layer_decay = 1.0
     c.loss.mask_weight = 1.0
+    if phase == "decoder":
+        return _decoder_phase(c, "smoke" in rest)
     c.clip.num_correction_pt_per_frame = 1
     c.clip.min_object_pixels = 100 if cpu else 100 * 8 * 8  # the same share of a 1024 px image
 
@@ -82,6 +90,27 @@ def get_config(arg=None):
         c.data.synthetic_shape = (48, 48, 12)
         _phase(c, frames=1 if phase == "image" else 2, objects=2, batch=1, cpu_steps=3, steps=3)
         c.eval.every_epochs = 1
+    return c
+
+
+def _decoder_phase(c, smoke: bool):
+    """The slice task on the procedural slices: prompt encoder and mask decoder from random weights
+    over the frozen random encoder (features cached on a CPU; computed in each step elsewhere,
+    where 1024 px features of every slice would not fit a disk cache), one click or box per slice.
+    Why first: the whole-model image phase from random weights learns to follow the click slowly
+    (benchmarks/RESULTS.md), the cached decoder steps are 15x faster on a CPU."""
+    c.train.parts = ("prompt_encoder", "mask_decoder")
+    c.embed.enabled = jax.default_backend() == "cpu"
+    c.train.total_steps = 3000 if jax.default_backend() == "cpu" else 5000
+    c.eval.max_rois = 200  # x 10 prompt conditions, at each epoch (976 steps of 8 slices)
+    if smoke:
+        c.data.roots = ("data/procedural_smoke",)
+        c.data.cache_dir = "data/cache/procedural_smoke"
+        c.data.synthetic_root = "data/procedural_smoke"
+        c.data.synthetic_volumes = 5
+        c.data.synthetic_shape = (48, 48, 12)
+        c.train.total_steps = 3
+        c.eval.max_rois = 4
     return c
 
 
