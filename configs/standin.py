@@ -81,7 +81,10 @@ def get_config(arg=None):
         # a random decoder to segment, so the image phase always gets one of them.
         c.clip.prob_to_use_pt_input = 1.0
     else:
-        _phase(c, frames=-1, objects=2, batch=1, cpu_steps=350, steps=20000)  # -1: 8 slices, 4 on a CPU
+        _phase(c, frames=-1, objects=2, batch=1, cpu_steps=700, steps=20000)  # -1: 8 slices, 4 on a CPU
+        # the image encoder keeps what the image phase taught it: twice the clip steps in the same
+        # time, and the memory path learns to track in them (benchmarks/RESULTS.md)
+        c.train.parts = ("memory", "prompt_encoder", "mask_decoder")
     if "smoke" in rest:
         c.data.roots = ("data/procedural_smoke",)
         c.data.cache_dir = "data/cache/procedural_smoke"
