@@ -42,16 +42,22 @@ def get_config(arg=None):
 
     # The pretraining data (seed 0; the zero-shot protocol's held-out volumes are seed 1): on a CPU 40
     # volumes of 128 x 128 x 48 for 128 px training; elsewhere 100 of 512 x 512 x 64, so
-    # that 1024 px training does not see 8x upsampled slices.
+    # that 1024 px training does not see 8x upsampled slices; `smoke`: 5 of 48 x 48 x 12.
     cpu = jax.default_backend() == "cpu"
-    name = "procedural" if cpu else "procedural_512"
+    smoke = "smoke" in rest
+    if smoke:
+        name, volumes, shape = "procedural_smoke", 5, (48, 48, 12)
+    elif cpu:
+        name, volumes, shape = "procedural", 40, (128, 128, 48)
+    else:
+        name, volumes, shape = "procedural_512", 100, (512, 512, 64)
     c.data.roots = (f"data/{name}",)
     c.data.cache_dir = f"data/cache/{name}"
     c.data.synthetic_root = f"data/{name}"
     c.data.synthetic_kind = "procedural"
-    c.data.synthetic_volumes = 40 if cpu else 100
+    c.data.synthetic_volumes = volumes
     c.data.synthetic_seed = 0
-    c.data.synthetic_shape = (128, 128, 48) if cpu else (512, 512, 64)
+    c.data.synthetic_shape = shape
 
     # From scratch, not a fine-tuning (docs/pretraining.md has the measurements behind each choice):
     # - one lr for every part with a linear warm-up, then cosine, as SAM's pretraining: sam2's
@@ -68,7 +74,7 @@ def get_config(arg=None):
     c.optim.layer_decay = 1.0
     c.loss.mask_weight = 1.0
     if phase == "decoder":
-        return _decoder_phase(c, "smoke" in rest)
+        return _decoder_phase(c, cpu, smoke)
     c.clip.num_correction_pt_per_frame = 1
     c.clip.min_object_pixels = 100 if cpu else 100 * 8 * 8  # the same share of a 1024 px image
 
@@ -85,33 +91,23 @@ def get_config(arg=None):
         # the image encoder keeps what the image phase taught it: twice the clip steps in the same
         # time, and the memory path learns to track in them (benchmarks/RESULTS.md)
         c.train.parts = ("memory", "prompt_encoder", "mask_decoder")
-    if "smoke" in rest:
-        c.data.roots = ("data/procedural_smoke",)
-        c.data.cache_dir = "data/cache/procedural_smoke"
-        c.data.synthetic_root = "data/procedural_smoke"
-        c.data.synthetic_volumes = 5
-        c.data.synthetic_shape = (48, 48, 12)
+    if smoke:
         _phase(c, frames=1 if phase == "image" else 2, objects=2, batch=1, cpu_steps=3, steps=3)
         c.eval.every_epochs = 1
     return c
 
 
-def _decoder_phase(c, smoke: bool):
+def _decoder_phase(c, cpu: bool, smoke: bool):
     """The slice task on the procedural slices: prompt encoder and mask decoder from random weights
     over the frozen random encoder (features cached on a CPU; computed in each step elsewhere,
     where 1024 px features of every slice would not fit a disk cache), one click or box per slice.
     Why first: the whole-model image phase from random weights learns to follow the click slowly
     (benchmarks/RESULTS.md), the cached decoder steps are 15x faster on a CPU."""
     c.train.parts = ("prompt_encoder", "mask_decoder")
-    c.embed.enabled = jax.default_backend() == "cpu"
-    c.train.total_steps = 3000 if jax.default_backend() == "cpu" else 5000
+    c.embed.enabled = cpu
+    c.train.total_steps = 3000 if cpu else 5000
     c.eval.max_rois = 200  # x 10 prompt conditions, at each epoch (976 steps of 8 slices)
     if smoke:
-        c.data.roots = ("data/procedural_smoke",)
-        c.data.cache_dir = "data/cache/procedural_smoke"
-        c.data.synthetic_root = "data/procedural_smoke"
-        c.data.synthetic_volumes = 5
-        c.data.synthetic_shape = (48, 48, 12)
         c.train.total_steps = 3
         c.eval.max_rois = 4
     return c

@@ -176,8 +176,7 @@ def conv(
     if groups == din == dout and stride == 1 and not zero_init:
         return DepthwiseConv(din, k, padding, rngs)
     # Explicit symmetric padding, as torch: 'SAME' would pad asymmetrically for strided convs.
-    init = torch_uniform(din // groups * k * k)
-    kw = {"kernel_init": nnx.initializers.zeros, "bias_init": nnx.initializers.zeros} if zero_init else {}
+    init = nnx.initializers.zeros if zero_init else torch_uniform(din // groups * k * k)
     return nnx.Conv(
         din,
         dout,
@@ -186,7 +185,8 @@ def conv(
         padding=[(padding, padding)] * 2,
         feature_group_count=groups,
         rngs=rngs,
-        **({"kernel_init": init, "bias_init": init} | kw),
+        kernel_init=init,
+        bias_init=init,
     )
 
 
