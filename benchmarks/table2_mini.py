@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     times = {}
+    # a reused model keeps the training time of the run that trained it (that run's results.json)
+    previous = out / "results.json"
+    trained_before = json.loads(previous.read_text()).get("times_s", {}) if previous.exists() else {}
 
     ensure_data(args.root, cache, args.data_seed, args.num_volumes)
     from safeclick_jax import standin
@@ -211,6 +214,7 @@ def main(argv=None) -> int:
         f"--config.train.steps_per_epoch={args.steps_per_epoch}",
         f"--config.train.seed={args.seed}",
         f"--config.init.seed={args.seed}",
+        f"--config.data.shuffle_seed={args.seed}",  # the order and the prompts of the training slices
         f"--config.eval.max_rois={args.eval_max_rois}",
         "--config.train.progress=False",
         "--config.plot=False",
@@ -219,13 +223,18 @@ def main(argv=None) -> int:
     runs = {BASELINE: "baseline", SAFECLICK: ""}
     if args.ablations:
         runs.update({name: v for v, name in ABLATIONS.items()})
-    trained = {}
+    trained, untimed = {}, []  # untimed: reused models whose training time is not on record
     for name, variant in runs.items():
         wd = work / (variant or "safeclick")
         variants = ",".join(v for v in (variant, "smoke" if args.smoke else "") if v)
         config = "configs/sam2_t.py" + (f":{variants}" if variants else "")
         if args.reuse and (wd / "export" / "model.json").exists():
             log(f"reusing {name}: {wd}/export")
+            known = [trained_before[k] for k in (f"train {name}", f"train {name} (reused)") if k in trained_before]
+            if known:
+                times[f"train {name} (reused)"] = known[0]
+            else:
+                untimed.append(name)
             trained[name] = wd
             continue
         log(f"training {name} ({config}) -> {wd}")
@@ -247,6 +256,9 @@ def main(argv=None) -> int:
     log("evaluating on the test split")
     times["evaluate"] = run(cmd, work / "evaluate.log")
     times["total"] = time.perf_counter() - t_all
+    reused = sum(v for k, v in times.items() if k.endswith("(reused)"))
+    if reused:
+        times["total with the reused training"] = times["total"] + reused
 
     from safeclick_jax.evaluation.report import COLUMNS
 
@@ -262,6 +274,7 @@ def main(argv=None) -> int:
         "steps": steps,
         "image_size": summary["image_size"],
         "consensus_path": {name: consensus_path(wd / "export") for name, wd in trained.items() if name != BASELINE},
+        "reused_untimed": untimed,
     }
     eval_table = (eval_dir / "table.md").read_text()
     head = (

@@ -146,3 +146,10 @@ def test_quick_every_part_on_a_smoke_standin(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = run_quick(tmp_path, work / "export", "--ablations")
     check_summary(out, ("demo", "table2", "protocol"))
+    # a rerun reuses the trained models and reports the time they took to train
+    first = json.loads((out / "table2/seed0/results.json").read_text())["times_s"]
+    out = run_quick(tmp_path, work / "export", "--ablations", "--parts=table2")
+    again = json.loads((out / "table2/seed0/results.json").read_text())["times_s"]
+    assert again["train SAM 2 (reused)"] == first["train SAM 2"]
+    assert again["total with the reused training"] > first["train SAM 2"] + again["total"]
+    assert check_summary(out, ("demo", "table2", "protocol"))["times_s"]["table2 seed0"] > first["train SAM 2"]

@@ -20,7 +20,7 @@ def test_table2_mini_tiny_schedule(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, str(ROOT / "benchmarks/table2_mini.py"), f"--out={out}", f"--workdir={work}"]
     cmd += [f"--root={tmp_path / 'abd'}", f"--cache-dir={tmp_path / 'cache'}", "--num-volumes=10"]
-    cmd += ["--epochs=1", "--steps-per-epoch=2", "--eval-max-rois=2", "--max-slices=2"]
+    cmd += ["--epochs=1", "--steps-per-epoch=2", "--eval-max-rois=2", "--max-slices=2", "--seed=1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -38,3 +38,5 @@ def test_table2_mini_tiny_schedule(tmp_path):
     for wd in ("baseline", "safeclick"):
         cfg = json.loads((work / wd / "config.json").read_text())
         assert cfg["init"]["checkpoint"] == encoder
+        # --seed reaches everything that differs between seeds: the head's init, the PRNG, the data order
+        assert (cfg["init"]["seed"], cfg["train"]["seed"], cfg["data"]["shuffle_seed"]) == (1, 1, 1)
