@@ -107,6 +107,11 @@ def make(
     c.train.log_every = 10
     c.train.seed = 0  # the train state's PRNG key
     c.train.multimask = True  # SAM 2: three masks for a single click, loss on the best
+    # 1: each slice is decoded a second time with a corrective click drawn from the first mask's
+    # error region and that mask as prompt, both decodings in the loss (SAM2Train's iterative
+    # correction, one step). 0: one prompt per slice, the paper's setting. Measured in
+    # benchmarks/RESULTS.md (benchmarks/corrective_click.py).
+    c.train.corrective_clicks = 0
     # What trains, among training.train_state.PARTS: the slice task trains the mask decoder (E3, tokens, upscaling,
     # heads) and the SafeClick head ('safeclick', ignored for `baseline`), optionally the prompt
     # encoder; the clip task (`full`) any of them. The rest stays as init.checkpoint has it.

@@ -28,22 +28,28 @@ def _batch(size, n, seed=0):
     }
 
 
+def one_step(config):
+    """One train step of `config`'s model from its init on the 4-row batch of `_batch`.
+    -> (params before, state after, metrics)."""
+    size = config.data.image_size
+    mesh = parallel.make_mesh()
+    model = model_init.build_model(config, size, log=lambda *a: None)
+    graphdef, params, frozen = ts.split_model(model, config)
+    opt = ts.make_optimizer(config, 100)
+    state = ts.init_state(jax.tree.map(jnp.copy, params), opt, 0)
+    fn = step_lib.make_train_step(graphdef, opt, ts.learning_rate(config, 100), config, mesh, model.keep_block)
+    batch = parallel.global_batch(step_lib.host_batch(_batch(size, 4)), mesh)
+    new, metrics = fn(state, frozen, batch)
+    return params, new, jax.device_get(metrics)
+
+
 @pytest.fixture(scope="module")
 def steps():
     out = {}
     for dtype in ("float32", "bfloat16"):
         config = common.make("sam2.1_hiera_t", "smoke")
         config.train.compute_dtype = dtype
-        size = config.data.image_size
-        mesh = parallel.make_mesh()
-        model = model_init.build_model(config, size, log=lambda *a: None)
-        graphdef, params, frozen = ts.split_model(model, config)
-        opt = ts.make_optimizer(config, 100)
-        state = ts.init_state(jax.tree.map(jnp.copy, params), opt, 0)
-        fn = step_lib.make_train_step(graphdef, opt, ts.learning_rate(config, 100), config, mesh, model.keep_block)
-        batch = parallel.global_batch(step_lib.host_batch(_batch(size, 4)), mesh)
-        new, metrics = fn(state, frozen, batch)
-        out[dtype] = (params, new, jax.device_get(metrics))
+        out[dtype] = one_step(config)
     return out
 
 

@@ -12,7 +12,7 @@ object), slices along the cache's axis.
   initial conditioning frames, the frames that get corrective clicks, and the per-step "click from
   the GT" draws. The initial click / box come from the GT here (sam2_utils.get_next_point with no
   prediction, sample_box_points); corrective clicks depend on predictions and are drawn in the
-  graph (full.error_click).
+  graph (step.error_click).
 - `validation_plan` is the fixed plan of the clip task's validation: one positive click per object
   at its deepest point on the first frame (the zero-shot protocol's click), no corrections.
 

@@ -60,7 +60,7 @@ from safeclick_jax import video
 from safeclick_jax.models.image_encoder import sine_position_encoding
 from safeclick_jax.models.sam2 import PAD_LABEL
 from safeclick_jax.training import losses
-from safeclick_jax.training.step import decoder_outputs
+from safeclick_jax.training.step import decoder_outputs, error_click
 
 NOT_A_POINT = -1
 OBJ_FOCAL = (-1.0, 0.0)  # sam2 yaml: focal_alpha_obj_score -1, focal_gamma_obj_score 0 (= BCE)
@@ -150,21 +150,6 @@ def mask_prompt_output(model, mem, feats: dict, gt):
     masks = jnp.zeros((n, 4) + low.shape[1:], low.dtype).at[:, 0].set(low)
     iou = jnp.zeros((n, 4), jnp.float32).at[:, 0].set(1.0)
     return {"masks": masks, "iou": iou, "obj": obj, "multimask": jnp.bool_(False), "low": low, "ptr": ptr}
-
-
-def error_click(key, gt, pred):
-    """sam2_utils.sample_random_points_from_errors with one point: uniform noise on the false
-    positive (channel 0, or the background when the prediction is exact) and false negative
-    (channel 1) maps, the argmax gives the click and its label. gt, pred [N,S,S] bool ->
-    (coords [N,2] float (x, y), labels [N] int32)."""
-    n, h, w = gt.shape
-    fp, fn = ~gt & pred, gt & ~pred
-    exact = jnp.all(gt == pred, axis=(1, 2))[:, None, None]
-    noise = jax.random.uniform(key, (n, h, w, 2))
-    noise = noise * jnp.stack([fp | (exact & ~gt), fn], axis=-1)
-    idx = jnp.argmax(noise.reshape(n, -1), axis=-1)
-    label, idx = idx % 2, idx // 2
-    return jnp.stack([idx % w, idx // w], axis=-1).astype(jnp.float32), label.astype(jnp.int32)
 
 
 def correct(model, mem, feats, pix, coords, labels, first, gt, key, from_gt, replay, size: int):

@@ -140,6 +140,49 @@ def apply_gradients(optimizer, schedule, nan_at: int, state, loss, terms: dict, 
     return new, metrics
 
 
+def error_click(key, gt, pred):
+    """sam2_utils.sample_random_points_from_errors with one point: uniform noise on the false
+    positive (channel 0, or the background when the prediction is exact) and false negative
+    (channel 1) maps, the argmax gives the click and its label. gt, pred [N,S,S] bool ->
+    (coords [N,2] float (x, y), labels [N] int32)."""
+    n, h, w = gt.shape
+    fp, fn = ~gt & pred, gt & ~pred
+    exact = jnp.all(gt == pred, axis=(1, 2))[:, None, None]
+    noise = jax.random.uniform(key, (n, h, w, 2))
+    noise = noise * jnp.stack([fp | (exact & ~gt), fn], axis=-1)
+    idx = jnp.argmax(noise.reshape(n, -1), axis=-1)
+    label, idx = idx % 2, idx // 2
+    return jnp.stack([idx % w, idx // w], axis=-1).astype(jnp.float32), label.astype(jnp.int32)
+
+
+def corrective_clicks(config) -> int:
+    n = int(config.train.get("corrective_clicks", 0))
+    if n not in (0, 1):
+        raise ValueError(f"train.corrective_clicks {n}: expected 0 or 1 (one free token in the prompt layout)")
+    return n
+
+
+def corrected_decode(model, feats, batch, masks, iou, cand, key):
+    """SAM2Train's iterative correction on one slice, one click: the first decoding's mask (the
+    candidate with the highest predicted IoU, what a user sees) gets a click drawn uniformly from
+    its error region (error_click: positive on a miss, negative on a spill); the prompt plus
+    that click is decoded again with the first low-res logits as mask prompt (no gradient through
+    the first mask, as SAM2Train). The click takes the layout's free token
+    (prompting.click_or_box_tokens): the `not a point` pad of a click row, the pad of a box row.
+    -> (mask logits [B,4,4E,4E], iou [B,4], object score logits [B,1]) of the second decoding."""
+    best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
+    low = jax.lax.stop_gradient(jnp.take_along_axis(masks, best[:, None, None, None], axis=1)[:, 0])
+    pred = to_input_resolution(low[:, None], batch["mask"].shape[-1])[:, 0] > 0
+    xy, label = error_click(key, batch["mask"] > 0, pred)
+    slot = jnp.where(batch["is_box"], 2, 1)[:, None]
+    at = jnp.arange(batch["labels"].shape[1])[None] == slot
+    coords = jnp.where(at[..., None], xy[:, None], batch["coords"])
+    labels = jnp.where(at, label[:, None], batch["labels"])
+    has_mask = jnp.ones(low.shape[:1], bool)
+    masks, iou, _, obj = decoder_outputs(model, feats, coords, labels, low[..., None], has_mask)
+    return masks.astype(jnp.float32), iou.astype(jnp.float32), obj.astype(jnp.float32)
+
+
 def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, state_sharding=None, frozen_sharding=None):
     """The jit-compiled step(state, frozen, batch) -> (state, metrics). Shardings default to
     replicated (parallel.param_sharding gives the FSDP ones)."""
@@ -147,6 +190,7 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, sta
     multimask = bool(config.train.multimask)
     nan_at = int(config.debug.nan_at_step)
     cdt = compute_dtype(config)
+    corrective = corrective_clicks(config)
 
     def step(state, frozen, batch):
         key, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # carried for stochastic layers
@@ -154,10 +198,18 @@ def make_train_step(graphdef, optimizer, schedule, config, mesh, keep_block, sta
         def loss_fn(params):
             model = nnx.merge(graphdef, cast_floats(params, cdt), cast_floats(frozen, cdt))
             feats = image_features(model, batch, keep_block, cdt)
+            gt = batch["mask"].astype(jnp.float32)
             masks, iou, obj = decode_all(model, feats, batch["coords"], batch["labels"])
-            logits, target = loss_target(masks, batch["mask"].astype(jnp.float32), loss_cfg.resolution)
+            logits, target = loss_target(masks, gt, loss_cfg.resolution)
             cand = losses.candidate_outputs(batch["is_box"], multimask)
-            return losses.sam2_loss(logits, iou, obj, target, cand, loss_cfg)
+            loss, aux = losses.sam2_loss(logits, iou, obj, target, cand, loss_cfg)
+            if corrective:
+                masks, iou, obj = corrected_decode(model, feats, batch, masks, iou, cand, jax.random.fold_in(key, 1))
+                logits, target = loss_target(masks, gt, loss_cfg.resolution)
+                single = losses.candidate_outputs(jnp.ones_like(batch["is_box"]), multimask)
+                loss2, aux2 = losses.sam2_loss(logits, iou, obj, target, single, loss_cfg)
+                loss, aux = loss + loss2, {n: aux[n] + aux2[n] for n in ("focal", "dice", "iou", "class")}
+            return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         terms = {n: aux[n] for n in ("focal", "dice", "iou", "class")}
