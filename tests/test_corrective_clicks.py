@@ -40,15 +40,16 @@ def test_the_click_takes_the_free_token_inside_the_error(smoke, monkeypatch):
     out = step_lib.corrected_decode(model, feats, batch, masks, iou, cand, jax.random.key(0))
     assert out[0].shape == masks.shape and np.isfinite(np.asarray(out[0])).all()
     labels, coords, is_box = seen["labels"], seen["coords"], np.asarray(batch["is_box"])
-    before = np.asarray(batch["labels"])
     best = np.argmax(np.where(np.asarray(cand), np.asarray(iou), -np.inf), axis=-1)
     gt = np.asarray(batch["mask"]) > 0
     size = gt.shape[-1]
     for i in range(len(is_box)):
+        # SAM 2's predictor tokens for the first prompt plus one click (prompting.sam2_tokens)
         slot = 2 if is_box[i] else 1
-        keep = [j for j in range(3) if j != slot]
-        np.testing.assert_array_equal(labels[i, keep], before[i, keep])  # the first prompt is kept
-        np.testing.assert_array_equal(coords[i, keep], np.asarray(batch["coords"])[i, keep])
+        expect = [2, 3, None, -1] if is_box[i] else [1, None, -1, -2]
+        assert [None if j == slot else int(v) for j, v in enumerate(labels[i])] == expect
+        np.testing.assert_array_equal(coords[i, :slot], np.asarray(batch["coords"])[i, :slot])  # first prompt kept
+        np.testing.assert_array_equal(coords[i, slot + 1], [0.0, 0.0])
         assert labels[i, slot] in (0, 1)
         first = np.asarray(masks)[i, best[i]]
         np.testing.assert_array_equal(seen["mask"][i, ..., 0], first)  # the first mask as mask prompt

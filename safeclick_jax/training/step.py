@@ -158,7 +158,7 @@ def error_click(key, gt, pred):
 def corrective_clicks(config) -> int:
     n = int(config.train.get("corrective_clicks", 0))
     if n not in (0, 1):
-        raise ValueError(f"train.corrective_clicks {n}: expected 0 or 1 (one free token in the prompt layout)")
+        raise ValueError(f"train.corrective_clicks {n}: expected 0 or 1 (one corrective step)")
     return n
 
 
@@ -167,18 +167,23 @@ def corrected_decode(model, feats, batch, masks, iou, cand, key):
     candidate with the highest predicted IoU, what a user sees) gets a click drawn uniformly from
     its error region (error_click: positive on a miss, negative on a spill); the prompt plus
     that click is decoded again with the first low-res logits as mask prompt (no gradient through
-    the first mask, as SAM2Train). The click takes the layout's free token
-    (prompting.click_or_box_tokens): the `not a point` pad of a click row, the pad of a box row.
+    the first mask, as SAM2Train). The tokens are those SAM 2's predictors build for the two
+    prompts (prompting.sam2_tokens): the click goes where the first layout had its `not a point`
+    token, which moves one slot on, so a click row becomes [click, correction, pad point, PAD]
+    and a box row [corner, corner, correction, pad point].
     -> (mask logits [B,4,4E,4E], iou [B,4], object score logits [B,1]) of the second decoding."""
     best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
     low = jax.lax.stop_gradient(jnp.take_along_axis(masks, best[:, None, None, None], axis=1)[:, 0])
     pred = to_input_resolution(low[:, None], batch["mask"].shape[-1])[:, 0] > 0
     xy, label = error_click(key, batch["mask"] > 0, pred)
-    slot = jnp.where(batch["is_box"], 2, 1)[:, None]
-    at = jnp.arange(batch["labels"].shape[1])[None] == slot
-    coords = jnp.where(at[..., None], xy[:, None], batch["coords"])
-    labels = jnp.where(at, label[:, None], batch["labels"])
-    has_mask = jnp.ones(low.shape[:1], bool)
+    b = label.shape[0]
+    coords = jnp.concatenate([batch["coords"], jnp.zeros((b, 1, 2), batch["coords"].dtype)], axis=1)
+    labels = jnp.concatenate([batch["labels"], jnp.full((b, 1), PAD_LABEL, batch["labels"].dtype)], axis=1)
+    slot = jnp.argmax(labels == prompting.NOT_A_POINT, axis=1)[:, None]  # the first layout's pad point
+    at = jnp.arange(labels.shape[1])[None]
+    coords = jnp.where((at == slot)[..., None], xy[:, None], jnp.where((at == slot + 1)[..., None], 0.0, coords))
+    labels = jnp.where(at == slot, label[:, None], jnp.where(at == slot + 1, prompting.NOT_A_POINT, labels))
+    has_mask = jnp.ones((b,), bool)
     masks, iou, _, obj = decoder_outputs(model, feats, coords, labels, low[..., None], has_mask)
     return masks.astype(jnp.float32), iou.astype(jnp.float32), obj.astype(jnp.float32)
 
