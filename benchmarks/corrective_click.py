@@ -5,12 +5,13 @@ interactive protocol and the app's users give them:
   python benchmarks/corrective_click.py --checkpoint A [--checkpoint B ...] [--data abdomen]
 
 First prompts: the tight box (single-mask output), or one click at the object's deepest point
-(SAM's three masks, the IoU head's pick). The correction: one click at the deepest point of the
-largest connected error region of that mask (positive where the object was missed, negative where
-the mask spilled over; the protocol's click rule in 2D), added to the first prompt and decoded
-with the first mask's low-res logits as mask prompt (as SAM 2's predictors refine a mask);
-`box + click` also without the mask prompt. Prints the mean Dice of each column; a model trained
-with corrective clicks (SAM2Train, the `full` task) gains from the correction.
+(SAM's three masks, the IoU head's pick). The correction: the interactive protocol's click rule
+(clicks.corrective_click_3d) on the slice, at the deepest point of the largest connected error
+region of that mask (positive where the object was missed, negative where the mask spilled
+over), added to the first prompt and decoded with the first mask's low-res logits as mask
+prompt (as SAM 2's predictors refine a mask); `box + click` also without the mask prompt. Prints
+the mean Dice of each column; a model trained with corrective clicks (SAM2Train, the `full`
+task) gains from the correction.
 """
 
 from __future__ import annotations
@@ -20,43 +21,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safeclick_jax.data.clips import deepest_point  # noqa: E402
-from safeclick_jax.evaluation import interactive, zero_shot  # noqa: E402
+from safeclick_jax.data.prompts import tight_box  # noqa: E402
+from safeclick_jax.evaluation import clicks, interactive, zero_shot  # noqa: E402
 
 COLUMNS = ("box", "box + click", "box + click, mask prompt", "click", "click + click, mask prompt")
 
 
-def correction(gt: np.ndarray, pred: np.ndarray):
-    """(x, y, label) of the corrective click, or None when the mask is exact."""
-    err = gt ^ pred
-    lab, n = ndimage.label(err)
-    if n == 0:
-        return None
-    largest = lab == 1 + int(np.argmax(ndimage.sum(err, lab, range(1, n + 1))))
-    x, y = deepest_point(largest)
-    return float(x), float(y), int(gt[int(y), int(x)])
-
-
-def scores(predictor, gt: np.ndarray) -> dict:
-    """The Dice of every column of COLUMNS for one object on one slice (the image already set)."""
-    ys, xs = np.nonzero(gt)
-    box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-    cx, cy = deepest_point(gt)
+def scores(predictor, gt: np.ndarray, click: tuple[int, int]) -> dict:
+    """The Dice of every column of COLUMNS for one object on one slice (the image already set),
+    first clicked at (row, col)."""
+    box = tight_box(gt)
+    cy, cx = click
     out = {}
     for first, prompt in (("box", {"box": box}), ("click", {"point_coords": [[cx, cy]], "point_labels": [1]})):
         masks, iou, low = predictor.predict(multimask_output=first == "click", **prompt)
         k = int(np.argmax(iou))
         pred = masks[k] > 0
         out[first] = zero_shot.dice(pred, gt)
-        fix = correction(gt, pred)
+        fix = clicks.corrective_click_3d(pred, gt, np.random.default_rng(0))
         if fix is None:  # nothing to correct: the refined columns keep the first mask
             out.update({c: out[first] for c in COLUMNS if c.startswith(first + " +")})
             continue
-        x, y, label = fix
+        (y, x), label = fix[0], int(fix[1])
         mask_prompt = {"mask_input": low[k][None]}
         if first == "box":
             pts = {"box": box, "point_coords": [[x, y]], "point_labels": [label]}
@@ -92,9 +81,9 @@ def main(argv=None) -> int:
         for case in cases:
             for label in interactive.present_labels(case):
                 obj = case.labels == label
-                z = int(np.argmax(obj.sum(axis=(1, 2))))
+                z, row, col = zero_shot.deepest_click(obj)
                 predictor.set_image(np.repeat(case.image[z][..., None], 3, axis=-1))
-                rows.append(scores(predictor, obj[z]))
+                rows.append(scores(predictor, obj[z], (row, col)))
         means = [np.mean([r[c] for r in rows]) for c in COLUMNS]
         print(f"| {directory} | {len(rows)} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
     return 0

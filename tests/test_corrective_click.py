@@ -1,16 +1,18 @@
-"""benchmarks/corrective_click.py's click rule: the deepest point of the largest error region,
+"""The click rule of benchmarks/corrective_click.py: the interactive protocol's
+(clicks.corrective_click_3d) on one slice, the deepest point of the largest error region,
 positive where the object was missed, negative where the mask spilled over."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from safeclick_jax.evaluation import clicks
 
-from benchmarks.corrective_click import correction  # noqa: E402
+
+def correction(gt, pred):
+    """(x, y, label) as the benchmark reads the click, or None."""
+    fix = clicks.corrective_click_3d(pred, gt, np.random.default_rng(0))
+    return None if fix is None else (fix[0][1], fix[0][0], int(fix[1]))
 
 
 def test_correction_clicks_the_largest_error_region():

@@ -140,6 +140,13 @@ def apply_gradients(optimizer, schedule, nan_at: int, state, loss, terms: dict, 
     return new, metrics
 
 
+def chosen_output(masks, iou, cand):
+    """The output a user of SAM 2's predictor sees: of the candidate outputs ([B,4] bool), the one
+    with the highest predicted IoU. masks [B,4,h,w] -> [B,h,w]."""
+    best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(masks, best[:, None, None, None], axis=1)[:, 0]
+
+
 def error_click(key, gt, pred):
     """sam2_utils.sample_random_points_from_errors with one point: uniform noise on the false
     positive (channel 0, or the background when the prediction is exact) and false negative
@@ -156,7 +163,7 @@ def error_click(key, gt, pred):
 
 
 def corrective_clicks(config) -> int:
-    n = int(config.train.get("corrective_clicks", 0))
+    n = int(config.train.corrective_clicks)
     if n not in (0, 1):
         raise ValueError(f"train.corrective_clicks {n}: expected 0 or 1 (one corrective step)")
     return n
@@ -172,8 +179,7 @@ def corrected_decode(model, feats, batch, masks, iou, cand, key):
     token, which moves one slot on, so a click row becomes [click, correction, pad point, PAD]
     and a box row [corner, corner, correction, pad point].
     -> (mask logits [B,4,4E,4E], iou [B,4], object score logits [B,1]) of the second decoding."""
-    best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
-    low = jax.lax.stop_gradient(jnp.take_along_axis(masks, best[:, None, None, None], axis=1)[:, 0])
+    low = jax.lax.stop_gradient(chosen_output(masks, iou, cand))
     pred = to_input_resolution(low[:, None], batch["mask"].shape[-1])[:, 0] > 0
     xy, label = error_click(key, batch["mask"] > 0, pred)
     b = label.shape[0]
@@ -243,9 +249,7 @@ def make_eval_step(graphdef, config, mesh, keep_block, params_sharding=None, fro
         feats = image_features(model, batch, keep_block, cdt)
         masks, iou, _ = decode_all(model, feats, batch["coords"], batch["labels"])
         cand = losses.candidate_outputs(batch["is_box"], multimask)
-        best = jnp.argmax(jnp.where(cand, iou, -jnp.inf), axis=-1)
-        chosen = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)
-        chosen = to_input_resolution(chosen, batch["mask"].shape[-1])[:, 0]
+        chosen = to_input_resolution(chosen_output(masks, iou, cand)[:, None], batch["mask"].shape[-1])[:, 0]
         valid = batch["valid"]
         d = losses.hard_dice(chosen, batch["mask"], valid)
         isb = batch["is_box"]
