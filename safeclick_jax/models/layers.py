@@ -209,11 +209,19 @@ class DepthwiseConv(nnx.Module):
 def depthwise_conv(x, kernel, padding: int):
     """Depthwise k x k convolution, stride 1: x [N, H, W, C], kernel [k, k, 1, C].
 
-    Why a custom VJP: XLA:CPU computes the kernel gradient of a grouped convolution as a dense
-    one over all channel pairs ([C, k, k, C], then the diagonal), C times the work. Here it is
-    dk[a, b, c] = sum over n, h, w of x_pad[n, h + a, w + b, c] * dy[n, h, w, c], one reduction per
-    kernel tap; the input gradient stays XLA's (a depthwise convolution itself)."""
-    return _depthwise(x, kernel, padding)
+    Why not only XLA's grouped convolution: on a CPU, XLA computes it (and its input gradient)
+    with a generic convolution loop, and its kernel gradient as a dense convolution over all
+    channel pairs ([C, k, k, C], then the diagonal). There the three are written as what they are:
+    y = sum over taps (a, b) of x_pad[:, a:a+H, b:b+W] * kernel[a, b] (one elementwise fusion,
+    vectorised over C), dx the same with the flipped kernel over dy, and dk[a, b] = sum over n, h, w
+    of x_pad[n, h+a, w+b] * dy[n, h, w], summed over h as elementwise adds of rows (XLA:CPU's
+    reductions of such products run far slower than the adds). Elsewhere the library's convolution
+    and its gradients."""
+    return _depthwise_fwd(x, kernel, padding)[0]
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
 
 
 def _depthwise(x, kernel, padding):
@@ -227,23 +235,53 @@ def _depthwise(x, kernel, padding):
     )
 
 
+def _shifted_sum(x, kernel, padding):
+    """sum over taps (a, b) of x_pad[:, a:a+H_out, b:b+W_out, :] * kernel[a, b, 0, :], accumulated in
+    float32."""
+    k = kernel.shape[0]
+    h, w = x.shape[1] + 2 * padding - k + 1, x.shape[2] + 2 * padding - k + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kf = kernel.astype(jnp.float32)
+    y = 0.0
+    for a in range(k):
+        for b in range(k):
+            y = y + xp[:, a : a + h, b : b + w, :].astype(jnp.float32) * kf[a, b, 0]
+    return y.astype(x.dtype)
+
+
 def _depthwise_fwd(x, kernel, padding):
-    return _depthwise(x, kernel, padding), (x, kernel)
+    y = _shifted_sum(x, kernel, padding) if _on_cpu() else _depthwise(x, kernel, padding)
+    return y, (x, kernel)
 
 
 def _depthwise_bwd(padding, res, dy):
     x, kernel = res
-    _, dx_fn = jax.vjp(lambda x_: _depthwise(x_, kernel, padding), x)
-    (dx,) = dx_fn(dy)
+    if not _on_cpu():
+        _, vjp = jax.vjp(lambda x_, k_: _depthwise(x_, k_, padding), x, kernel)
+        return vjp(dy)
     k = kernel.shape[0]
+    # dx[i, j] = sum over taps of dy[i + p - a, j + p - b] * kernel[a, b]: the flipped kernel over dy
+    # padded by k - 1 - p
+    dx = _shifted_sum(dy, kernel[::-1, ::-1], k - 1 - padding)
     h, w = dy.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    taps = [
-        jnp.sum(xp[:, a : a + h, b : b + w, :] * dy, axis=(0, 1, 2), dtype=jnp.float32)
-        for a in range(k)
-        for b in range(k)
-    ]
-    dk = jnp.stack(taps).reshape(k, k, 1, -1)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))).astype(jnp.float32)
+    dy32 = dy.astype(jnp.float32)
+
+    def kernel_row(xa):
+        """dk[a, :] before the sum over N and W, from xa = x_pad[:, a:a+H]: [k, N, W, C], the sum
+        over h as adds of rows."""
+        taps = []
+        for b in range(k):
+            rows = 0.0
+            for i in range(h):
+                rows = rows + xa[:, i, b : b + w, :] * dy32[:, i]
+            taps.append(rows)
+        return tuple(taps)
+
+    # A loop over the kernel's rows (not unrolled): its body cannot fuse the ops that produce x
+    # and dy, which XLA would otherwise recompute in every tap.
+    shifted = jnp.stack([xp[:, a : a + h] for a in range(k)])
+    dk = jnp.stack(jax.lax.map(kernel_row, shifted), 1).sum((2, 3)).reshape(k, k, 1, -1)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
