@@ -192,7 +192,7 @@ def conv(
 
 class DepthwiseConv(nnx.Module):
     """torch Conv2d(dim, dim, k, padding=p, groups=dim) on NHWC, stride 1: nnx.Conv's parameters
-    (kernel (k, k, 1, dim), bias) and forward, with the kernel gradient of `depthwise_conv`."""
+    (kernel (k, k, 1, dim), bias) and values, computed by `depthwise_conv`."""
 
     def __init__(self, dim: int, k: int, padding: int, rngs: nnx.Rngs):
         self.padding = padding
