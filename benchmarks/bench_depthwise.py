@@ -74,7 +74,7 @@ def main():
         row.update(out_max_abs=y_err, dk_max_rel=dk_rel)
         rows.append(row)
         print(row, flush=True)
-    cols = ["shape"] + [f"{w} {p} ms" for p in ("fwd", "grad") for w in ("xla", "layer", "torch")]
+    cols = ["shape"] + [f"{impl} {part} ms" for part in ("fwd", "grad") for impl in ("xla", "layer", "torch")]
     write(a.name, rows, cols + ["out_max_abs", "dk_max_rel"], {"repeats": a.repeats})
 
 
