@@ -7,9 +7,11 @@ JAX: every executed thunk (a fusion, a library call such as a YNNPACK dot fusion
 trace event named after its HLO instruction; the compiled HLO gives each instruction its
 primitive and the Python line that made it (stack frames), and the events are summed by
 (pass, model function, kind), pass = backward where the op comes from the transpose of the forward
-(jax.grad). Thunks that only run other thunks (while loops of the chunked attention) are not
-counted twice. torch: torch.profiler's self CPU time per aten op. Times are per call (the mean
-over --calls traced calls after one warm-up), summed over threads. Prints markdown tables.
+(jax.grad). Ops inside a loop or branch body often carry no source line; they take the pass and
+function of the while / call / conditional that runs them. Thunks that only run other thunks
+(while loops of the chunked attention) are not counted twice. torch: torch.profiler's self CPU
+time per aten op. Times are per call (the mean over --calls traced calls after one warm-up),
+summed over threads. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -70,22 +72,49 @@ def hlo_sources(hlo: str) -> dict:
             frame_id = parent
         return "?"
 
-    out = {}
+    # Ops that XLA creates inside a loop or branch body (the chunked attention's pieces) carry no
+    # metadata: they take the pass and function of the while / call / conditional that runs them.
+    out, computation_of, caller = {}, {}, {}
     pat = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = .*? (\w[\w-]*)\(")
+    computation = None
     for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            computation = head.group(1)
+            continue
         m = pat.match(line)
         if not m:
             continue
         name, opcode = m.group(1), m.group(2)
+        computation_of[name] = computation
+        if opcode in CONTAINERS:
+            called = re.findall(r"(?:condition|body|to_apply|true_computation|false_computation)=%?([\w.\-]+)", line)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                called += re.findall(r"%?([\w.\-]+)", group)
+            for c in called:
+                caller.setdefault(c, name)
         op_name = re.search(r'op_name="([^"]*)"', line)
         frame = re.search(r"stack_frame_id=(\d+)", line)
         op_name = op_name.group(1) if op_name else ""
         kind = "ynn dot fusion" if "__ynn_fusion" in line else op_name.rsplit("/", 1)[-1] or opcode
         if opcode == "fusion" and "__ynn_fusion" not in line:
             kind = f"{kind} (fusion)"
-        direction = "backward" if "transpose(" in op_name else "forward"
+        direction = "backward" if "transpose(" in op_name else "forward" if op_name else None
         out[name] = (direction, where(int(frame.group(1))) if frame else "?", kind, opcode)
-    return out
+
+    def inherited(name: str, depth: int = 0) -> tuple:
+        direction, func = out[name][:2]
+        parent = caller.get(computation_of.get(name))
+        if (direction is None or func == "?") and parent in out and depth < 50:
+            up_direction, up_func = inherited(parent, depth + 1)
+            return direction or up_direction, up_func if func == "?" else func
+        return direction, func
+
+    result = {}
+    for name, (_, _, kind, opcode) in out.items():
+        direction, func = inherited(name)
+        result[name] = (direction or "forward", func, kind, opcode)
+    return result
 
 
 def profile_jax(fn, calls: int) -> tuple[list, float]:

@@ -59,6 +59,8 @@ def test_command_end_to_end_on_a_random_model(tmp_path, app_model_dir):
     for r in rows:
         assert r["name"] == names[int(r["label"])] and r["kind"] == procedural.kind_of(r["name"])
         assert 0.0 <= float(r["dice_2d"]) <= 1.0 and 0.0 <= float(r["dice_3d"]) <= 1.0
+        assert 0 < int(r["slices"]) <= 10 and 0 <= int(r["pred_slices"]) <= 10 and int(r["voxels"]) > 0
+        assert (float(r["dice_3d"]) > 0) <= (int(r["pred_voxels"]) > 0)
     md = (out / "zero_shot.md").read_text()
     kinds = {r["kind"] for r in rows}
     assert all(f"| {k} | {sum(r['kind'] == k for r in rows)} |" in md for k in kinds)

@@ -17,7 +17,8 @@ Data (`--data`):
   procedural  the pretraining generator at a seed pretraining does not use (seed 1, 8 volumes),
               every volume.
 Both are generated and prepared when absent; `--root` / `--cache-dir` take another dataset.
-Writes `zero_shot.csv` (one row per object) and `zero_shot.md` (the table) into --out.
+Writes `zero_shot.csv` (one row per object: its click, its voxels and slices, the predicted voxels
+and slices, both Dice) and `zero_shot.md` (the table) into --out.
 """
 
 from __future__ import annotations
@@ -51,7 +52,22 @@ DATASETS = {
     "abdomen": Dataset("data/abdomen", "data/cache/abdomen", "abdomen", 0, 15, "test"),
     "procedural": Dataset("data/procedural_heldout", "data/cache/procedural_heldout", "procedural", 1, 8, "all"),
 }
-FIELDS = ["dataset", "case", "label", "name", "kind", "slice", "row", "col", "voxels", "dice_2d", "dice_3d"]
+FIELDS = [
+    "dataset",
+    "case",
+    "label",
+    "name",
+    "kind",
+    "slice",
+    "row",
+    "col",
+    "voxels",
+    "pred_voxels",
+    "slices",
+    "pred_slices",
+    "dice_2d",
+    "dice_3d",
+]
 
 
 def ensure(ds: Dataset, log=print) -> None:
@@ -118,6 +134,9 @@ def run_case(model: interactive.InteractiveModel, case: interactive.Case, names:
                 "row": row,
                 "col": col,
                 "voxels": int(gt.sum()),
+                "pred_voxels": int(got.sum()),
+                "slices": int(gt.any(axis=(1, 2)).sum()),
+                "pred_slices": int(got.any(axis=(1, 2)).sum()),
                 "dice_2d": dice(got[z], gt[z]),
                 "dice_3d": dice(got, gt),
             }
