@@ -35,6 +35,7 @@ def test_smoke_pretraining_end_to_end(tmp_path):
     assert image_cfg["init"]["checkpoint"] == str(work / "decoder" / "export")
     assert clip_cfg["init"]["checkpoint"] == str(work / "image" / "export")
     assert image_cfg["clip"]["num_frames"] == 1 and clip_cfg["clip"]["num_frames"] > 1
+    assert clip_cfg["train"]["parts"] == ["memory"]
     desc = json.loads((work / "export" / "model.json").read_text())
     assert desc["kind"] == "sam2"
     for data in ("abdomen", "procedural"):
