@@ -45,6 +45,7 @@ LABELS = {"0": "background"} | {
 SHAPE = (128, 128, 48)
 SPACING = (1.0, 1.0, 1.0)
 MIN_SLICES = 10  # every object spans at least this many slices (>= a clip of 8)
+SIZE = (0.03, 0.22)  # an object's semi-axis, log-uniform between these fractions of the field of view
 TEXTURES = ("flat", "field", "ramp", "grating", "speckle")
 
 
@@ -228,7 +229,7 @@ def make_volume(seed: int, shape=SHAPE, spacing=SPACING):
     for i in order:
         label, name = painted[i]
         kind = kind_of(name)
-        size = float(np.exp(rng.uniform(np.log(0.03 * fov), np.log(0.22 * fov))))  # semi-axis, voxels
+        size = float(np.exp(rng.uniform(*np.log(np.multiply(SIZE, fov)))))  # semi-axis, voxels
         box, mask = SHAPES[kind](rng, shape, size)
         contrast = float(np.exp(rng.uniform(np.log(0.04), np.log(0.5)))) * rng.choice([-1, 1])
         base = float(np.clip(bg + contrast, 0.02, 0.98))
