@@ -179,3 +179,19 @@ def test_raw_slices_rebuild_volume(cache):
     for s in samples:
         if s["volume_id"] == samples[0]["volume_id"]:
             np.testing.assert_array_equal(slices[s["slice"]] == s["label"], s["mask"].astype(bool))
+
+
+def test_config_point_mode_reaches_the_clicks(cache):
+    """data.point_mode "inside": every training click lands on the object (checked on the resized
+    mask), where some of the paper's displaced clicks (up to one radius off the centre) miss it."""
+    from safeclick_jax.data import default_data_config
+
+    def share_inside(mode):
+        dc = default_data_config()
+        dc.cache_dir, dc.image_size, dc.batch_size, dc.p_box, dc.point_mode = str(cache), S, 64, 0.0, mode
+        b = pipeline.make_dataset_from_config(dc, "train", include_image=False)[0]
+        x, y = np.clip(np.round(b["point_coords"][:, 0]).astype(int), 0, S - 1).T
+        return b["mask"][np.arange(64), y, x].mean()
+
+    assert default_data_config().point_mode == "displaced"
+    assert share_inside("inside") == 1.0 > share_inside("displaced")

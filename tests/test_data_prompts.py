@@ -94,3 +94,22 @@ def test_training_sampling_covers_both_families():
             assert 0.0 <= d["param"] <= 1.0
     grid = [prompts.sample_training_prompt(m, rng, grid=True)["param"] for _ in range(100)]
     assert set(grid) <= set(prompts.POINT_FRACTIONS) | set(prompts.BOX_SCALES)
+
+
+def test_training_clicks_inside_the_mask():
+    """point_mode "inside" (SAM's training click): every click on a pixel of the mask, spread over
+    it, where the displaced family puts some outside a ring's pixels (its centre is the hole)."""
+    yy, xx = np.mgrid[:64, :64]
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    ring = (r2 <= 20**2) & (r2 >= 12**2)
+    rng = np.random.default_rng(0)
+    draws = [prompts.sample_training_prompt(ring, rng, p_box=0.0, point_mode="inside") for _ in range(200)]
+    pts = np.array([d["point"] for d in draws]).astype(int)
+    assert all(d["prompt_type"] == prompts.POINT for d in draws)
+    assert ring[pts[:, 1], pts[:, 0]].all()
+    assert len({tuple(p) for p in pts}) > 150  # spread over the ring's 754 pixels
+    displaced = [prompts.sample_training_prompt(ring, rng, p_box=0.0)["point"] for _ in range(200)]
+    inside = [ring[int(round(y)), int(round(x))] for x, y in displaced]
+    assert sum(inside) < 150
+    with pytest.raises(ValueError, match="point_mode 'centre'"):
+        prompts.sample_training_prompt(ring, rng, point_mode="centre")

@@ -45,6 +45,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.prompt_seed = 0
     c.p_box = 0.5  # probability that a training sample gets a box prompt
     c.point_fraction_range = (0.0, 1.0)
+    # Training clicks: "displaced" (the centre of mass moved by a fraction of point_fraction_range
+    # times the object's radius, the paper's family; it can fall outside the object) or "inside"
+    # (a uniformly drawn pixel of the mask, SAM's training click).
+    c.point_mode = "displaced"
     # Training boxes: the mask's tight box. The paper fine-tunes SAM 2 and SafeClick as SAM 2 /
     # MedSAM 2 are fine-tuned, on prompts from the ground truth; scaled boxes are its test
     # conditions. Training on them, e.g. (0.5, 1.5), teaches any decoder to ignore a bad box

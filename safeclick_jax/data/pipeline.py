@@ -230,6 +230,7 @@ class TrainSample(grain.transforms.RandomMap):
         box_scale_range=(0.5, 1.5),
         grid: bool = False,
         include_image: bool = True,
+        point_mode: str = "displaced",
     ):
         self.image_size, self.include_image = image_size, include_image
         self.kw = dict(
@@ -237,6 +238,7 @@ class TrainSample(grain.transforms.RandomMap):
             point_fraction_range=tuple(point_fraction_range),
             box_scale_range=tuple(box_scale_range),
             grid=grid,
+            point_mode=point_mode,
         )
 
     def random_map(self, sample, rng: np.random.Generator):
@@ -278,6 +280,7 @@ def make_dataset(
     prompt_grid: bool = False,
     include_image: bool = True,
     rows: np.ndarray | None = None,
+    point_mode: str = "displaced",
 ) -> grain.MapDataset:
     """Training MapDataset of batches (see module docstring). num_epochs None repeats forever;
     each epoch is reshuffled and gets new prompts. `seed` seeds both shuffle and prompts. `rows`:
@@ -294,7 +297,7 @@ def make_dataset(
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.random_map(
-        TrainSample(image_size, p_box, point_fraction_range, box_scale_range, prompt_grid, include_image),
+        TrainSample(image_size, p_box, point_fraction_range, box_scale_range, prompt_grid, include_image, point_mode),
         seed=seed + 1,
     )
     return ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -310,6 +313,7 @@ def make_dataset_from_config(cfg, split: str = "train", **overrides) -> grain.Ma
         point_fraction_range=tuple(cfg.point_fraction_range),
         box_scale_range=tuple(cfg.box_scale_range),
         prompt_grid=cfg.prompt_grid,
+        point_mode=cfg.get("point_mode", "displaced"),
     )
     kw.update(overrides)
     return make_dataset(cfg.cache_dir, split, **kw)

@@ -23,6 +23,7 @@ POINT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BOX_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5)
 
 POINT, BOX = 0, 1  # prompt_type codes in batches
+POINT_MODES = ("displaced", "inside")  # training clicks: the paper's displaced family, or SAM's
 
 # The paper's ten evaluation conditions, in the order of its Table 2.
 CONDITIONS = tuple([("point", f) for f in POINT_FRACTIONS] + [("box", s) for s in BOX_SCALES])
@@ -102,16 +103,25 @@ def sample_training_prompt(
     point_fraction_range=(0.0, 1.0),
     box_scale_range=(0.5, 1.5),
     grid: bool = False,
+    point_mode: str = "displaced",
 ) -> dict:
     """Training-time prompt: a random family member, as a dict like `condition_prompt` plus
     'param' (the displacement fraction or box scale drawn).
 
     grid=False draws the parameter uniformly from the range (covering the paper's grid and
-    everything between); grid=True draws one of the paper's grid values.
+    everything between); grid=True draws one of the paper's grid values. point_mode "inside":
+    a click on a uniformly drawn pixel of the mask instead (SAM's training click; 'param' 0).
     """
+    if point_mode not in POINT_MODES:
+        raise ValueError(f"point_mode {point_mode!r}: expected one of {POINT_MODES}")
     if rng.uniform() < p_box:
         kind = "box"
         param = rng.choice(BOX_SCALES) if grid else rng.uniform(*box_scale_range)
+    elif point_mode == "inside":
+        rows, cols = np.nonzero(_check(mask))
+        i = int(rng.integers(len(rows)))
+        point = np.array([cols[i], rows[i]], dtype=np.float32)
+        return {"prompt_type": POINT, "point": point, "box": tight_box(mask), "param": 0.0}
     else:
         kind = "point"
         param = rng.choice(POINT_FRACTIONS) if grid else rng.uniform(*point_fraction_range)
