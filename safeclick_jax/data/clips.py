@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from safeclick_jax.data.pipeline import resize_nearest, sam2_image
+from safeclick_jax.data.prompts import click_from_mask
 
 
 class ClipError(ValueError):
@@ -71,15 +72,6 @@ def sample_clip(
             masks[t, k] = small == obj
     images = np.stack([sam2_image(image[start + t], image_size) for t in range(num_frames)])
     return {"images": images, "masks": masks, "valid": objects > 0, "start": start, "objects": objects}
-
-
-def click_from_mask(rng, mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """sam2_utils.get_next_point(gt, None, 'uniform'): a uniform pixel of the object (label 1), or
-    of the background for an empty mask (label 0). -> ((x, y), label)."""
-    label = int(mask.any())
-    ys, xs = np.nonzero(mask if label else ~mask)
-    i = rng.integers(len(xs))
-    return np.array([xs[i], ys[i]], np.float32), label
 
 
 def box_from_mask(rng, mask: np.ndarray, noise: float = 0.1, noise_bound: float = 20.0) -> np.ndarray:

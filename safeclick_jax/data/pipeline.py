@@ -313,7 +313,7 @@ def make_dataset_from_config(cfg, split: str = "train", **overrides) -> grain.Ma
         point_fraction_range=tuple(cfg.point_fraction_range),
         box_scale_range=tuple(cfg.box_scale_range),
         prompt_grid=cfg.prompt_grid,
-        point_mode=cfg.get("point_mode", "displaced"),
+        point_mode=cfg.point_mode,
     )
     kw.update(overrides)
     return make_dataset(cfg.cache_dir, split, **kw)

@@ -7,6 +7,8 @@ takes them. A pixel's centre is at its integer index (pixel (row 3, col 5) is th
 * `displaced_point(mask, fraction, rng)`: a point at distance fraction * r from the centre of
   mass, in a uniformly random direction, r = sqrt(area / pi) the object's equivalent radius;
   clipped into the image ([0, W-1] x [0, H-1]).
+* `click_from_mask(rng, mask)`: a uniformly drawn pixel of the mask (SAM's training click; of
+  the background for an empty mask, label 0).
 * `tight_box`: (x0, y0, x1, y1) = (min col, min row, max col, max row) of the mask, inclusive,
   as SAM 2's mask-to-box helpers compute it.
 * `scaled_box(mask, scale)`: the tight box scaled by `scale` in width (x1 - x0) and height
@@ -65,6 +67,15 @@ def displaced_point(mask: np.ndarray, fraction: float, rng: np.random.Generator)
     return p.astype(np.float32)
 
 
+def click_from_mask(rng, mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """sam2_utils.get_next_point(gt, None, 'uniform'): a uniform pixel of the object (label 1), or
+    of the background for an empty mask (label 0). -> ((x, y), label)."""
+    label = int(mask.any())
+    ys, xs = np.nonzero(mask if label else ~mask)
+    i = rng.integers(len(xs))
+    return np.array([xs[i], ys[i]], np.float32), label
+
+
 def tight_box(mask: np.ndarray) -> np.ndarray:
     """float32 [x0, y0, x1, y1], inclusive pixel extent of the mask."""
     rows, cols = np.nonzero(_check(mask))
@@ -118,9 +129,7 @@ def sample_training_prompt(
         kind = "box"
         param = rng.choice(BOX_SCALES) if grid else rng.uniform(*box_scale_range)
     elif point_mode == "inside":
-        rows, cols = np.nonzero(_check(mask))
-        i = int(rng.integers(len(rows)))
-        point = np.array([cols[i], rows[i]], dtype=np.float32)
+        point, _ = click_from_mask(rng, _check(mask))
         return {"prompt_type": POINT, "point": point, "box": tight_box(mask), "param": 0.0}
     else:
         kind = "point"
