@@ -26,6 +26,11 @@ from tests.sam2_torch import SAM2_LOSS, config_path, import_training, numpy_stat
 
 MODEL, SIZE, K = "sam2.1_hiera_t", 128, 2
 REL, LOSS_REL = 1e-4, 1e-5
+# Gradients: the memory path's move by up to 1e-3 between two float32 JAX programs whose forward
+# values differ by rounding alone (masks rel 1.3e-6: the encoder's LayerNorm backward written by
+# hand or by autodiff changes XLA's fusions, clicks_4f), so they are checked at that level. A wrong
+# gradient is off by O(1).
+GRAD_REL = 1e-3
 
 
 def build_sam2_train(**train_args):
@@ -272,7 +277,7 @@ def test_full_training_step_matches_sam2_train(case, tmp_path, monkeypatch):
     for name, how in GRADS.items():
         g = flat[flax_path(name, how)]
         g = g[...] if isinstance(g, nnx.Variable) else g
-        check(f"grad {name}", torch_layout(g, how), to_np(tparams[name].grad))
+        check(f"grad {name}", torch_layout(g, how), to_np(tparams[name].grad), GRAD_REL)
 
 
 OPTIM = types.SimpleNamespace(lr=5e-6, vision_lr_mult=0.6, layer_decay=0.9, min_lr_ratio=0.1)  # the yaml's 5e-6 / 3e-6
