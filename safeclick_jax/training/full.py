@@ -86,10 +86,11 @@ def frame_features(feats: dict, f, k: int) -> dict:
 
 def memory_conditioned(mem, feats: dict, bank: dict, f, num_frames: int, dropout=None):
     """sam2_base._prepare_memory_conditioned_features (training mode, max_cond_frames_in_attn -1,
-    stride 1) for frame f from the bank -> [N,E,E,d]. dropout: None or (key, rate)."""
+    stride 1) for frame f from the bank of the frames processed before it -> [N,E,E,d]. dropout:
+    None or (key, rate)."""
     mc = mem.mc
     n, e, _, d = feats["pix"].shape
-    t = jnp.arange(num_frames)
+    t = bank["frame"]
     dist = f - t
     cond = bank["kind"] == 2
     tracked = bank["kind"] == 1
@@ -197,10 +198,14 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
     key, drop_key = jax.random.split(key)
     feats_all = encode_clips(model, images, (drop_key, float(drop_path)) if drop_path > 0 else None)
     e = feats_all["pix"].shape[2]
+    # Slot i of the bank holds the memory of the i-th processed frame: slot i attends to the
+    # static slice bank[:i], keys of the frames that exist so far only (as SAM2Train, which
+    # gathers the memories it has), not to every frame's slot with the missing ones masked.
     bank = {
         "feats": jnp.zeros((num_frames, n, e, e, mem.mc.mem_dim), jnp.float32),
         "ptr": jnp.zeros((num_frames, n, mem.mc.d_model), jnp.float32),
         "kind": jnp.zeros((num_frames,), jnp.int32),
+        "frame": jnp.zeros((num_frames,), jnp.int32),
     }
     # prompt slots: 2 initial (click or box corners), c corrective, SAM's pad point, and a second pad
     # point while a frame has no points (SAM2Base pads point_inputs=None with one itself)
@@ -222,7 +227,7 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
 
         drop = (jax.random.fold_in(drop_key, 1000 + i), float(dropout)) if dropout > 0 else None
 
-        def tracked(feats=feats, f=f, bank=bank, drop=drop):
+        def tracked(feats=feats, f=f, bank=jax.tree.map(lambda x, i=i: x[:i], bank), drop=drop):
             return memory_conditioned(mem, feats, bank, f, num_frames, drop)
 
         untracked = lambda feats=feats: video.no_memory_features(model, feats)
@@ -261,9 +266,10 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
         mem_feats, _ = mem.encode_memory(feats["pix"], hr[..., None], last["obj"], jnp.broadcast_to(binarize, (n,)))
         kind = jnp.where(is_init | (do_correct & bool(cfg.add_all_frames_to_correct_as_cond)), 2, 1)
         bank = {
-            "feats": bank["feats"].at[f].set(mem_feats),
-            "ptr": bank["ptr"].at[f].set(last["ptr"]),
-            "kind": bank["kind"].at[f].set(kind),
+            "feats": bank["feats"].at[i].set(mem_feats),
+            "ptr": bank["ptr"].at[i].set(last["ptr"]),
+            "kind": bank["kind"].at[i].set(kind),
+            "frame": bank["frame"].at[i].set(f),
         }
         keep = ("masks", "iou", "obj", "multimask")
         all_steps = {
@@ -336,10 +342,14 @@ def multistep_loss(out: dict, masks, cfg, objects=None):
         out["valid"].reshape(-1),
     )
 
+    # A step that did not run (the correction slots of an uncorrected frame) is skipped, not
+    # computed and zeroed: SAM2Train's loss sees only the steps that ran.
     @jax.checkpoint  # the input-resolution logits of a step are recomputed in the backward pass
     def one(xs):
         m, i, o, mm, mp, t, v = xs
-        return jax.tree.map(lambda x: jnp.where(v, x, 0.0), step_loss(m, i, o, mm, mp, t, real, cfg))
+        ran = lambda: step_loss(m, i, o, mm, mp, t, real, cfg)
+        skipped = lambda: dict.fromkeys(("mask", "dice", "iou", "class"), jnp.float32(0.0))
+        return jax.lax.cond(v, ran, skipped)
 
     count = jnp.maximum(jnp.sum(real), 1.0)
     terms = jax.tree.map(lambda x: jnp.sum(x) / count, jax.lax.map(one, xs))
