@@ -176,8 +176,13 @@ def correct(model, mem, feats, pix, coords, labels, first, gt, key, from_gt, rep
     num = from_gt.shape[0]
     keys = jax.random.split(key, num)
     rc, rl = replay if replay else (jnp.zeros((num, n, 2)), jnp.zeros((num, n), jnp.int32))
+    # Each step's decoding is recomputed in the backward pass rather than saved: saved, the
+    # activations of C steps are stacked [C, N, H/4, W/4, 32]-sized buffers (memory on any
+    # backend) that XLA:CPU also fills with zeros and copies, which costs more than decoding again.
     (coords, labels, _), outs = jax.lax.scan(
-        step, (coords, labels, first["low"]), (jnp.arange(num), keys, from_gt, rc, rl)
+        jax.checkpoint(step, prevent_cse=False),
+        (coords, labels, first["low"]),
+        (jnp.arange(num), keys, from_gt, rc, rl),
     )
     last = jax.tree.map(lambda x: x[-1], outs)
     return outs, last
