@@ -30,14 +30,16 @@ compiled function serves every plan of a clip shape:
     replay: optional corr_coords [T, C, N, 2], corr_labels [T, C, N]: corrective clicks given
     (recorded from torch) instead of drawn in the graph.
 
-Tracking (SAM2Train.forward_tracking / track_step): a memory bank with one entry per frame
-(`kind` 0 = not yet processed, 1 = tracked, 2 = conditioning). An initial conditioning frame uses
+Tracking (SAM2Train.forward_tracking / track_step): a memory bank with one entry per processed
+frame, in processing order (its `frame`, and `kind` 1 = tracked, 2 = conditioning); the i-th
+processed frame sees the i entries before it. An initial conditioning frame uses
 its features plus no_mem_embed (directly_add_no_mem_embed); every other frame attends to the
 memories of all conditioning frames (t_pos 0) and of the tracked frames 1..num_maskmem-1 before
 it, and to the pointers of all conditioning frames (training keeps future ones) and of the tracked
 frames up to min(T, max_obj_ptrs_in_encoder) - 1 before it. A frame is either conditioning or
-tracked, so one memory slot per frame serves both roles; slots that do not apply are masked out
-of the attention. A mask prompt becomes the frame's output (use_mask_input_as_output_without_sam).
+tracked, so one memory entry per frame serves both roles; entries that do not apply (tracked
+frames too far back or ahead) are masked out of the attention. A mask prompt becomes the frame's
+output (use_mask_input_as_output_without_sam).
 Corrective clicks (num_correction_pt_per_frame) are drawn uniformly from the error region of the
 previous step (sam2_utils.sample_random_points_from_errors), each step decoding with the previous
 low-res logits as mask prompt; a corrected frame becomes conditioning
@@ -203,9 +205,9 @@ def track_clip(model, mem, images, masks, plan: dict, key, cfg, drop_path: float
     key, drop_key = jax.random.split(key)
     feats_all = encode_clips(model, images, (drop_key, float(drop_path)) if drop_path > 0 else None)
     e = feats_all["pix"].shape[2]
-    # Slot i of the bank holds the memory of the i-th processed frame: slot i attends to the
-    # static slice bank[:i], keys of the frames that exist so far only (as SAM2Train, which
-    # gathers the memories it has), not to every frame's slot with the missing ones masked.
+    # Entry i of the bank is the i-th processed frame's memory, and the i-th processed frame
+    # attends to the static slice bank[:i]: the memories that exist so far (SAM2Train gathers just
+    # these), not a slot per frame with the missing ones masked, which would cost attention work.
     bank = {
         "feats": jnp.zeros((num_frames, n, e, e, mem.mc.mem_dim), jnp.float32),
         "ptr": jnp.zeros((num_frames, n, mem.mc.d_model), jnp.float32),
