@@ -5,8 +5,9 @@
 One call of the 4-layer memory attention of every SAM 2 model (sam2/modeling/memory_attention.py)
 for one object on one slice, as the interactive engine runs it for every slice it tracks: the
 slice's (E x E) tokens attend to `--memories` memory frames of E x E 64-d tokens plus the object
-pointers (4 tokens each). This is what a correction costs per slice at 1024 px. Random weights
-(torch's init, seeded), loaded into the Flax module; fp32, eval mode; JAX and torch calls
+pointers (4 tokens each). This is what a correction costs per slice at 1024 px. The torch module
+is the one of `--model`'s SAM2VideoPredictor (common.torch_video_predictor: torch's init, seeded),
+its weights loaded into the Flax module; fp32, eval mode; JAX and torch calls
 alternate (common.time_interleaved), torch at 2 threads. The outputs are compared (rel error).
 Writes benchmarks/results/memory_attention.{json,md}.
 """
@@ -20,28 +21,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def torch_memory_attention(side: int):
-    """sam2.1's MemoryAttention (configs/sam2.1/*.yaml) for a side x side token grid."""
-    from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
-    from sam2.modeling.sam.transformer import RoPEAttention
-
-    rope = dict(rope_theta=10000.0, feat_sizes=[side, side], embedding_dim=256, num_heads=1, downsample_rate=1)
-    layer = MemoryAttentionLayer(
-        activation="relu",
-        d_model=256,
-        dim_feedforward=2048,
-        dropout=0.1,
-        pos_enc_at_attn=False,
-        pos_enc_at_cross_attn_keys=True,
-        pos_enc_at_cross_attn_queries=False,
-        self_attention=RoPEAttention(dropout=0.1, **rope),
-        cross_attention=RoPEAttention(dropout=0.1, rope_k_repeat=True, kv_in_dim=64, **rope),
-    )
-    return MemoryAttention(256, True, layer, 4, batch_first=True).eval()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sam2.1_hiera_t")
     p.add_argument("--sizes", default="512,1024", help="model input sizes (tokens: size / 16 per side)")
     p.add_argument("--memories", type=int, default=7, help="memory frames attended to (num_maskmem)")
     p.add_argument("--pointers", type=int, default=16, help="object pointers (4 tokens each)")
@@ -55,7 +37,7 @@ def main():
     import torch
     from flax import nnx
 
-    from benchmarks.common import ratio, time_interleaved, write
+    from benchmarks.common import ratio, time_interleaved, torch_video_predictor, write
     from safeclick_jax.models.memory import MemoryAttention, MemoryConfig
     from safeclick_jax.models.weight_map import load_state_dict
 
@@ -64,8 +46,7 @@ def main():
     for size in (int(s) for s in a.sizes.split(",")):
         side = size // 16
         n, m = side * side, a.memories * side * side + 4 * a.pointers
-        torch.manual_seed(0)
-        tm = torch_memory_attention(side)
+        tm = torch_video_predictor(a.model, size).memory_attention
         ma = nnx.eval_shape(lambda: MemoryAttention(MemoryConfig(), nnx.Rngs(0)))
         load_state_dict(ma, {k: v.numpy() for k, v in tm.state_dict().items()}, where="torch MemoryAttention")
         rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def test_chunk_plan():
     assert plan_chunks(2, 100, 100) == (2, 100)  # everything fits: one piece
     assert plan_chunks(32, 196, 196) == (16, 196)  # Hiera-t 14 x 14 windows, 128 px, batch 8: equal pieces
     assert plan_chunks(1, 4100, 4096) == (1, 248)  # 17 query chunks of 248 rows (4216), not of 256 (4352)
-    # memory attention at 1024 px (7 memory frames + pointers): 256 rows, not the 32 that 4 MB allows
+    # memory attention at 1024 px (7 memory frames + pointers): rows counted as if a row had WIDE_ROW keys
     assert plan_chunks(1, 4096, 7 * 4096 + 64) == (1, 256)
     assert plan_chunks(1, 4096, 8192, max_scores=8 * 4096) == (1, 8)  # the row floor follows max_scores
     assert plan_chunks(1, 100, 30, max_scores=30 * 13) == (1, 8)  # rounded down to a multiple of 8

@@ -26,10 +26,9 @@ from tests.sam2_torch import SAM2_LOSS, config_path, import_training, numpy_stat
 
 MODEL, SIZE, K = "sam2.1_hiera_t", 128, 2
 REL, LOSS_REL = 1e-4, 1e-5
-# Gradients: the memory path's move by up to 1e-3 between two float32 JAX programs whose forward
-# values differ by rounding alone (masks rel 1.3e-6: the encoder's LayerNorm backward written by
-# hand or by autodiff changes XLA's fusions, clicks_4f), so they are checked at that level. A wrong
-# gradient is off by O(1).
+# Gradients: the memory path's move by this much between two float32 JAX programs whose forward
+# values differ by rounding alone (the encoder's LayerNorm backward written by hand or by autodiff;
+# benchmarks/RESULTS.md, "Parity"), so they are checked at that level. A wrong gradient is off by O(1).
 GRAD_REL = 1e-3
 
 

@@ -355,7 +355,7 @@ def multistep_loss(out: dict, masks, cfg, objects=None):
     def one(xs):
         m, i, o, mm, mp, t, v = xs
         ran = lambda: step_loss(m, i, o, mm, mp, t, real, cfg)
-        skipped = lambda: dict.fromkeys(("mask", "dice", "iou", "class"), jnp.float32(0.0))
+        skipped = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(ran))
         return jax.lax.cond(v, ran, skipped)
 
     count = jnp.maximum(jnp.sum(real), 1.0)
