@@ -7,7 +7,7 @@ PIP     := $(BIN)/pip
 CONFIG  ?= configs/sam2_t.py
 WORKDIR ?= workdir/sam2_t
 
-.PHONY: setup lint test test-slow train pretrain standin-results table2 bench clean app app-setup browser-deps screenshot
+.PHONY: setup host-deps lint test test-slow train pretrain standin-results table2 bench clean app app-setup browser-deps screenshot
 
 setup: $(STAMP)
 
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[convert,test]'
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation --no-deps sam2==1.1.0
+	@$(MAKE) --no-print-directory host-deps
 	$(BIN)/python -c "import jax, flax, torch, sam2; print('setup ok: jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
+
+# jemalloc, the programs' host allocator (safeclick_jax/host_memory.py): Debian's libjemalloc2, with
+# apt-get when root; optional (without it, glibc's huge-page malloc).
+host-deps:
+	@if $(PY) -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('jemalloc') is None)"; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 \
+	  || echo "host-deps: libjemalloc2 not installed; glibc's malloc is used"; \
+	else echo "host-deps: no jemalloc (Debian: apt-get install libjemalloc2); glibc's malloc is used"; fi
 
 # The web app's JavaScript (niivue) from safeclick_jax/app/web/package-lock.json.
 APP_WEB := safeclick_jax/app/web

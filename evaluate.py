@@ -299,9 +299,9 @@ def _safe(name: str) -> str:
 
 
 if __name__ == "__main__":
-    from safeclick_jax.host_memory import use_huge_pages
+    from safeclick_jax.host_memory import configure_allocator
 
-    use_huge_pages()  # re-executes once with huge-page malloc (safeclick_jax/host_memory.py)
+    configure_allocator()  # re-executes once with the host allocator (safeclick_jax/host_memory.py)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     sys.argv = ["--nobox" if a == "--no-box" else a for a in sys.argv]  # the challenge's spelling
     app.run(main)

@@ -47,7 +47,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from safeclick_jax.host_memory import use_huge_pages
+    from safeclick_jax.host_memory import configure_allocator
 
-    use_huge_pages()  # re-executes once with huge-page malloc (safeclick_jax/host_memory.py)
+    configure_allocator()  # re-executes once with the host allocator (safeclick_jax/host_memory.py)
     app.run(main)

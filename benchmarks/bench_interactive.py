@@ -292,7 +292,7 @@ def main():
 
     import numpy as np
 
-    from benchmarks.common import write
+    from benchmarks.common import glibc_env, write
 
     sizes = [int(s) for s in a.sizes.split(",")]
     counts = [int(s) for s in a.slices.split(",")]
@@ -316,7 +316,8 @@ def main():
             cmd += [] if a.profile else ["--no-profile"]
             t0 = time.perf_counter()
             with LoadSampler() as load:
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                env = glibc_env() if side == "torch" else None  # JAX as the app runs, torch on glibc
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 sys.exit(f"{side} @ {size} px failed:\n{proc.stderr[-3000:]}")
@@ -365,7 +366,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from safeclick_jax.host_memory import use_huge_pages
+    from safeclick_jax.host_memory import configure_allocator
 
-    use_huge_pages()  # as train.py and bench_volume.py, for both frameworks
+    configure_allocator()  # the JAX side as the app runs; the torch side gets glibc_env()
     main()

@@ -387,7 +387,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from safeclick_jax.host_memory import use_huge_pages
+    from safeclick_jax.host_memory import configure_allocator
 
-    use_huge_pages()  # as train.py: huge-page malloc, for both frameworks (safeclick_jax/host_memory.py)
+    configure_allocator(jemalloc=False)  # torch in this process too: glibc's huge-page malloc (host_memory.py)
     main()

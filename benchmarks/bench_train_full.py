@@ -1,7 +1,9 @@
 """One full training step of SAM 2 on a clip: JAX (safeclick_jax/training/full.py, clip loss,
 global-norm clipping + AdamW, one jit-compiled step) against PyTorch (sam2's SAM2Train forward +
 MultiStepMultiMasksAndIous + backward + clip_grad_norm_ + AdamW), same weights, same clip, same
-CPU (or GPU), one process, the two steps called in turn (common.time_interleaved).
+CPU (or GPU), each framework in a worker process of its own, the two steps called in turn
+(common.time_in_processes). JAX runs with the host allocator train.py uses (jemalloc where
+installed, safeclick_jax/host_memory.py), torch with glibc's huge-page malloc (faster for it).
 
     python benchmarks/bench_train_full.py --sizes 128,512 --frames 4 --objects 2 --repeats 3
     python benchmarks/bench_train_full.py --sizes 512 --frames 8 --dtype bfloat16   # GPU
@@ -13,10 +15,11 @@ Both sides do exactly that (SAM2Train with prob_to_use_pt_input 1, one initial c
 one corrected frame); the click positions differ (each side draws its own), the work does not.
 Dropout off on both sides (it changes no shape or FLOP count).
 
-Memory: on a CPU, the peak resident set size during a step minus the RSS just before it (Linux:
-the peak VmHWM is reset through /proc/self/clear_refs before the step), so it counts what the step
-allocates (activations, gradients, optimizer temporaries) and not the weights both sides keep
-resident. On a GPU, torch.cuda.max_memory_allocated and JAX's peak_bytes_in_use of the device.
+Memory a step allocates besides the weights and optimizer state both sides keep: on a CPU, for JAX
+XLA's own account of the compiled step (temporary + output buffers), for torch the growth of the
+resident set at the peak of its first step (Linux: VmHWM reset through /proc/self/clear_refs; later
+steps reuse the heap's freed blocks, so their growth says nothing). On a GPU,
+torch.cuda.max_memory_allocated and JAX's peak_bytes_in_use of the device.
 bf16 (`--dtype bfloat16`): torch under autocast (sam2's amp), JAX with bf16 compute and float32
 master weights (safeclick_jax/training/step.py's scheme).
 """
@@ -24,6 +27,7 @@ master weights (safeclick_jax/training/step.py's scheme).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -38,7 +42,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import cpu_info, ratio, time_interleaved, torch_device, write  # noqa: E402
+from benchmarks.common import cpu_info, glibc_env, ratio, serve, time_in_processes, torch_device, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory  # noqa: E402
@@ -119,7 +123,7 @@ def jax_step(model, mem, corrections: int, dtype):
     opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD, mask=decay))
     state = {"params": params, "opt": opt.init(params)}
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0,))  # as the trainer: the old state's buffers are reused
     def step(state, rest, images, masks, plan, key):
         def loss_fn(p):
             m, me = nnx.merge(graphdef, cast_floats(p, dtype), cast_floats(rest, dtype))
@@ -163,7 +167,7 @@ def torch_step(tm, corrections: int, dtype, device):
         opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -190,43 +194,71 @@ def jax_model(tm, name: str, size: int):
     return model, SAM2Memory.from_extra(cfg, extra)
 
 
-def measure(a, size: int, device: str, on_gpu: bool) -> dict:
+def worker(a):
+    """(step, report) for serve(): one framework's training step on the clip, in this process."""
+    device, size, box = torch_device(), a.size, {}
+    on_gpu = jax.default_backend() != "cpu"
     tm = torch_model(a.model, size, a.corrections)
-    model, mem = jax_model(tm, a.model, size)
-    tm = tm.to(device)
     images, masks, centres = clip(size, a.frames, a.objects)
-    plan = jax_plan(a.frames, a.objects, a.corrections, centres)
-    step, state, rest = jax_step(model, mem, a.corrections, jnp.dtype(a.dtype))
-    args = (jnp.asarray(images), jnp.asarray(masks), jax.tree.map(jnp.asarray, plan), jax.random.key(0))
-    tstep = torch_step(tm, a.corrections, a.dtype, device)
-    box = {"state": state}
+    if a.worker == "jax":
+        model, mem = jax_model(tm, a.model, size)
+        del tm
+        plan = jax.tree.map(jnp.asarray, jax_plan(a.frames, a.objects, a.corrections, centres))
+        step, box["state"], rest = jax_step(model, mem, a.corrections, jnp.dtype(a.dtype))
+        args = (jnp.asarray(images), jnp.asarray(masks), plan, jax.random.key(0))
+        t0 = time.perf_counter()
+        step = step.lower(box["state"], rest, *args).compile()
+        compile_s = time.perf_counter() - t0
+        xla = step.memory_analysis()  # what the step allocates besides its arguments (CPU and GPU)
+        box["memory_mb"] = (xla.temp_size_in_bytes + xla.output_size_in_bytes) / 2**20
 
-    def run_jax():
-        box["state"], loss = step(box["state"], rest, *args)
-        box["loss"] = float(loss)
+        def run():
+            box["state"], loss = step(box["state"], rest, *args)
+            box["loss"] = float(loss)
 
-    def run_torch():
-        box["torch_loss"] = tstep(images, masks)
+        def peak_mb():
+            run()
+            return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
+    else:
+        tstep = torch_step(tm.to(device), a.corrections, a.dtype, device)
+        compile_s = 0.0
 
-    t = time_interleaved({"jax": run_jax, "torch": run_torch}, a.repeats)
+        def run():
+            box["loss"] = tstep(images, masks)
+
+        def peak_mb():
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            return torch.cuda.max_memory_allocated() / 2**20
+
+        if not on_gpu:  # the first step, before the heap holds freed blocks to reuse
+            box["memory_mb"] = peak_step_mb(run)
+
+    def report():
+        out = {"loss": box["loss"], "compile_s": compile_s}  # loss of the timed steps
+        return {**out, "memory_mb": peak_mb() if on_gpu else box["memory_mb"]}
+
+    return run, report
+
+
+def measure(a, size: int, on_gpu: bool) -> dict:
+    flags = [f"--{k}={v}" for k, v in vars(a).items() if k in ("model", "frames", "objects", "corrections", "dtype")]
+    cmd = [sys.executable, os.path.abspath(__file__), *flags, f"--size={size}", "--worker"]
+    t, rep = time_in_processes({"jax": cmd + ["jax"], "torch": cmd + ["torch"]}, a.repeats, envs={"torch": glibc_env()})
+    mem = "peak_mb" if on_gpu else "step_mb"
     row = {
         "case": f"{a.model} {size} px, {a.frames} frames x {a.objects} objects, {a.corrections} corrections",
         "jax_s": t["jax"]["median_s"],
         "torch_s": t["torch"]["median_s"],
         "jax/torch time": ratio(t["jax"], t["torch"]),
-        "jax_compile_s": t["jax"]["first_s"] - t["jax"]["median_s"],
-        "jax_loss": box["loss"],
-        "torch_loss": box["torch_loss"],
+        "jax_compile_s": rep["jax"]["compile_s"],
+        "jax_loss": rep["jax"]["loss"],
+        "torch_loss": rep["torch"]["loss"],
+        f"jax_{mem}": rep["jax"]["memory_mb"],
+        f"torch_{mem}": rep["torch"]["memory_mb"],
+        "jax_round_s": t["jax"]["round_s"],
+        "torch_round_s": t["torch"]["round_s"],
     }
-    if on_gpu:
-        run_jax()
-        row["jax_peak_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
-        torch.cuda.reset_peak_memory_stats()
-        run_torch()
-        row["torch_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        row["jax_step_rss_mb"] = peak_step_mb(run_jax)
-        row["torch_step_rss_mb"] = peak_step_mb(run_torch)
     print(row, flush=True)
     return row
 
@@ -241,18 +273,24 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--name", default=None)
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)  # time_in_processes' workers
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
-    device = torch_device()
+    if a.worker:
+        return serve(*worker(a))
     on_gpu = jax.default_backend() != "cpu"
-    rows = [measure(a, int(size), device, on_gpu) for size in a.sizes.split(",")]
-    mem_cols = ["jax_peak_mb", "torch_peak_mb"] if on_gpu else ["jax_step_rss_mb", "torch_step_rss_mb"]
+    rows = [measure(a, int(size), on_gpu) for size in a.sizes.split(",")]
+    mem_cols = ["jax_peak_mb", "torch_peak_mb"] if on_gpu else ["jax_step_mb", "torch_step_mb"]
     write(
         a.name or f"train_full_{jax.default_backend()}_{a.dtype}",
         rows,
         ["case", "jax_s", "torch_s", "jax/torch time", *mem_cols, "jax_compile_s"],
-        {"args": vars(a), "cpu_info": cpu_info(), "torch_device": device, "time": time.strftime("%Y-%m-%d %H:%M")},
+        {"args": vars(a), "cpu_info": cpu_info(), "torch_device": torch_device(), "time": time.strftime("%F %H:%M")},
     )
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import configure_allocator
+
+    configure_allocator()  # JAX's worker as train.py; torch's gets glibc_env() (safeclick_jax/host_memory.py)
     main()

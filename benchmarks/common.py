@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -55,6 +57,80 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 1, settle_s: float =
     for r in out.values():
         r.update(median_s=statistics.median(r["round_s"]), min_s=min(r["round_s"]), repeats=repeats)
     return out
+
+
+def serve(fn, report) -> None:
+    """The worker side of time_in_processes: calls fn once (compile, warm-up) and replies with its
+    time, then answers each `run` on stdin with fn's time and `report` with report()'s dict, until
+    stdin closes. Replies are stdout lines `BENCH <json>`; other output passes through."""
+    t0 = time.perf_counter()
+    fn()
+    _reply({"first_s": time.perf_counter() - t0})
+    for line in sys.stdin:
+        if line.strip() == "run":
+            t0 = time.perf_counter()
+            fn()
+            _reply({"s": time.perf_counter() - t0})
+        elif line.strip() == "report":
+            _reply(report())
+
+
+def _reply(d: dict) -> None:
+    print("BENCH " + json.dumps(d), flush=True)
+
+
+def _ask(proc, name: str, command: str | None) -> dict:
+    if command:
+        proc.stdin.write(command + "\n")
+        proc.stdin.flush()
+    for line in proc.stdout:
+        if line.startswith("BENCH "):
+            return json.loads(line[len("BENCH ") :])
+        print(line, end="", flush=True)
+    raise RuntimeError(f"the {name} worker exited with status {proc.wait()} (its stderr is above)")
+
+
+def glibc_env() -> dict:
+    """This environment with glibc's huge-page malloc instead of jemalloc, for a torch worker:
+    jemalloc with the project's settings (safeclick_jax/host_memory.py) made torch's full training
+    step slower, glibc's huge pages faster (benchmarks/RESULTS.md)."""
+    from safeclick_jax.host_memory import MARKER, allocator_env
+
+    base = {k: v for k, v in os.environ.items() if k not in (MARKER, "LD_PRELOAD", "MALLOC_CONF")}
+    return allocator_env(base, jemalloc=False) or base
+
+
+def time_in_processes(commands: dict, repeats: int, settle_s: float = 0.1, envs: dict | None = None) -> tuple:
+    """time_interleaved with each function in a worker process of its own: commands maps a name to
+    the argv of a program that ends in serve(fn, report). The rounds alternate as in
+    time_interleaved, but the frameworks share no allocator, heap or thread pool, and each can
+    run with the host allocator that suits it (safeclick_jax/host_memory.py). Workers
+    start one after the other (each compiles alone) and stay alive through the rounds; envs: a
+    worker's environment where it differs from this process's. Returns
+    ({name: time_interleaved-style dict}, {name: its report()})."""
+    procs, out = {}, {}
+    try:
+        for name, cmd in commands.items():
+            env = dict((envs or {}).get(name) or os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # a GPU is shared
+            procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            out[name] = {"first_s": _ask(procs[name], name, None)["first_s"], "round_s": []}
+        names = list(commands)
+        for i in range(repeats):
+            for name in names if i % 2 == 0 else names[::-1]:
+                time.sleep(settle_s)
+                out[name]["round_s"].append(_ask(procs[name], name, "run")["s"])
+        reports = {name: _ask(proc, name, "report") for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    for r in out.values():
+        r.update(median_s=statistics.median(r["round_s"]), min_s=min(r["round_s"]), repeats=repeats)
+    return out, reports
 
 
 def ratio(a: dict, b: dict) -> float:

@@ -193,7 +193,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from safeclick_jax.host_memory import use_huge_pages
+    from safeclick_jax.host_memory import configure_allocator
 
-    use_huge_pages()
+    configure_allocator(jemalloc=False)  # torch in this process too: glibc's huge-page malloc (host_memory.py)
     main()

@@ -54,4 +54,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import configure_allocator
+
+    configure_allocator(jemalloc=False)  # torch in this process too: glibc's huge-page malloc (host_memory.py)
     main()

@@ -1,33 +1,43 @@
-"""Back large host allocations with transparent huge pages (Linux, glibc >= 2.35), so that an
-XLA:CPU step does not page-fault its temporary buffers in 4 KB at a time on every call.
+"""The host allocator of this project's programs: jemalloc that keeps freed blocks for reuse when
+it is installed, else glibc with transparent huge pages (Linux).
 
-Why: XLA:CPU allocates each executable's temporary buffer afresh on every call (1.2 GB for the
-SafeClick train step at 512 px, batch 8). glibc serves a block that large with a fresh mmap and
-unmaps it on free, so every step faults the whole block back in, one 4 KB page at a time: 311,000
-minor faults and 0.9-1.1 s of system time per step on a 2-core CPU, spent inside otherwise cheap
-element-wise ops. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc asks the kernel for huge
-pages for those blocks (madvise): ~820 faults and 0.2 s of system time per step, peak RSS
-unchanged, and the memory still goes back to the kernel when freed (`benchmarks/bench_train.py`
-with and without SAFECLICK_SYSTEM_MALLOC=1; benchmarks/RESULTS.md). Keeping freed memory in the
-heap instead (mallopt) also stops the faults but lets the heap grow by a whole 1.2 GB generation
-now and then.
+Why: XLA:CPU allocates each executable's temporary buffer afresh on every call (6 GB for the full
+training step at 512 px, 4 frames x 2 objects; 1.2 GB for the SafeClick train step at 512 px,
+batch 8). glibc serves a block that large with a fresh mmap and unmaps it on free, so every call
+pays for mapping it again:
+- in 4 KB pages, one minor fault each: seconds of system time per step on a 2-core CPU
+  (`glibc.malloc.hugetlb=1`, 2 MB pages, cuts the faults by ~99 %);
+- on a virtual machine that reports free memory to its host (virtio-balloon free page reporting),
+  memory left unmapped for more than a moment goes back to the host, and mapping it again costs
+  the host's faults as well: when calls are seconds apart (a user's clicks in the app, steps
+  alternating with other work) the 512 px full step takes half as long again, nearly all of it
+  system time, huge pages or not.
+jemalloc with `MALLOC_CONF` below keeps freed blocks mapped and serves the next call's buffer from
+them (no faults at all once warm), and returns memory left unused for about a minute
+(dirty_decay_ms; oversize_threshold:0 puts the large blocks under that rule too instead of freeing
+them at once). The process's resident set therefore stays at its peak while it works.
+Measurements: benchmarks/RESULTS.md ("Host memory").
 
-The tunable is read when a process starts, so `use_huge_pages()` re-executes the running program
-once with it set; call it first thing under `if __name__ == "__main__":` (train.py, evaluate.py,
-`python -m safeclick_jax.segment` and the benchmarks do), never from code that a test or a library
-user calls in-process. It does nothing when SAFECLICK_SYSTEM_MALLOC=1, when the tunable is already
-set, on other systems or C libraries, or when transparent huge pages are off
-(/sys/kernel/mm/transparent_hugepage/enabled = never).
+Both are read when a process starts, so `configure_allocator()` re-executes the running program
+once with them set; call it first thing under `if __name__ == "__main__":` (train.py, evaluate.py,
+demo.py, the app, `python -m safeclick_jax.segment` and the benchmarks do), never from code that a
+test or a library user calls in-process. It does nothing when SAFECLICK_SYSTEM_MALLOC=1, when it
+already ran (SAFECLICK_MALLOC is set), or where neither applies (other systems or C libraries, no
+jemalloc and transparent huge pages off). jemalloc: Debian's libjemalloc2 (`make setup` installs it
+when run as root).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:60000,muzzy_decay_ms:0"
+MARKER = "SAFECLICK_MALLOC"  # set to "jemalloc" or "glibc-hugetlb" in the re-executed program
 
 
 def huge_pages_available() -> bool:
@@ -44,16 +54,40 @@ def huge_pages_available() -> bool:
         return False
 
 
-def use_huge_pages() -> None:
-    """Re-executes this program with GLIBC_TUNABLES += glibc.malloc.hugetlb=1 (see module doc)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (
-        os.environ.get("SAFECLICK_SYSTEM_MALLOC", "") not in ("", "0")
-        or TUNABLE in tunables
-        or not huge_pages_available()
-    ):
+def jemalloc_library() -> str | None:
+    """The installed jemalloc's shared library name (e.g. libjemalloc.so.2), or None."""
+    if platform.system() != "Linux":
+        return None
+    return ctypes.util.find_library("jemalloc")
+
+
+def allocator_env(environ: dict, jemalloc: bool = True) -> dict | None:
+    """The environment to re-execute with, or None when nothing is to change (see module doc);
+    jemalloc=False: glibc's huge-page malloc even where jemalloc is installed."""
+    if environ.get("SAFECLICK_SYSTEM_MALLOC", "") not in ("", "0") or environ.get(MARKER):
+        return None
+    env = dict(environ)
+    lib = jemalloc_library() if jemalloc else None
+    if lib:
+        env[MARKER] = "jemalloc"
+        env["LD_PRELOAD"] = ":".join(p for p in (lib, environ.get("LD_PRELOAD", "")) if p)
+        # Options given later win: a user's own MALLOC_CONF still applies.
+        env["MALLOC_CONF"] = ",".join(p for p in (JEMALLOC_CONF, environ.get("MALLOC_CONF", "")) if p)
+        return env
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in tunables or not huge_pages_available():
+        return None
+    env[MARKER] = "glibc-hugetlb"
+    env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
+    return env
+
+
+def configure_allocator(jemalloc: bool = True) -> None:
+    """Re-executes this program with jemalloc, or glibc's huge-page malloc (see module doc);
+    jemalloc=False: glibc's even where jemalloc is installed (benchmarks that run torch in-process)."""
+    env = allocator_env(dict(os.environ), jemalloc)
+    if env is None:
         return
-    env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{TUNABLE}" if tunables else TUNABLE)
     sys.stdout.flush()
     sys.stderr.flush()
     # orig_argv keeps `-m package.module` and interpreter options, which sys.argv drops.

@@ -264,7 +264,7 @@ def _progress(done: int, total: int) -> None:
 
 
 if __name__ == "__main__":
-    from safeclick_jax.host_memory import use_huge_pages
+    from safeclick_jax.host_memory import configure_allocator
 
-    use_huge_pages()  # re-executes once with huge-page malloc (safeclick_jax/host_memory.py)
+    configure_allocator()  # re-executes once with the host allocator (safeclick_jax/host_memory.py)
     sys.exit(main())

@@ -136,4 +136,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from safeclick_jax.host_memory import configure_allocator
+
+    configure_allocator()  # re-executes once with the host allocator (safeclick_jax/host_memory.py)
     sys.exit(main())
