@@ -6,8 +6,10 @@ forward + backward with respect to every encoder parameter (what pretraining the
 A case is SIZExBATCH:fwd|grad. fwd: the encoder's outputs, no gradient (torch under no_grad).
 grad: the gradient of loss = sum over the FPN levels of mean(level^2), i.e. `jax.grad` through
 `image_encoder(x)["backbone_fpn"]` against `loss.backward()` on torch's `backbone_fpn` (both with
-scalp applied: the same three levels). JAX and torch calls alternate (common.time_interleaved); the
-ratio is the median of per-round JAX / torch times. Random weights (torch's init, converted), fp32.
+scalp applied: the same three levels). JAX and torch calls alternate, each framework in a worker
+process of its own (common.time_in_processes; JAX with the programs' host allocator, torch with
+glibc's huge-page malloc); the ratio is the median of per-round JAX / torch times. Random weights
+(torch's init, converted), fp32.
 `--which jax` times JAX alone (for trying XLA flags in a separate process).
 Writes benchmarks/results/encoder_grad[_NAME].{json,md}.
 """
@@ -27,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import ratio, time_fn, time_interleaved, write  # noqa: E402
+from benchmarks.common import glibc_env, ratio, serve, time_fn, time_in_processes, time_interleaved, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 
@@ -87,6 +89,32 @@ def torch_fns(tmodel, size: int, batch: int):
     return fwd, grad
 
 
+def models(name: str, jax_too: bool = True):
+    """(torch model, JAX model or None) with the same random weights (torch's init, seed 0)."""
+    from sam2.build_sam import build_sam2
+
+    version = name.split("_hiera_")[0]
+    torch.manual_seed(0)
+    tmodel = build_sam2(f"configs/{version}/{name}.yaml", ckpt_path=None, device="cpu")
+    if not jax_too:
+        return tmodel, None
+    jmodel, _ = convert_state_dict({k: v.numpy() for k, v in tmodel.state_dict().items()}, get_config(name))
+    return tmodel, jmodel
+
+
+def worker(a) -> None:
+    """One framework's function for one case, served to time_in_processes."""
+    size, batch, kind = parse_case(a.cases[0])
+    tmodel, jmodel = models(a.model, jax_too=a.worker == "jax")
+    t0 = time.perf_counter()
+    if a.worker == "jax":
+        fn = jax_fns(jmodel, size, batch)[kind == "grad"]
+    else:
+        fn = torch_fns(tmodel, size, batch)[kind == "grad"]
+    compile_s = time.perf_counter() - t0
+    serve(fn, lambda: {"compile_s": compile_s})
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sam2.1_hiera_t")
@@ -99,22 +127,33 @@ def main():
         help="both: JAX vs torch (fp32); jax: JAX alone; jax-bf16: JAX fp32 vs JAX bf16 weights and activations",
     )
     p.add_argument("--name", default="", help="suffix of the result files (encoder_grad_NAME)")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)  # time_in_processes' workers
     a = p.parse_args()
+    if a.worker:
+        return worker(a)
     cases = [parse_case(c) for c in a.cases]
-
-    from sam2.build_sam import build_sam2
-
-    version = a.model.split("_hiera_")[0]
-    torch.manual_seed(0)
-    tmodel = build_sam2(f"configs/{version}/{a.model}.yaml", ckpt_path=None, device="cpu")
-    jmodel, _ = convert_state_dict({k: v.numpy() for k, v in tmodel.state_dict().items()}, get_config(a.model))
+    tmodel, jmodel = models(a.model) if a.which != "both" else (None, None)
 
     rows = []
-    for size, batch, kind in cases:
+    for text, (size, batch, kind) in zip(a.cases, cases):
+        row = {"case": f"{size} px, batch {batch}, {'forward' if kind == 'fwd' else 'forward + backward'}"}
+        if a.which == "both":
+            cmd = [sys.executable, os.path.abspath(__file__), f"--model={a.model}", "--cases", text, "--worker"]
+            r, rep = time_in_processes(
+                {"jax": cmd + ["jax"], "torch": cmd + ["torch"]}, a.repeats, envs={"torch": glibc_env()}
+            )
+            row.update(
+                jax_ms=r["jax"]["median_s"] * 1e3,
+                torch_ms=r["torch"]["median_s"] * 1e3,
+                **{"jax/torch": ratio(r["jax"], r["torch"])},
+                jax_compile_s=rep["jax"]["compile_s"],
+            )
+            print(row, flush=True)
+            rows.append(row)
+            continue
         t0 = time.perf_counter()
         jf = jax_fns(jmodel, size, batch)[kind == "grad"]
         compile_s = time.perf_counter() - t0
-        row = {"case": f"{size} px, batch {batch}, {'forward' if kind == 'fwd' else 'forward + backward'}"}
         if a.which == "jax":
             r = time_fn(jf, a.repeats)
             row.update(jax_ms=r["median_s"] * 1e3, jax_compile_s=compile_s)
@@ -125,15 +164,6 @@ def main():
                 jax_ms=r["jax"]["median_s"] * 1e3,
                 jax_bf16_ms=r["bf16"]["median_s"] * 1e3,
                 **{"bf16/fp32": ratio(r["bf16"], r["jax"])},
-            )
-        else:
-            tf = torch_fns(tmodel, size, batch)[kind == "grad"]
-            r = time_interleaved({"jax": jf, "torch": tf}, a.repeats)
-            row.update(
-                jax_ms=r["jax"]["median_s"] * 1e3,
-                torch_ms=r["torch"]["median_s"] * 1e3,
-                **{"jax/torch": ratio(r["jax"], r["torch"])},
-                jax_compile_s=compile_s,
             )
         print(row, flush=True)
         rows.append(row)
@@ -152,5 +182,5 @@ def main():
 if __name__ == "__main__":
     from safeclick_jax.host_memory import configure_allocator
 
-    configure_allocator(jemalloc=False)  # torch in this process too: glibc's huge-page malloc (host_memory.py)
+    configure_allocator()  # JAX as the programs run; torch's workers get glibc_env() (host_memory.py)
     main()
