@@ -5,7 +5,7 @@ process, calls alternating (common.time_interleaved), JAX only.
 
 Options are DebugOptions fields passed to `compile(compiler_options=...)`, the same fields as the
 XLA_FLAGS of the same name (the list below is what jaxlib's libjax_common.so has; `strings` on it
-lists the xla_cpu_* flags). Writes benchmarks/results/xla_options.{json,md}.
+lists the xla_cpu_* flags). Writes benchmarks/results/xla_options.{json,md} (--name).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from benchmarks.common import ratio, time_interleaved, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 
+DOT_ELTWISE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"  # XLA_FLAGS spells it dot,eltwise
 VARIANTS = {
     "YNNPACK off (Eigen / XLA dots)": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "YNNPACK dots only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
@@ -30,6 +31,10 @@ VARIANTS = {
     "fast math": {"xla_cpu_enable_fast_math": True},
     "XNNPACK graph fusion greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
     "oneDNN": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
+    # oneDNN's graph API for dots (and their elementwise neighbours): float32 dots as brgemm kernels;
+    # with ONEDNN_DEFAULT_FPMATH_MODE=BF16 in the environment they may run as bf16 where the CPU has AMX.
+    "oneDNN dots": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "oneDNN dot+eltwise": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": DOT_ELTWISE},
     "prefer 512-bit vectors": {"xla_cpu_prefer_vector_width": 512},
 }
 
@@ -40,6 +45,7 @@ def main():
     p.add_argument("--cases", nargs="+", default=["128x8:grad", "1024x1:fwd"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--name", default="xla_options", help="result files benchmarks/results/NAME.{json,md}")
     a = p.parse_args()
     from sam2.build_sam import build_sam2
 
@@ -68,7 +74,8 @@ def main():
                 }
             )
             print(rows[-1], flush=True)
-    write("xla_options", rows, ["case", "options", "ms", "time / default", "note"], {"repeats": a.repeats})
+    meta = {"repeats": a.repeats, "onednn_fpmath": os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "")}
+    write(a.name, rows, ["case", "options", "ms", "time / default", "note"], meta)
 
 
 if __name__ == "__main__":
