@@ -19,6 +19,9 @@ runs in its own process, in turn, so the peak host memory (ru_maxrss) is each on
 converted by the project's CLI. The JAX process also times the compiled pieces of one slice
 (image encoder, memory attention, SAM heads, memory encoder) to show where its time goes.
 The volume is synthetic (a bright disk that shrinks away from the middle slice, on noise).
+`--pause-s S`: both sides idle S seconds (untimed) before each correction, as a user looks at the
+result before clicking again. The JAX side runs with the app's host allocator
+(safeclick_jax/host_memory.py), torch with glibc's huge-page malloc.
 Writes benchmarks/results/interactive.{json,md}.
 """
 
@@ -155,6 +158,7 @@ def run_jax(a, vol, slices):
         masks["first"] = p.slice_logits(1) > 0
         corr = []
         for t, pt in steps:
+            time.sleep(a.pause_s)  # untimed: the user looks before clicking again
             t0 = time.perf_counter()
             p.add_prompt(t, points=pt, labels=[0])
             p.propagate(start=t, max_slices=reach)
@@ -204,6 +208,7 @@ def run_torch(a, vol, slices):
         res["first_mask_s"] = time.perf_counter() - t0
         corr = []
         for t, pt in steps:
+            time.sleep(a.pause_s)
             t0 = time.perf_counter()
             tm.add_new_points_or_box(state, t, 1, points=pt, labels=[0], clear_old_points=False)
             masks["final"] = propagate(state, start=t)
@@ -279,6 +284,7 @@ def main():
     p.add_argument("--hw", type=int, default=256, help="slice height and width in voxels")
     p.add_argument("--corrections", type=int, default=2, help="corrections timed (the median is reported)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-slice breakdown")
+    p.add_argument("--pause-s", type=float, default=0.0, help="idle seconds before each correction (untimed)")
     for hidden in ("--side", "--image-size", "--volume-file", "--slices-file", "--masks-file"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -314,6 +320,7 @@ def main():
             cmd += ["--volume-file", vpath, "--slices-file", spath, "--masks-file", mpath]
             cmd += ["--checkpoint", ckpt, "--torch-checkpoint", pt, "--corrections", str(a.corrections)]
             cmd += [] if a.profile else ["--no-profile"]
+            cmd += ["--pause-s", str(a.pause_s)]
             t0 = time.perf_counter()
             with LoadSampler() as load:
                 env = glibc_env() if side == "torch" else None  # JAX as the app runs, torch on glibc
