@@ -9,9 +9,8 @@ pays for mapping it again:
   (`glibc.malloc.hugetlb=1`, 2 MB pages, cuts the faults by ~99 %);
 - on a virtual machine that reports free memory to its host (virtio-balloon free page reporting),
   memory left unmapped for more than a moment goes back to the host, and mapping it again costs
-  the host's faults as well: when calls are seconds apart (a user's clicks in the app, steps
-  alternating with other work) the 512 px full step takes half as long again, nearly all of it
-  system time, huge pages or not.
+  the host's faults as well: when calls are seconds apart (steps alternating with other work)
+  the 512 px full step takes half as long again, nearly all of it system time, huge pages or not.
 jemalloc with `MALLOC_CONF` below keeps freed blocks mapped and serves the next call's buffer from
 them (no faults at all once warm), and returns memory left unused for about a minute
 (dirty_decay_ms; oversize_threshold:0 puts the large blocks under that rule too instead of freeing
