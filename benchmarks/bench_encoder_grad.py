@@ -29,8 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import glibc_env, ratio, serve, time_fn, time_in_processes, time_interleaved, write  # noqa: E402
+from benchmarks.common import ratio, serve, time_fn, time_in_processes, time_interleaved, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
+from safeclick_jax.host_memory import glibc_env  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def main():
         if a.which == "both":
             cmd = [sys.executable, os.path.abspath(__file__), f"--model={a.model}", "--cases", text, "--worker"]
             r, rep = time_in_processes(
-                {"jax": cmd + ["jax"], "torch": cmd + ["torch"]}, a.repeats, envs={"torch": glibc_env()}
+                {"jax": cmd + ["jax"], "torch": cmd + ["torch"]}, a.repeats, envs={"torch": glibc_env(os.environ)}
             )
             row.update(
                 jax_ms=r["jax"]["median_s"] * 1e3,
@@ -182,5 +183,5 @@ def main():
 if __name__ == "__main__":
     from safeclick_jax.host_memory import configure_allocator
 
-    configure_allocator()  # JAX as the programs run; torch's workers get glibc_env() (host_memory.py)
+    configure_allocator()  # JAX as the programs run; torch's workers get glibc_env (host_memory.py)
     main()

@@ -298,7 +298,8 @@ def main():
 
     import numpy as np
 
-    from benchmarks.common import glibc_env, write
+    from benchmarks.common import write
+    from safeclick_jax.host_memory import glibc_env
 
     sizes = [int(s) for s in a.sizes.split(",")]
     counts = [int(s) for s in a.slices.split(",")]
@@ -323,7 +324,7 @@ def main():
             cmd += ["--pause-s", str(a.pause_s)]
             t0 = time.perf_counter()
             with LoadSampler() as load:
-                env = glibc_env() if side == "torch" else None  # JAX as the app runs, torch on glibc
+                env = glibc_env(os.environ) if side == "torch" else None  # JAX as the app runs, torch on glibc
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -375,5 +376,5 @@ def main():
 if __name__ == "__main__":
     from safeclick_jax.host_memory import configure_allocator
 
-    configure_allocator()  # the JAX side as the app runs; the torch side gets glibc_env()
+    configure_allocator()  # the JAX side as the app runs; the torch side gets glibc_env
     main()

@@ -42,8 +42,9 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import cpu_info, glibc_env, ratio, serve, time_in_processes, torch_device, write  # noqa: E402
+from benchmarks.common import cpu_info, ratio, serve, time_in_processes, torch_device, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
+from safeclick_jax.host_memory import glibc_env  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.memory import SAM2Memory  # noqa: E402
 from safeclick_jax.training import full  # noqa: E402
@@ -244,7 +245,8 @@ def worker(a):
 def measure(a, size: int, on_gpu: bool) -> dict:
     flags = [f"--{k}={v}" for k, v in vars(a).items() if k in ("model", "frames", "objects", "corrections", "dtype")]
     cmd = [sys.executable, os.path.abspath(__file__), *flags, f"--size={size}", "--worker"]
-    t, rep = time_in_processes({"jax": cmd + ["jax"], "torch": cmd + ["torch"]}, a.repeats, envs={"torch": glibc_env()})
+    workers = {"jax": cmd + ["jax"], "torch": cmd + ["torch"]}
+    t, rep = time_in_processes(workers, a.repeats, envs={"torch": glibc_env(os.environ)})
     mem = "peak_mb" if on_gpu else "step_mb"
     row = {
         "case": f"{a.model} {size} px, {a.frames} frames x {a.objects} objects, {a.corrections} corrections",
@@ -292,5 +294,5 @@ def main():
 if __name__ == "__main__":
     from safeclick_jax.host_memory import configure_allocator
 
-    configure_allocator()  # JAX's worker as train.py; torch's gets glibc_env() (safeclick_jax/host_memory.py)
+    configure_allocator()  # JAX's worker as train.py; torch's gets glibc_env (safeclick_jax/host_memory.py)
     main()

@@ -90,16 +90,6 @@ def _ask(proc, name: str, command: str | None) -> dict:
     raise RuntimeError(f"the {name} worker exited with status {proc.wait()} (its stderr is above)")
 
 
-def glibc_env() -> dict:
-    """This environment with glibc's huge-page malloc instead of jemalloc, for a torch worker:
-    jemalloc with the project's settings (safeclick_jax/host_memory.py) made torch's full training
-    step slower, glibc's huge pages faster (benchmarks/RESULTS.md)."""
-    from safeclick_jax.host_memory import MARKER, allocator_env
-
-    base = {k: v for k, v in os.environ.items() if k not in (MARKER, "LD_PRELOAD", "MALLOC_CONF")}
-    return allocator_env(base, jemalloc=False) or base
-
-
 def time_in_processes(commands: dict, repeats: int, settle_s: float = 0.1, envs: dict | None = None) -> tuple:
     """time_interleaved with each function in a worker process of its own: commands maps a name to
     the argv of a program that ends in serve(fn, report). The rounds alternate as in

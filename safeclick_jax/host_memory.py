@@ -1,18 +1,17 @@
 """The host allocator of this project's programs: jemalloc that keeps freed blocks for reuse when
 it is installed, else glibc with transparent huge pages (Linux).
 
-Why: XLA:CPU allocates each executable's temporary buffer afresh on every call (6 GB for the full
-training step at 512 px, 4 frames x 2 objects; 1.2 GB for the SafeClick train step at 512 px,
-batch 8). glibc serves a block that large with a fresh mmap and unmaps it on free, so every call
-pays for mapping it again:
+Why: XLA:CPU allocates each executable's temporary buffer afresh on every call (gigabytes for
+the training steps at 512 px). glibc serves a block that large with a fresh mmap and unmaps it on
+free, so every call pays for mapping it again:
 - in 4 KB pages, one minor fault each: seconds of system time per step on a 2-core CPU
-  (`glibc.malloc.hugetlb=1`, 2 MB pages, cuts the faults by ~99 %);
+  (`glibc.malloc.hugetlb=1`, 2 MB pages, takes 512 times fewer faults for the same bytes);
 - on a virtual machine that reports free memory to its host (virtio-balloon free page reporting),
   memory left unmapped for more than a moment goes back to the host, and mapping it again costs
   the host's faults as well: when calls are seconds apart (steps alternating with other work)
-  the 512 px full step takes half as long again, nearly all of it system time, huge pages or not.
+  the step spends that time in the kernel, huge pages or not.
 jemalloc with `MALLOC_CONF` below keeps freed blocks mapped and serves the next call's buffer from
-them (no faults at all once warm), and returns memory left unused for about a minute
+them (no faults once warm), and returns memory left unused for about a minute
 (dirty_decay_ms; oversize_threshold:0 puts the large blocks under that rule too instead of freeing
 them at once). The process's resident set therefore stays at its peak while it works.
 Measurements: benchmarks/RESULTS.md ("Host memory").
@@ -79,6 +78,13 @@ def allocator_env(environ: dict, jemalloc: bool = True) -> dict | None:
     env[MARKER] = "glibc-hugetlb"
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
     return env
+
+
+def glibc_env(environ: dict) -> dict:
+    """environ with this module's jemalloc settings taken out and glibc's huge-page malloc in their
+    place: for a child that should not run on jemalloc (the benchmarks' torch workers)."""
+    base = {k: v for k, v in environ.items() if k not in (MARKER, "LD_PRELOAD", "MALLOC_CONF")}
+    return allocator_env(base, jemalloc=False) or base
 
 
 def configure_allocator(jemalloc: bool = True) -> None:
