@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.bench_encoder_grad import jax_fns, parse_case  # noqa: E402
-from benchmarks.common import ratio, time_interleaved, write  # noqa: E402
+from benchmarks.common import ONEDNN_DOTS, ratio, time_interleaved, write  # noqa: E402
 from convert.sam2_to_flax import convert_state_dict  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 
@@ -33,7 +33,7 @@ VARIANTS = {
     "oneDNN": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
     # oneDNN's graph API for dots (and their elementwise neighbours): float32 dots as brgemm kernels;
     # with ONEDNN_DEFAULT_FPMATH_MODE=BF16 in the environment they may run as bf16 where the CPU has AMX.
-    "oneDNN dots": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "oneDNN dots": ONEDNN_DOTS,
     "oneDNN dot+eltwise": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": DOT_ELTWISE},
     "prefer 512-bit vectors": {"xla_cpu_prefer_vector_width": 512},
 }

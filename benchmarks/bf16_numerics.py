@@ -2,11 +2,17 @@
 decode of 8 prompts (4 clicks, 4 boxes) in float32 at full matmul precision (the reference),
 float32 at the backend's default matmul precision (TF32 on NVIDIA GPUs), and bf16 weights and
 activations. Reports, per variant: relative L2 error and max-abs error of the mask logits and the
-IoU predictions, and the IoU between the binarised masks (logit > 0) and the reference's.
+IoU predictions, and the IoU between the binarised masks (logit > 0) and the reference's. On a
+CPU also float32 with XLA:CPU's dots in oneDNN (`--xla_cpu_use_onednn=true
+--xla_cpu_experimental_onednn_fusion_type=dot` as compile options), whose precision follows
+ONEDNN_DEFAULT_FPMATH_MODE: BF16 lets oneDNN compute the fp32 dots in bf16, on AMX where the CPU
+has it (the reference's dots stay XLA's own).
 
     python benchmarks/bf16_numerics.py [--image-size 1024] [--name bf16_numerics]
 
-Meant for a GPU (on a CPU the default precision is already full fp32). Writes <name>.{json,md}.
+    ONEDNN_DEFAULT_FPMATH_MODE=BF16 python benchmarks/bf16_numerics.py --name bf16_numerics_onednn
+
+On a CPU the default matmul precision is already full fp32. Writes <name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import write  # noqa: E402
+from benchmarks.common import ONEDNN_DOTS, write  # noqa: E402
 from safeclick_jax.models.config import get_config  # noqa: E402
 from safeclick_jax.models.safeclick import SafeClickConfig, SafeClickModel  # noqa: E402
 
@@ -72,15 +78,17 @@ def main():
         logits, iou, _, _ = model.decode(f, coords, labels, mask.astype(x.dtype), has, True)
         return logits.astype(jnp.float32), iou.astype(jnp.float32)
 
-    fn = jax.jit(run)
     with jax.default_matmul_precision("highest"):
         ref = jax.device_get(jax.jit(run)(st, jnp.asarray(img)))
-    variants = {"float32, default matmul precision": (st, jnp.asarray(img))}
+    variants = {"float32, default matmul precision": (st, jnp.asarray(img), None)}
     bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
-    variants["bfloat16 weights + activations"] = (bf, jnp.asarray(img, jnp.bfloat16))
+    variants["bfloat16 weights + activations"] = (bf, jnp.asarray(img, jnp.bfloat16), None)
+    if jax.default_backend() == "cpu":
+        fpmath = os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "STRICT")
+        variants[f"float32, dots in oneDNN, fpmath {fpmath}"] = (st, jnp.asarray(img), ONEDNN_DOTS)
     rows = []
-    for name, (s, x) in variants.items():
-        out = jax.device_get(fn(s, x))
+    for name, (s, x, options) in variants.items():
+        out = jax.device_get(jax.jit(run).lower(s, x).compile(compiler_options=options)(s, x))
         row = {"variant": name}
         for what, o, r in (("logits", out[0], ref[0]), ("iou", out[1], ref[1])):
             row[f"{what}_rel_l2"] = float(np.linalg.norm(o - r) / np.linalg.norm(r))
@@ -105,7 +113,7 @@ def main():
             "mask_iou_mean",
             "ref_logit_abs_mean",
         ],
-        vars(a),
+        {**vars(a), "onednn_fpmath": os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "")},
     )
 
 

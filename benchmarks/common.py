@@ -11,6 +11,12 @@ import subprocess
 import sys
 import time
 
+# XLA:CPU's dots through oneDNN's graph API, the path from XLA to AMX (benchmarks/RESULTS.md): as
+# compile options (DebugOptions fields) and as XLA_FLAGS. ONEDNN_DEFAULT_FPMATH_MODE=BF16 then lets
+# oneDNN compute these fp32 dots in bf16.
+ONEDNN_DOTS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+ONEDNN_DOTS_FLAGS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"
+
 
 def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
     """fn() must block until its result is ready. Returns first-call and steady-state seconds."""
