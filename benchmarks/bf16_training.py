@@ -99,7 +99,7 @@ def main():
                 {
                     "first window loss": curves[name][0],
                     "last window loss": curves[name][-1],
-                    "mean |loss - fp32|": dist[name],
+                    "mean abs(loss - fp32)": dist[name],
                     "steps/s": rates[name],
                 }
             )
@@ -107,7 +107,7 @@ def main():
     verdict = "onednn" in dist and "noise" in dist and dist["onednn"] <= dist["noise"]
     print(f"onednn within noise: {verdict} ({', '.join(f'{k} {v:.4g}' for k, v in dist.items())}; {ends})", flush=True)
     meta = {"steps": a.steps, "windows": curves, "within_noise": verdict, "fpmath": a.fpmath}
-    cols = ["run", "env", "train.seed", "ended", "first window loss", "last window loss", "mean |loss - fp32|"]
+    cols = ["run", "env", "train.seed", "ended", "first window loss", "last window loss", "mean abs(loss - fp32)"]
     cols.append("steps/s")
     write(a.name, rows, cols, meta)
 
