@@ -267,9 +267,9 @@ def test_full_training_step_matches_sam2_train(case, tmp_path, monkeypatch):
             f"frame {t} memory", np.asarray(out["mem_feats"][i]).transpose(0, 3, 1, 2), to_np(ref["maskmem_features"])
         )
 
-    check("loss", float(loss), float(losses["core_loss"]), LOSS_REL)
+    check("loss", float(loss), float(losses["core_loss"].detach()), LOSS_REL)
     for name in ("mask", "dice", "iou", "class"):
-        check(f"loss_{name}", float(terms[name]), float(losses[f"loss_{name}"]), LOSS_REL)
+        check(f"loss_{name}", float(terms[name]), float(losses[f"loss_{name}"].detach()), LOSS_REL)
 
     tparams = dict(tm.named_parameters())
     flat = {k: v for k, v in nnx.to_flat_state(grads)}
@@ -381,7 +381,7 @@ def test_binarized_click_masks_enter_the_memory_as_sam2_does(tmp_path, monkeypat
     loss, memory = forward(True)
     for t in (0, 1):
         check(f"frame {t} memory (binarised clicks)", memory[t], to_np(frames[t]["maskmem_features"]))
-    check("loss (binarised clicks)", loss, float(losses["core_loss"]), LOSS_REL)
+    check("loss (binarised clicks)", loss, float(losses["core_loss"].detach()), LOSS_REL)
     _, sigmoid_memory = forward(False)
     assert rel_err(sigmoid_memory[0], to_np(frames[0]["maskmem_features"])) > 1e-2
 
