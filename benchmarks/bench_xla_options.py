@@ -16,12 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from benchmarks.bench_encoder_grad import jax_fns, parse_case  # noqa: E402
+from benchmarks.bench_encoder_grad import jax_fns, models, parse_case  # noqa: E402
 from benchmarks.common import ONEDNN_DOTS, ratio, time_interleaved, write  # noqa: E402
-from convert.sam2_to_flax import convert_state_dict  # noqa: E402
-from safeclick_jax.models.config import get_config  # noqa: E402
 
 DOT_ELTWISE = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"  # XLA_FLAGS spells it dot,eltwise
 VARIANTS = {
@@ -34,7 +30,7 @@ VARIANTS = {
     # oneDNN's graph API for dots (and their elementwise neighbours): float32 dots as brgemm kernels;
     # with ONEDNN_DEFAULT_FPMATH_MODE=BF16 in the environment they may run as bf16 where the CPU has AMX.
     "oneDNN dots": ONEDNN_DOTS,
-    "oneDNN dot+eltwise": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": DOT_ELTWISE},
+    "oneDNN dot+eltwise": {**ONEDNN_DOTS, "xla_cpu_experimental_onednn_fusion_type": DOT_ELTWISE},
     "prefer 512-bit vectors": {"xla_cpu_prefer_vector_width": 512},
 }
 
@@ -47,13 +43,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--name", default="xla_options", help="result files benchmarks/results/NAME.{json,md}")
     a = p.parse_args()
-    from sam2.build_sam import build_sam2
-
-    version = a.model.split("_hiera_")[0]
-    torch.manual_seed(0)
-    tmodel = build_sam2(f"configs/{version}/{a.model}.yaml", ckpt_path=None, device="cpu")
-    jmodel, _ = convert_state_dict({k: v.numpy() for k, v in tmodel.state_dict().items()}, get_config(a.model))
-    del tmodel
+    jmodel = models(a.model)[1]
     rows = []
     for text in a.cases:
         size, batch, kind = parse_case(text)

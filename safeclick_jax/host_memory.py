@@ -4,8 +4,8 @@ it is installed, else glibc with transparent huge pages (Linux).
 Why: XLA:CPU allocates each executable's temporary buffer afresh on every call (gigabytes for
 the training steps at 512 px). glibc serves a block that large with a fresh mmap and unmaps it on
 free, so every call pays for mapping it again:
-- in 4 KB pages, one minor fault each: seconds of system time per step on a 2-core CPU
-  (`glibc.malloc.hugetlb=1`, 2 MB pages, takes 512 times fewer faults for the same bytes);
+- in 4 KB pages, one minor fault each, paid in system time on every step
+  (`glibc.malloc.hugetlb=1` maps them in 2 MB pages instead, one fault per huge page);
 - on a virtual machine that reports free memory to its host (virtio-balloon free page reporting),
   memory left unmapped for more than a moment goes back to the host, and mapping it again costs
   the host's faults as well: when calls are seconds apart (steps alternating with other work)
